@@ -1,0 +1,1 @@
+"""Stage and job configs: `get_config(arg)` per file; `arg` selects a variant (tiny, 500m, paper)."""

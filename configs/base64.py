@@ -1,0 +1,58 @@
+"""Base stage: text -> 64x64, the paper's U-Net (appendix F.1).
+
+Variants: `paper` (2B params, the default), `500m` (JAX-Toolbox's Imagen-base-500M), `tiny`
+(runs on a laptop CPU; random T5 with the shapes vocabulary).
+
+    imagen-jax train --config=configs/base64.py:500m --workdir=gs://bucket/base64
+"""
+
+import ml_collections
+
+from imagen_jax.configs import common
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+  c = common.stage_config()
+  c.stage = "base"
+  c.image_size = 64
+  c.optimizer.name = "adafactor"
+  c.model = ml_collections.ConfigDict(dict(
+      name="unet",
+      model_dim=512,
+      channel_mult=(1, 2, 3, 4),
+      num_res_blocks=3,
+      attn_resolutions=(32, 16, 8),
+      head_dim=64,
+      dropout=0.0,
+      remat=False,
+  ))
+  if variant == "paper":
+    pass
+  elif variant == "500m":
+    c.model.model_dim = 256
+  elif variant == "tiny":
+    c.image_size = 32
+    c.text.encoder = "builtin:shapes-tiny"
+    c.text.width = 64
+    c.text.max_length = 16
+    c.model.model_dim = 32
+    c.model.channel_mult = (1, 2, 2)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = (8,)
+    c.model.head_dim = 16
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.ema.decay = 0.995
+    c.batch_size = 16
+    c.total_steps = 200
+    c.log_every = 20
+    c.checkpoint_every = 100
+    c.sample_every = 0
+    c.sample.steps = 32
+    c.sample.guidance = 3.0
+    c.sample.threshold = "static"
+    c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
+  else:
+    raise ValueError(f"unknown base64 variant {variant!r}: use paper, 500m or tiny")
+  return c

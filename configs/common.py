@@ -1,0 +1,109 @@
+"""Fields every stage config shares, with the paper's defaults (../shared/PAPER.md).
+
+Stage files (`base64.py`, `sr256.py`, `sr1024.py`, the demo's) start from `stage_config()` and
+change what differs. Every field is listed here, so `--config.<key>=...` overrides are checked
+against one schema.
+"""
+
+import ml_collections
+
+# T5 v1.1 encoder widths (d_model) by size; the U-Nets read `config.text.width`.
+T5_WIDTHS = {"small": 512, "base": 768, "large": 1024, "xl": 2048, "xxl": 4096}
+
+
+def stage_config() -> ml_collections.ConfigDict:
+  """A complete stage config with the paper's training defaults (base stage, 64x64)."""
+  c = ml_collections.ConfigDict()
+  c.stage = "base"          # "base" (text -> 64x64) or "sr" (text + low-res -> high-res)
+  c.image_size = 64         # the stage's output resolution
+  c.train_crop = 0          # SR 2 trains on random crops of this size (0: the whole image)
+  c.dtype = "float32"       # compute dtype; params and optimizer state stay float32
+
+  # Frozen text encoder. `encoder`: a Hugging Face / t5x / converted directory (local or gs://)
+  # or "builtin:shapes-tiny" (random T5 v1.1 with a shapes vocabulary, for the demo and tests).
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = "t5-v1_1-xxl"
+  c.text.width = T5_WIDTHS["xxl"]
+  c.text.max_length = 128
+
+  # Low-res conditioning (SR stages only; size 0 for the base stage).
+  c.lowres = ml_collections.ConfigDict()
+  c.lowres.size = 0
+  c.lowres.aug_max = 1.0    # training draws aug_level ~ U(0, aug_max) per example
+  c.lowres.aug_schedule = "linear"  # level 0 is clean (sigma 5e-5); cosine keeps sigma 0.0125
+
+  c.model = ml_collections.ConfigDict()  # filled by each stage file
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.formulation = "vp"      # "vp" (continuous-time Imagen) or "edm" (Karras et al.)
+  c.diffusion.schedule = "cosine"     # "cosine" or "linear" (betas 1e-4..0.02, continuous)
+  c.diffusion.parameterization = "eps"  # "eps", "x0" or "v"
+  c.diffusion.loss_weighting = "plain"  # "plain", "snr" or "min_snr"
+  c.diffusion.min_snr_gamma = 5.0
+  c.diffusion.edm_sigma_data = 0.5
+  c.diffusion.edm_p_mean = -1.2
+  c.diffusion.edm_p_std = 1.2
+
+  c.cond_drop_rate = 0.1    # text embeddings zeroed with this probability (classifier-free guidance)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adafactor"      # "adafactor" (base) or "adam" (SR)
+  c.optimizer.lr = 1e-4
+  c.optimizer.warmup_steps = 10_000
+  c.optimizer.schedule = "cosine"     # after warm-up: "cosine" decay to end_lr_factor, or "constant"
+  c.optimizer.end_lr_factor = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.clip_norm = 1.0
+  c.optimizer.grad_accum_steps = 1    # micro-batches per step (global batch / accum per micro-step)
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.9999
+  c.ema.warmup = True       # decay_t = min(decay, (1 + t) / (10 + t))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "shapes"  # shapes, shapes:256, tfds:NAME[:CONFIG], folder:PATH, wds:PATTERN
+  c.data.data_dir = ""      # TFDS data_dir ("" : TFDS's default)
+  c.data.split = "train"
+  c.data.image_key = "image"
+  c.data.caption_key = "caption"
+  c.data.embed_cache = ""   # embedding cache path ("" : encode captions on the fly)
+  c.data.missing_embedding = "error"  # or "skip"
+  c.data.min_resolution = 0
+  c.data.random_crop = False
+  c.data.num_workers = 0    # grain worker processes (0: decode in the main process)
+  c.data.prefetch = 2       # batches buffered ahead of the step
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1          # -1 fills the devices left by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+
+  c.seed = 0
+  c.batch_size = 2048       # global
+  c.total_steps = 2_500_000
+  c.log_every = 100
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+  c.sample_every = 20_000
+  c.nonfinite = "error"     # a NaN/Inf loss or gradient: "error" stops, "skip" drops the update
+
+  # Sampling defaults: the preview grids during training and `imagen-jax sample`.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts = (
+      "a red circle at the top left corner",
+      "a blue square at the center",
+      "a corgi wearing a red bow tie",
+      "an oil painting of a lighthouse at sunset",
+  )
+  c.sample.sampler = "ddpm"           # "ddpm", "ddim" or "edm_heun"
+  c.sample.steps = 256
+  c.sample.eta = 0.0                  # DDIM's eta
+  c.sample.guidance = 5.0
+  c.sample.threshold = "dynamic"      # "dynamic", "static" or "none"
+  c.sample.percentile = 99.5          # dynamic thresholding percentile, 0-100 scale
+  c.sample.aug_level = 0.2            # SR stages: noise-aug level of the low-res input
+  c.sample.num_images = 4
+  return c

@@ -1,0 +1,58 @@
+"""Super-resolution stage 2: text + 256x256 -> 1024x1024, the paper's Efficient U-Net (F.3).
+
+Trained on random 256x256 crops of 1024 images with their 64x64 low-res crops (the network is
+convolutional apart from text cross-attention, so it samples at 1024 after training on crops).
+The noise schedule is the continuous version of linear betas 1e-4..0.02. Variants: `paper`
+(400M params, the default) and `tiny` (CPU-sized, 32 -> 64 on 32 crops).
+"""
+
+import ml_collections
+
+from imagen_jax.configs import common
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+  c = common.stage_config()
+  c.stage = "sr"
+  c.image_size = 1024
+  c.train_crop = 256
+  c.lowres.size = 256
+  c.diffusion.schedule = "linear"
+  c.optimizer.name = "adam"
+  c.sample.guidance = 8.0
+  c.model = ml_collections.ConfigDict(dict(
+      name="efficient_unet",
+      channels=(128, 256, 512, 1024),
+      num_res_blocks=(2, 4, 8, 8),
+      text_attention="cross",  # text cross-attention at the lowest level, no self-attention
+      num_heads=8,
+      dropout=0.0,
+      remat=False,
+  ))
+  if variant == "paper":
+    pass
+  elif variant == "tiny":
+    c.image_size = 64
+    c.train_crop = 32
+    c.lowres.size = 16
+    c.text.encoder = "builtin:shapes-tiny"
+    c.text.width = 64
+    c.text.max_length = 16
+    c.model.channels = (16, 32, 64)
+    c.model.num_res_blocks = (1, 1, 2)
+    c.model.num_heads = 2
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.ema.decay = 0.995
+    c.batch_size = 16
+    c.total_steps = 200
+    c.log_every = 20
+    c.checkpoint_every = 100
+    c.sample_every = 0
+    c.sample.steps = 32
+    c.sample.guidance = 3.0
+    c.sample.threshold = "static"
+    c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
+  else:
+    raise ValueError(f"unknown sr1024 variant {variant!r}: use paper or tiny")
+  return c

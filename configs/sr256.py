@@ -1,0 +1,52 @@
+"""Super-resolution stage 1: text + 64x64 -> 256x256, the paper's Efficient U-Net (F.2).
+
+Variants: `paper` (600M params, the default) and `tiny` (CPU-sized, 16 -> 32).
+"""
+
+import ml_collections
+
+from imagen_jax.configs import common
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+  c = common.stage_config()
+  c.stage = "sr"
+  c.image_size = 256
+  c.lowres.size = 64
+  c.optimizer.name = "adam"
+  c.sample.guidance = 8.0
+  c.model = ml_collections.ConfigDict(dict(
+      name="efficient_unet",
+      channels=(128, 256, 512, 1024),
+      num_res_blocks=(2, 4, 8, 8),
+      text_attention="self_and_text",  # self-attention with text keys/values at the lowest level
+      num_heads=8,
+      dropout=0.0,
+      remat=False,
+  ))
+  if variant == "paper":
+    pass
+  elif variant == "tiny":
+    c.image_size = 32
+    c.lowres.size = 16
+    c.text.encoder = "builtin:shapes-tiny"
+    c.text.width = 64
+    c.text.max_length = 16
+    c.model.channels = (16, 32, 64)
+    c.model.num_res_blocks = (1, 1, 2)
+    c.model.num_heads = 2
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.ema.decay = 0.995
+    c.batch_size = 16
+    c.total_steps = 200
+    c.log_every = 20
+    c.checkpoint_every = 100
+    c.sample_every = 0
+    c.sample.steps = 32
+    c.sample.guidance = 3.0
+    c.sample.threshold = "static"
+    c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
+  else:
+    raise ValueError(f"unknown sr256 variant {variant!r}: use paper or tiny")
+  return c

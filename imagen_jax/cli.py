@@ -1,0 +1,112 @@
+"""The `imagen-jax` command: `imagen-jax <subcommand> [--flags]`.
+
+Each subcommand is an absl program in its own module, with a module-level `main(argv)` and its
+own flags; this file only picks the module and parses flags so that a bad `--config` override
+stops at once with exit code 2 and a message naming the key (not a traceback).
+
+    imagen-jax train --config=configs/base64.py:tiny --config.optimizer.lr=3e-4 --workdir=/tmp/w
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from imagen_jax import config_lib
+
+# name -> (module with main(argv), one-line description). A None module is not built yet.
+SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
+    "train": ("imagen_jax.train.train", "train one cascade stage from its config"),
+    "encode": ("imagen_jax.text.encode_job", "precompute T5 caption embeddings; convert T5 weights"),
+    "sample": ("imagen_jax.sample.command", "sample a cascade stitched from stage workdirs"),
+    "demo": ("imagen_jax.demo", "train, sample and score a tiny shapes cascade on the CPU"),
+    "eval": ("imagen_jax.eval.command", "score samples: shapes adherence, FID, DrawBench"),
+    "inspect": ("imagen_jax.inspect", "print a resolved config and its model's parameter table"),
+}
+
+USAGE_ERROR = 2  # bad command line or config: nothing has run
+NOT_BUILT = 3
+
+
+def usage() -> str:
+  width = max(map(len, SUBCOMMANDS))
+  lines = ["usage: imagen-jax <subcommand> [--flags]   (imagen-jax <subcommand> --help for flags)",
+           "", "subcommands:"]
+  lines += [f"  {name.ljust(width)}  {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
+  return "\n".join(lines)
+
+
+def _fail(message: str) -> None:
+  print(f"imagen-jax: error: {message}", file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing that turns config problems into exit code 2 with the key named."""
+  overrides = [a[2:].split("=", 1)[0][len("config."):] for a in argv[1:]
+               if a.startswith("--config.")]
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    # absl's message already names the flag, e.g. "flag --config.steps=abc: invalid literal".
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an unknown key, before our code can look at it.
+    _fail(_unknown_key_message(argv, overrides, e))
+  if "config" in flags.FLAGS:
+    try:
+      config = flags.FLAGS["config"].value
+      if config is not None:
+        config.keys()  # config_flags defers a load error until first use
+    except Exception as e:  # pylint: disable=broad-except
+      _fail(f"cannot load --config={flags.FLAGS['config'].config_filename!r}: {e}")
+  return rest
+
+
+def _unknown_key_message(argv: Sequence[str], overrides: Sequence[str], error: Exception) -> str:
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is not None:
+    try:
+      config_lib.check_override_keys(config_lib.load_config(spec), overrides)
+    except config_lib.ConfigError as e:
+      return str(e)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return f"bad config override ({', '.join('--config.' + o for o in overrides)}): {error}"
+
+
+def _resolve_config_flags(args: Sequence[str]) -> list[str]:
+  """`--config=configs/x.py:v` works outside the repository too (see config_lib)."""
+  return [f"--config={config_lib.resolve_config_path(a.split('=', 1)[1])}"
+          if a.startswith("--config=") else a for a in args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else USAGE_ERROR)
+  name = argv[1]
+  if name not in SUBCOMMANDS:
+    _fail(f"unknown subcommand {name!r}\n{usage()}")
+  module_name, _ = SUBCOMMANDS[name]
+  module = None
+  if module_name is not None:
+    try:
+      module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+      if e.name != module_name:
+        raise
+  if module is None:
+    print(f"imagen-jax {name}: not built yet in this version.", file=sys.stderr)
+    sys.exit(NOT_BUILT)
+  app.run(module.main, argv=[f"imagen-jax {name}"] + _resolve_config_flags(argv[2:]),
+          flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  main()

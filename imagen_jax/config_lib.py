@@ -1,0 +1,115 @@
+"""Loading configs: `configs/<job>.py[:variant]` files, overrides, and their JSON form.
+
+A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`; the part after ':' is
+passed as `arg` and selects a variant (big_vision's convention). The same loader serves the
+command line (through ml_collections' `config_flags`) and Python callers (tests, the demo).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot be loaded or does not fit: the message names the key or file."""
+
+
+def packaged_configs_dir() -> str:
+  """The directory of the configs shipped with the package (the repository's `configs/`)."""
+  return str(importlib.resources.files("imagen_jax.configs"))
+
+
+def resolve_config_path(spec: str) -> str:
+  """Maps `configs/base64.py:tiny` to an existing file, trying the packaged configs last.
+
+  A path that exists as given wins; otherwise a bare or `configs/`-prefixed name is looked up in
+  the installed `imagen_jax.configs`, so the README's commands work outside the repository.
+  """
+  path, sep, arg = spec.partition(":")
+  if not os.path.exists(path):
+    packaged = os.path.join(packaged_configs_dir(), os.path.basename(path))
+    if os.path.exists(packaged):
+      path = packaged
+  return path + sep + arg
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` and applies `{"optimizer.lr": 3e-4, ...}` with the CLI's rules."""
+  path, _, arg = resolve_config_path(spec).partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path!r} (from {spec!r})")
+  module_spec = importlib.util.spec_from_file_location(
+      "imagen_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  config = module.get_config(arg) if arg else module.get_config()
+  for key, value in (overrides or {}).items():
+    set_by_path(config, key, value)
+  return config
+
+
+def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets `config.a.b = value` by the dotted key; unknown keys and wrong types raise ConfigError."""
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node:
+      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {key!r})")
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f"unknown config key {key!r}; {_did_you_mean(leaf, node)}")
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"wrong type for config key {key!r}: {e}") from e
+
+
+def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
+  """Raises ConfigError naming the first dotted key that the config does not have."""
+  for key in keys:
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        where = ".".join(parts[:i]) or "config"
+        hint = _did_you_mean(part, node) if isinstance(node, (ml_collections.ConfigDict, dict)) else ""
+        raise ConfigError(f"unknown config key {key!r}: {where!r} has no field {part!r}. {hint}")
+      node = node[part]
+
+
+def _did_you_mean(name: str, node: Mapping[str, Any]) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(name, list(node.keys()), n=1)
+  return f"did you mean {close[0]!r}?" if close else f"valid keys: {sorted(node.keys())}"
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (what checkpoints and workdirs store)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a ConfigDict written by `to_json` (lists come back as tuples where configs use them)."""
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
+def _tuples(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def _json_default(value: Any) -> Any:
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  return str(value)

@@ -1,0 +1,1 @@
+"""Datasets (the shapes demo set, folders, webdataset, TFDS) and grain input pipelines."""

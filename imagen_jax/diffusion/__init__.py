@@ -1,0 +1,18 @@
+"""The diffusion core: pure, jit-friendly functions of arrays.
+
+- `schedules`: continuous-time log-SNR schedules (cosine, linear betas) and alpha/sigma.
+- `objectives`: forward process q(z_t | x), eps / x0 / v parameterizations, weighted losses.
+- `samplers`: DDPM ancestral, DDIM (eta), EDM Heun; one `lax.scan` per sampling loop.
+- `guidance`: classifier-free guidance and the null (zeroed) text condition.
+- `thresholding`: static and dynamic thresholding of x0.
+- `augmentation`: noise conditioning augmentation of the low-res input of SR stages.
+- `edm`: the EDM formulation (preconditioning, noise distribution, loss).
+"""
+
+from imagen_jax.diffusion import augmentation
+from imagen_jax.diffusion import edm
+from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import objectives
+from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import thresholding

@@ -1,0 +1,62 @@
+"""Continuous-time noise schedules as log-SNR functions of t ~ U(0, 1).
+
+A schedule maps t in [0, 1] (0: clean, 1: pure noise) to log-SNR lambda(t) = log(alpha^2 / sigma^2)
+of the variance-preserving process z_t = alpha_t x + sigma_t eps, alpha^2 + sigma^2 = 1. The
+networks are conditioned on lambda, so every formulation (VP or EDM) and every sampler speaks
+the same language. Values are clipped to [LOG_SNR_MIN, LOG_SNR_MAX] so both ends stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOG_SNR_MIN = -20.0
+LOG_SNR_MAX = 20.0
+
+LogSnrFn = Callable[[jax.Array], jax.Array]
+
+
+def cosine_log_snr(t: jax.Array, s: float = 0.008) -> jax.Array:
+  """Nichol & Dhariwal's cosine schedule in continuous time (base and SR 1 in the paper).
+
+  alpha_bar(t) = cos^2(pi/2 (t + s) / (1 + s)), so lambda(t) = -2 log tan(pi/2 (t + s) / (1 + s)).
+  """
+  angle = 0.5 * math.pi * (t + s) / (1.0 + s)
+  angle = jnp.minimum(angle, 0.5 * math.pi - 1e-6)  # float32 pi/2 overshoots: tan < 0 at t = 1
+  return jnp.clip(-2.0 * jnp.log(jnp.tan(angle)), LOG_SNR_MIN, LOG_SNR_MAX)
+
+
+def linear_log_snr(t: jax.Array, beta_start: float = 1e-4, beta_end: float = 0.02,
+                   num_timesteps: int = 1000) -> jax.Array:
+  """The continuous version of DDPM's linear betas (SR 2 in the paper).
+
+  With beta(t) = T (beta_start + t (beta_end - beta_start)) on t in [0, 1],
+  alpha_bar(t) = exp(-int_0^t beta) = exp(-(T beta_start t + T (beta_end - beta_start) t^2 / 2)),
+  and lambda = log(alpha_bar / (1 - alpha_bar)) = -log(expm1(int_0^t beta)).
+  """
+  integral = num_timesteps * (beta_start * t + 0.5 * (beta_end - beta_start) * t ** 2)
+  integral = jnp.maximum(integral, 1e-12)  # t = 0 is noise-free: lambda = +inf, clipped below
+  return jnp.clip(-jnp.log(jnp.expm1(integral)), LOG_SNR_MIN, LOG_SNR_MAX)
+
+
+SCHEDULES: dict[str, LogSnrFn] = {"cosine": cosine_log_snr, "linear": linear_log_snr}
+
+
+def get_log_snr_fn(name: str) -> LogSnrFn:
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown noise schedule {name!r}; choose from {sorted(SCHEDULES)}")
+  return SCHEDULES[name]
+
+
+def alpha_sigma(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """alpha = sqrt(sigmoid(lambda)), sigma = sqrt(sigmoid(-lambda)); alpha^2 + sigma^2 = 1."""
+  return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
+
+
+def right_broadcast(values: jax.Array, like: jax.Array) -> jax.Array:
+  """Reshapes per-example values [B] to [B, 1, ..., 1] to broadcast against `like` [B, ...]."""
+  return jnp.reshape(values, values.shape + (1,) * (like.ndim - values.ndim))

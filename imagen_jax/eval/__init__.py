@@ -1,0 +1,1 @@
+"""Evaluation: shapes prompt adherence, FID, DrawBench."""

@@ -1,0 +1,1 @@
+"""U-Nets (paper F.1) and Efficient U-Nets (F.2, F.3)."""

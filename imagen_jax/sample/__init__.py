@@ -1,0 +1,1 @@
+"""Cascade sampling from stage workdirs."""

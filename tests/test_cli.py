@@ -1,0 +1,81 @@
+"""The `imagen-jax` command line: subcommands, config loading and override errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imagen_jax import cli
+from imagen_jax import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "imagen_jax", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_subcommand():
+  out = run_cli("--help")
+  assert out.returncode == 0
+  for name in ("train", "encode", "sample", "demo", "eval", "inspect"):
+    assert f"  {name} " in out.stdout
+  assert run_cli().returncode == 2  # no subcommand is a usage error
+
+
+def test_unknown_subcommand_fails():
+  out = run_cli("trian")
+  assert out.returncode == 2
+  assert "'trian'" in out.stderr
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.optimizer.lrr=3e-4", "optimizer.lrr"),
+    ("--config.optimizr.lr=3e-4", "optimizr"),
+    ("--config.batch_size=abc", "batch_size"),
+    ("--config.optimizer.lr=fast", "optimizer.lr"),
+])
+def test_bad_override_exits_2_naming_the_key(override, key):
+  out = run_cli("inspect", "--config=configs/base64.py:tiny", override)
+  assert out.returncode == 2, out.stderr
+  assert key in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+  out = run_cli("inspect", f"--config={tmp_path}/nope.py")
+  assert out.returncode == 2
+  assert "nope.py" in out.stderr
+
+
+def test_good_override_is_applied_and_configs_resolve_outside_the_repo(tmp_path):
+  out = run_cli("inspect", "--config=configs/base64.py:tiny", "--config.optimizer.lr=0.00031",
+                "--config.batch_size=24", cwd=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  assert '"lr": 0.00031' in out.stdout
+  assert '"batch_size": 24' in out.stdout
+
+
+def test_load_config_matches_the_cli_rules():
+  config = config_lib.load_config("configs/sr256.py:tiny", {"optimizer.lr": 2e-4})
+  assert config.optimizer.lr == 2e-4
+  assert config.stage == "sr"
+  with pytest.raises(config_lib.ConfigError, match="optimizer.lrr"):
+    config_lib.load_config("configs/sr256.py:tiny", {"optimizer.lrr": 2e-4})
+  with pytest.raises(config_lib.ConfigError, match="batch_size"):
+    config_lib.load_config("configs/sr256.py:tiny", {"batch_size": "many"})
+  with pytest.raises(ValueError, match="huge"):
+    config_lib.load_config("configs/sr256.py:huge")
+
+
+def test_config_json_round_trip():
+  config = config_lib.load_config("configs/base64.py:500m")
+  again = config_lib.from_json(config_lib.to_json(config))
+  assert again.to_dict() == config.to_dict()
+
+
+def test_every_subcommand_module_is_named():
+  assert set(cli.SUBCOMMANDS) == {"train", "encode", "sample", "demo", "eval", "inspect"}
