@@ -1,0 +1,134 @@
+"""`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions.
+
+The demo and the tiny configs condition on it (text.width 64, max_length 16). It is written
+once as a real Hugging Face directory (config.json, model.safetensors, spiece.model) under
+`$IMAGEN_JAX_CACHE` (default ~/.cache/imagen_jax) and loaded through the Hugging Face path like
+any user checkpoint.
+
+Reproducible bytes on every machine: the weights come from NumPy's legacy `RandomState`, whose
+stream NumPy keeps fixed across versions and platforms (NEP 19), and the safetensors header is
+written with sorted keys. SentencePiece training is deterministic on one machine but its bytes
+are not promised across versions, so the trained model ships as package data
+(`assets/shapes_spiece.model`); `train_shapes_vocabulary()` is how it was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+
+import numpy as np
+
+from imagen_jax.text import t5
+from imagen_jax.text import weights
+
+PREFIX = "builtin:"
+SEED = 20220523  # Imagen's arXiv date
+VERSION = 1
+VOCAB_ASSET = "shapes_spiece.model"
+
+
+def shapes_tiny_config(vocab_size: int) -> t5.T5Config:
+  return t5.T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_heads=4,
+                     num_layers=2)
+
+
+def train_shapes_vocabulary() -> bytes:
+  """Trains the BPE vocabulary of the shape captions (128 pieces: each grammar word is one).
+
+  pad 0, EOS 1, unk 2, no BOS: T5's special ids. Normalisation is nmt_nfkc, as T5's.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import shapes_grammar  # pylint: disable=g-import-not-at-top
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(shapes_grammar.vocabulary_corpus()), model_writer=out,
+      vocab_size=128, model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
+  return out.getvalue()
+
+
+def shapes_vocabulary() -> bytes:
+  return importlib.resources.files("imagen_jax.text").joinpath("assets", VOCAB_ASSET).read_bytes()
+
+
+def random_params(config: t5.T5Config, seed: int = SEED) -> dict[str, np.ndarray]:
+  """Float32 weights with T5's initialisation scales, from a stream fixed by `seed`.
+
+  Returns flat Hugging Face names in HF layout, in a fixed order.
+  """
+  rng = np.random.RandomState(seed)
+  c = config
+  inner = c.num_heads * c.d_kv
+  std = {"query": (c.d_model * c.d_kv) ** -0.5, "key": c.d_model ** -0.5,
+         "value": c.d_model ** -0.5, "out": inner ** -0.5, "wi_0": c.d_model ** -0.5,
+         "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5, "rel_embedding": c.d_model ** -0.5,
+         "embedding": 1.0}
+  flat = {}
+  for name, shape in weights.expected_shapes(c).items():  # insertion order is fixed
+    leaf = name.split("/")[-2 if name.endswith("kernel") else -1]
+    if name.endswith("scale"):
+      flat[name] = np.ones(shape, np.float32)
+    else:
+      flat[name] = (rng.standard_normal(shape) * std[leaf]).astype(np.float32)
+  return weights.params_to_hf(weights.unflatten(flat), c)
+
+
+def cache_root() -> str:
+  return os.environ.get("IMAGEN_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "imagen_jax")
+
+
+def write_hf_dir(path: str, config: t5.T5Config, tensors: dict[str, np.ndarray],
+                 vocab: bytes) -> None:
+  """A Hugging Face T5EncoderModel directory with deterministic bytes."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(weights.config_to_hf(config), f, indent=2, sort_keys=True)
+  with open(os.path.join(path, "model.safetensors"), "wb") as f:
+    f.write(save({k: tensors[k] for k in sorted(tensors)}, metadata={"format": "pt"}))
+  with open(os.path.join(path, weights.VOCAB_FILE), "wb") as f:
+    f.write(vocab)
+
+
+def materialize(name: str) -> str:
+  """The directory of builtin model `name` ("builtin:shapes-tiny"), written once, atomically."""
+  short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+  if short != "shapes-tiny":
+    raise ValueError(f"unknown builtin text encoder {name!r}; available: builtin:shapes-tiny")
+  target = os.path.join(cache_root(), "builtin", f"shapes-tiny-v{VERSION}")
+  if os.path.exists(os.path.join(target, "model.safetensors")):
+    return target
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".shapes-tiny-{uuid.uuid4().hex[:8]}-",
+                         dir=os.path.dirname(target))
+  try:
+    vocab = shapes_vocabulary()
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    vocab_size = spm.SentencePieceProcessor(model_proto=vocab).get_piece_size()
+    config = shapes_tiny_config(vocab_size)
+    write_hf_dir(tmp, config, random_params(config), vocab)
+    try:
+      os.rename(tmp, target)  # atomic; fails if another process got there first
+    except OSError:
+      if not os.path.exists(os.path.join(target, "model.safetensors")):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
+def directory_digest(path: str) -> str:
+  """sha256 over the builtin directory's files (a reproducibility check)."""
+  h = hashlib.sha256()
+  for fname in ("config.json", "model.safetensors", weights.VOCAB_FILE):
+    with open(os.path.join(path, fname), "rb") as f:
+      h.update(fname.encode() + b"\0" + f.read())
+  return h.hexdigest()
