@@ -51,6 +51,8 @@ def isdir(path: str) -> bool:
 
 def size(path: str) -> int:
   fs, inner = filesystem(path)
+  if is_remote(path):
+    fs.invalidate_cache(inner)
   return int(fs.size(inner))
 
 
@@ -97,6 +99,18 @@ def atomic_writer(path: str) -> Iterator[IO[bytes]]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def remove_stale_temporaries(path: str) -> None:
+  """Deletes local temporaries of `path` left by a killed writer (object stores leave none)."""
+  if is_remote(path):
+    return
+  directory, base = os.path.split(os.path.abspath(path))
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if name.startswith(".tmp-") and name.endswith("-" + base):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(directory, name))
 
 
 def write_bytes(path: str, data: bytes) -> None:
