@@ -33,7 +33,10 @@ from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import files
 from imagen_jax.text import tokenizer as tokenizer_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/encode.py:xxl.")
+# Other subcommand modules define --config too; importing them into one process (as the
+# import-everything test does) must not fail, and the flag means the same thing in all of them.
+if "config" not in flags.FLAGS:
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/encode.py:xxl.")
 _VERIFY = flags.DEFINE_bool("verify", False, "Check that the cache at config.output is complete.")
 _CONVERT = flags.DEFINE_string("convert", None, "Convert the T5 weights in this Hugging Face or "
                                "t5x directory to an Orbax checkpoint (with --convert_to).")
@@ -298,7 +301,7 @@ def main(argv: Sequence[str]) -> None:
     summary = convert(_CONVERT.value, _CONVERT_TO.value, _CONVERT_DTYPE.value)
     print("CONVERT_SUMMARY " + json.dumps(summary))
     return
-  config = _CONFIG.value
+  config = flags.FLAGS["config"].value
   if config is None:
     raise SystemExit("imagen-jax encode: --config is required (e.g. configs/encode.py:xxl)")
   if _VERIFY.value:
