@@ -1,4 +1,4 @@
-"""Shared benchmark harness: timing, peak tables, memory, and one output format.
+"""Shared benchmark harness: timing, peaks and MFU, memory, and one output format.
 
 Every benchmark prints a table for people and one line `RESULT_JSON {...}` for machines:
 
@@ -17,11 +17,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-# Dense bf16 peak TFLOP/s per chip (vendor figures).
-PEAK_TFLOPS = {
-    "h100": 989.0, "h200": 989.0, "a100": 312.0,
-    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-}
+# One source for FLOPs and peaks: the training loop logs MFU with the same code.
+from imagen_jax.train.mfu import compiled_flops, matmul_probe_tflops, peak_tflops_per_device  # pylint: disable=unused-import
 
 
 def device_description() -> dict[str, Any]:
@@ -32,29 +29,6 @@ def device_description() -> dict[str, Any]:
           "num_devices": jax.device_count(), "host": platform.node(),
           "cpu": platform.processor() or platform.machine(),
           "jax": jax.__version__, "python": sys.version.split()[0]}
-
-
-def peak_tflops_per_device(cpu_probe: bool = True) -> tuple[float | None, str]:
-  """(peak TFLOP/s, where it came from): the vendor table, or a matmul probe on a CPU."""
-  import jax  # pylint: disable=g-import-not-at-top
-  kind = jax.devices()[0].device_kind.lower()
-  for name, peak in PEAK_TFLOPS.items():
-    if name in kind:
-      return peak, f"table ({name})"
-  if jax.devices()[0].platform == "cpu" and cpu_probe:
-    return matmul_probe_tflops(), "measured (f32 matmul probe)"
-  return None, "unknown device"
-
-
-def matmul_probe_tflops(n: int = 1024, repeats: int = 10) -> float:
-  """The best f32 matmul rate this CPU reaches through XLA: the CPU's practical peak."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = min(timeit(lambda: f(a).block_until_ready(), repeats=repeats))
-  return 2 * n ** 3 / best / 1e12
 
 
 def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 0) -> list[float]:
@@ -81,17 +55,6 @@ def peak_memory_bytes() -> dict[str, int]:
   if stats and "peak_bytes_in_use" in stats:
     out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
   return out
-
-
-def compiled_flops(compiled: Any) -> float | None:
-  """FLOPs of a compiled computation from XLA's cost analysis (None if unavailable)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
