@@ -184,11 +184,11 @@ def run(config) -> dict[str, Any]:
   done = cache_lib.committed_parts(config.output, metadata)
   mine = [p for p in range(metadata.num_parts) if p % num_processes == process]
   pending = [p for p in mine if p not in done]
-  steps = sum(math.ceil((lambda r: r[1] - r[0])(metadata.part_range(p)) / local_batch)
-              for p in pending)
-  if num_processes > 1:
+  sizes = [metadata.part_range(p)[1] - metadata.part_range(p)[0] for p in pending]
+  steps = sum(math.ceil(n / local_batch) for n in sizes)
+  if num_processes > 1:  # every process runs as many steps as the busiest one
     steps = int(np.max(multihost_utils.process_allgather(np.asarray(steps))))
-  todo = sum((lambda r: r[1] - r[0])(metadata.part_range(p)) for p in pending)
+  todo = sum(sizes)
   logging.info("cache %s: %d parts, %d done, process %d/%d encodes %d parts (%d captions)",
                config.output, metadata.num_parts, len(done), process, num_processes,
                len(pending), todo)
