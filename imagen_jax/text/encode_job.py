@@ -256,6 +256,7 @@ def run(config) -> dict[str, Any]:
     except BaseException:
       for future in in_flight:
         future.cancel()
+      concurrent.futures.wait(in_flight)  # a running write must end before its file is dropped
       for writer in writers.values():
         writer.abort()
       raise
