@@ -11,9 +11,25 @@ import importlib.resources
 import importlib.util
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
+
+
+def define_once(name: str, define: Callable[[], flags.FlagHolder]) -> flags.FlagHolder:
+  """A flag that several subcommand modules share (one process may import them all)."""
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define()
+
+
+def config_flag(example: str = "configs/base64.py:tiny") -> flags.FlagHolder:
+  """The `--config=FILE[:variant]` flag, with `--config.key=value` overrides."""
+  return define_once("config", lambda: config_flags.DEFINE_config_file(
+      "config", None, f"Config file[:variant], e.g. {example}; override fields with "
+      "--config.key=value."))
 
 
 class ConfigError(ValueError):

@@ -26,17 +26,14 @@ from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 import numpy as np
 
+from imagen_jax import config_lib
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import files
 from imagen_jax.text import tokenizer as tokenizer_lib
 
-# Other subcommand modules define --config too; importing them into one process (as the
-# import-everything test does) must not fail, and the flag means the same thing in all of them.
-if "config" not in flags.FLAGS:
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/encode.py:xxl.")
+_CONFIG = config_lib.config_flag("configs/encode.py:xxl")
 _VERIFY = flags.DEFINE_bool("verify", False, "Check that the cache at config.output is complete.")
 _CONVERT = flags.DEFINE_string("convert", None, "Convert the T5 weights in this Hugging Face or "
                                "t5x directory to an Orbax checkpoint (with --convert_to).")
@@ -302,7 +299,7 @@ def main(argv: Sequence[str]) -> None:
     summary = convert(_CONVERT.value, _CONVERT_TO.value, _CONVERT_DTYPE.value)
     print("CONVERT_SUMMARY " + json.dumps(summary))
     return
-  config = flags.FLAGS["config"].value
+  config = _CONFIG.value
   if config is None:
     raise SystemExit("imagen-jax encode: --config is required (e.g. configs/encode.py:xxl)")
   if _VERIFY.value:
