@@ -9,6 +9,7 @@ from scipy import stats
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
 from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import noise as diffusion_noise
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import schedules
@@ -266,3 +267,13 @@ def test_noise_augmentation_levels():
   levels = augmentation.random_aug_levels(jax.random.PRNGKey(2), 5000, 0.5)
   assert float(levels.min()) >= 0 and float(levels.max()) <= 0.5
   assert abs(float(levels.mean()) - 0.25) < 0.01
+
+
+def test_per_example_keys_make_images_independent_of_the_batch():
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(4))
+  noise = diffusion_noise.normal(keys, (4, 2, 2, 1))
+  kw = dict(num_steps=5, log_snr_fn=schedules.cosine_log_snr)
+  full = samplers.sample(gaussian_x0_fn, noise, keys, sampler="ddpm", **kw)
+  part = samplers.sample(gaussian_x0_fn, noise[2:], keys[2:], sampler="ddpm", **kw)
+  np.testing.assert_allclose(full[2:], part, atol=1e-6)
+  assert np.abs(np.asarray(full[0] - full[1])).max() > 1e-3

@@ -7,11 +7,13 @@
 - `thresholding`: static and dynamic thresholding of x0.
 - `augmentation`: noise conditioning augmentation of the low-res input of SR stages.
 - `edm`: the EDM formulation (preconditioning, noise distribution, loss).
+- `noise`: Gaussian noise from one key or one key per example.
 """
 
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
 from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import noise
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import schedules

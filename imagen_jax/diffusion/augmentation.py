@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion import noise
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import schedules
 
@@ -19,10 +20,12 @@ def noise_augment(key: jax.Array, lowres: jax.Array, aug_level: jax.Array,
                   log_snr_fn: schedules.LogSnrFn) -> tuple[jax.Array, jax.Array]:
   """Corrupts lowres [B, h, w, C] at aug_level [B]; returns (z_lowres, aug_log_snr [B]).
 
+  `key` is one key or one per example (see `noise`).
+
   aug_level 0 leaves the image unchanged up to the clipped log-SNR (sigma ~ 5e-5).
   """
   aug_log_snr = log_snr_fn(aug_level)
-  eps = jax.random.normal(key, lowres.shape, dtype=lowres.dtype)
+  eps = noise.normal(key, lowres.shape, lowres.dtype)
   return objectives.q_sample(lowres, eps, aug_log_snr), aug_log_snr
 
 

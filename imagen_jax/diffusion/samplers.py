@@ -3,6 +3,7 @@
 Every sampler takes the same denoiser, `x0_fn(z [B, ...], log_snr [B]) -> x0_hat [B, ...]` in the
 variance-preserving space (z = alpha x + sigma eps), with guidance and the network's
 parameterization already folded in (see `denoiser`). Thresholding is applied to each x0_hat.
+`key` is one PRNG key, or a batch of keys [B] for noise that is per example.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import schedules
 
@@ -66,7 +68,7 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
     alpha_s, sigma_s = schedules.alpha_sigma(ls)
     c = -jnp.expm1(lt - ls)
     var = (eta ** 2) * c * sigma_s ** 2
-    fresh = jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
+    fresh = noise_lib.normal(noise_lib.fold_in(key, i), z.shape, z.dtype)
     fresh = jnp.where(i < num_steps - 1, fresh, 0.0)
     z_next = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s ** 2 - var, 0.0)) * eps + jnp.sqrt(var) * fresh
     _progress(on_step, i)
@@ -110,7 +112,7 @@ def edm_heun(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
     i, sigma, sigma_next = inputs
     gamma = jnp.where((sigma >= churn_min) & (sigma <= churn_max), gamma_max, 0.0)
     sigma_hat = sigma * (1.0 + gamma)
-    fresh = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    fresh = noise_lib.normal(noise_lib.fold_in(key, i), x.shape, x.dtype)
     x_hat = x + jnp.sqrt(sigma_hat ** 2 - sigma ** 2) * churn_noise * fresh
     d = (x_hat - denoise(x_hat, sigma_hat)) / sigma_hat
     x_euler = x_hat + (sigma_next - sigma_hat) * d
