@@ -23,13 +23,19 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       num_res_blocks=3,
       attn_resolutions=(32, 16, 8),
       head_dim=64,
+      emb_dim=1024,         # conditioning width (noise level + pooled text); 0: 4 * model_dim
+      pool_width=1024,      # text attention-pooling width; 0: emb_dim
+      text_dim=1024,        # text projected once to this width for attention keys/values; 0: none
       dropout=0.0,
       remat=False,
+      stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
+      attention_impl="auto",  # "auto" (cuDNN on GPUs in bf16, else XLA), "xla" or "cudnn"
   ))
   if variant == "paper":
     pass
   elif variant == "500m":
     c.model.model_dim = 256
+    c.model.emb_dim = c.model.pool_width = c.model.text_dim = 512
   elif variant == "tiny":
     c.image_size = 32
     c.text.encoder = "builtin:shapes-tiny"
@@ -40,6 +46,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = (8,)
     c.model.head_dim = 16
+    c.model.emb_dim = c.model.pool_width = 128
+    c.model.text_dim = 0
     c.optimizer.name = "adam"
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 50

@@ -23,11 +23,18 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="efficient_unet",
       channels=(128, 256, 512, 1024),
-      num_res_blocks=(2, 4, 8, 8),
+      # F.3 gives SR 2 400M params; F.2's block counts would make it 0.58B here, so the lowest
+      # level has 4 residual blocks per side instead of 8 (models/efficient_unet.py).
+      num_res_blocks=(2, 4, 8, 4),
       text_attention="cross",  # text cross-attention at the lowest level, no self-attention
       num_heads=8,
+      emb_dim=2048,         # conditioning vector width (noise level + aug level + pooled text)
+      pool_width=2048,      # text attention-pooling width
+      text_dim=0,           # text projected once to this width for attention keys/values; 0: none
       dropout=0.0,
       remat=False,
+      stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
+      attention_impl="auto",  # "auto" (cuDNN on GPUs in bf16, else XLA), "xla" or "cudnn"
   ))
   if variant == "paper":
     pass
@@ -41,6 +48,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.model.channels = (16, 32, 64)
     c.model.num_res_blocks = (1, 1, 2)
     c.model.num_heads = 2
+    c.model.emb_dim = c.model.pool_width = 64
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 50
     c.ema.decay = 0.995

@@ -21,8 +21,13 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       num_res_blocks=(2, 4, 8, 8),
       text_attention="self_and_text",  # self-attention with text keys/values at the lowest level
       num_heads=8,
+      emb_dim=2048,         # conditioning vector width (noise level + aug level + pooled text)
+      pool_width=2048,      # text attention-pooling width
+      text_dim=0,           # text projected once to this width for attention keys/values; 0: none
       dropout=0.0,
       remat=False,
+      stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
+      attention_impl="auto",  # "auto" (cuDNN on GPUs in bf16, else XLA), "xla" or "cudnn"
   ))
   if variant == "paper":
     pass
@@ -35,6 +40,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.model.channels = (16, 32, 64)
     c.model.num_res_blocks = (1, 1, 2)
     c.model.num_heads = 2
+    c.model.emb_dim = c.model.pool_width = 64
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 50
     c.ema.decay = 0.995

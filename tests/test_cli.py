@@ -57,6 +57,20 @@ def test_good_override_is_applied_and_configs_resolve_outside_the_repo(tmp_path)
   assert out.returncode == 0, out.stderr
   assert '"lr": 0.00031' in out.stdout
   assert '"batch_size": 24' in out.stdout
+  # The parameter table counts real parameters (through the logical-axis boxes).
+  from imagen_jax import models  # pylint: disable=g-import-not-at-top
+  _, total = models.parameter_table(config_lib.load_config("configs/base64.py:tiny"))
+  assert f"total_params: {total}\n" in out.stdout
+  assert total > 1_000_000
+  assert "conv_h,conv_w,embed,mlp" in out.stdout
+
+
+def test_inspect_sizes_a_paper_model_without_building_it():
+  out = run_cli("inspect", "--config=configs/sr256.py:paper")
+  assert out.returncode == 0, out.stderr
+  totals = [line for line in out.stdout.splitlines() if line.startswith("total_params: ")]
+  assert len(totals) == 1
+  assert 540e6 < int(totals[0].split()[1]) < 660e6  # the paper's 600M, within 10%
 
 
 def test_load_config_matches_the_cli_rules():

@@ -1,1 +1,106 @@
-"""U-Nets (paper F.1) and Efficient U-Nets (F.2, F.3)."""
+"""U-Nets (paper F.1) and Efficient U-Nets (F.2, F.3), built from a stage config.
+
+    model = build_model(config)
+    params = model.init(rng, **init_inputs(config))["params"]
+    out = model.apply({"params": params}, x, log_snr, text_emb, text_mask,
+                      lowres=None, aug_log_snr=None)    # [B, H, W, 3] float32
+
+Inputs: x [B, H, W, 3] the noisy image z_t; log_snr [B] its noise level as log-SNR; text_emb
+[B, L, D] and text_mask [B, L] bool (True = real token); for SR stages lowres [B, h, w, 3] (the
+noise-augmented low-res image) and aug_log_snr [B] its augmentation level. The output is the
+network's prediction in the configured parameterization. Parameters are float32 and boxed in
+`nn.Partitioned` with logical axis names (see imagen_jax/train/partitioning.py); the compute
+dtype is `config.dtype`. Pass `train=True` (and a "dropout" rng) to apply `config.model.dropout`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imagen_jax.models.efficient_unet import EfficientUNet
+from imagen_jax.models.unet import UNet
+
+__all__ = ["EfficientUNet", "UNet", "build_model", "init_inputs", "param_shapes",
+           "parameter_table"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The stage's network from `config.model` ("unet" or "efficient_unet") and `config.dtype`."""
+  m = config.model
+  if config.dtype not in _DTYPES:
+    raise ValueError(f"config.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+  common = dict(dropout=m.dropout, remat=m.remat, stem_patch=m.get("stem_patch", 1),
+                dtype=_DTYPES[config.dtype], attention_impl=m.get("attention_impl", "auto"))
+  if m.name == "unet":
+    return UNet(model_dim=m.model_dim, channel_mult=tuple(m.channel_mult),
+                num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+                head_dim=m.head_dim, emb_dim=m.get("emb_dim", 0),
+                pool_width=m.get("pool_width", 0), text_dim=m.get("text_dim", 0), **common)
+  if m.name == "efficient_unet":
+    if config.stage != "sr":
+      raise ValueError("model.name 'efficient_unet' is a super-resolution net: needs stage 'sr'")
+    return EfficientUNet(channels=tuple(m.channels), num_res_blocks=tuple(m.num_res_blocks),
+                         text_attention=m.text_attention, num_heads=m.num_heads,
+                         emb_dim=m.emb_dim, pool_width=m.pool_width,
+                         text_dim=m.get("text_dim", 0), **common)
+  raise ValueError(f"unknown config.model.name {m.name!r}: use 'unet' or 'efficient_unet'")
+
+
+def train_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(image side, low-res side) of a training example: SR 2 trains on `train_crop` crops of the
+  image with the matching crop of the low-res image. Low-res side 0 for the base stage."""
+  size = config.train_crop or config.image_size
+  lowres = config.lowres.size * size // config.image_size if config.stage == "sr" else 0
+  return size, lowres
+
+
+def init_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, Any]:
+  """Dummy inputs (float32 zeros, an all-True mask) at training size: kwargs for init/apply."""
+  size, lowres_size = train_sizes(config)
+  inputs = dict(
+      x=jnp.zeros((batch_size, size, size, 3), jnp.float32),
+      log_snr=jnp.zeros((batch_size,), jnp.float32),
+      text_emb=jnp.zeros((batch_size, config.text.max_length, config.text.width), jnp.float32),
+      text_mask=jnp.ones((batch_size, config.text.max_length), bool),
+      lowres=None, aug_log_snr=None)
+  if config.stage == "sr":
+    inputs["lowres"] = jnp.zeros((batch_size, lowres_size, lowres_size, 3), jnp.float32)
+    inputs["aug_log_snr"] = jnp.zeros((batch_size,), jnp.float32)
+  return inputs
+
+
+def param_shapes(config: ml_collections.ConfigDict) -> Any:
+  """The parameter tree as `jax.ShapeDtypeStruct`s inside `nn.Partitioned` boxes (no memory)."""
+  model = build_model(config)
+  init = lambda: model.init(jax.random.PRNGKey(0), **init_inputs(config))["params"]
+  return jax.eval_shape(init)
+
+
+def parameter_table(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(a table of every parameter's path, shape, logical axes and count; the total count).
+
+  `imagen-jax inspect` prints it. Each `nn.Partitioned` box is one parameter.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(
+      param_shapes(config), is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  rows = []
+  for path, leaf in leaves:
+    names = leaf.names if isinstance(leaf, nn.Partitioned) else None
+    shape = tuple(nn.unbox(leaf).shape)
+    rows.append(("/".join(str(getattr(k, "key", k)) for k in path), str(shape),
+                 ",".join(str(n) for n in names) if names else "-", int(np.prod(shape))))
+  widths = [max(len(title), *(len(r[i]) for r in rows))
+            for i, title in enumerate(("parameter", "shape", "logical axes"))]
+  line = lambda r, count: (f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  "
+                           f"{r[2].ljust(widths[2])}  {count:>13}")
+  lines = [line(("parameter", "shape", "logical axes"), "count")]
+  lines += [line(r, f"{r[3]:,}") for r in rows]
+  return "\n".join(lines), sum(r[3] for r in rows)
