@@ -1,0 +1,364 @@
+"""The input pipeline: grain over a TFDS data source, per process, resumable, skipping bad input.
+
+    data = make_pipeline(config, tokenize_fn=encoder.tokenize)        # or embedding_lookup=...
+    batch = next(data)              # this process's share of the global batch, numpy, uint8 images
+    arrays = global_batch(batch, mesh)                  # jax.Arrays sharded over ('data', 'fsdp')
+    state = data.get_state()        # JSON-able; data.set_state(state) resumes at the next batch
+
+The order of examples: one global shuffle of the split per epoch from `config.seed` (each
+epoch differently, all processes alike), then process p of P takes positions p, p + P, ... of
+that endless stream, so within an epoch the processes' shards are disjoint and cover it.
+Records are read, decoded and preprocessed in threads (`config.data.prefetch` batches ahead)
+or in `config.data.num_workers` processes; bad examples come back as markers that the batching
+step, in the main process, counts and drops. Random crops and caption choices draw from a
+generator seeded by (seed, stream position), so they repeat exactly after a restore.
+
+A batch (local batch b = config.batch_size / process_count, S = config.train_crop or
+config.image_size):
+  image      uint8 [b, S, S, 3]
+  lowres     uint8 [b, s, s, 3]    SR stages: antialiased down-sample of `image`,
+                                   s = config.lowres.size * S / config.image_size
+  tokens     int32 [b, L]          with tokenize_fn (captions encoded on the fly), or
+  text_emb   float32 [b, L, D]     with embedding_lookup (config.data.embed_cache)
+  text_mask  bool [b, L]
+  index      int64 [b]             the source index of each example (host-only)
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+
+from imagen_jax.data import preprocess
+from imagen_jax.data import sources
+from imagen_jax.train import partitioning
+
+TokenizeFn = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+EmbeddingLookup = Callable[[int], tuple[np.ndarray, np.ndarray]]
+STATE_VERSION = 1
+
+
+class MissingEmbeddingError(KeyError):
+  """The embedding cache lacks an example (config.data.missing_embedding='error')."""
+
+  def __str__(self) -> str:  # KeyError would show the message quoted
+    return str(self.args[0])
+
+
+def stage_sizes(config: Any) -> tuple[int, int, int]:
+  """(image_size, crop, lowres) in pixels; lowres is 0 for the base stage."""
+  image_size = int(config.image_size)
+  crop = int(config.train_crop) or image_size
+  if crop > image_size:
+    raise ValueError(f"config.train_crop={crop} exceeds config.image_size={image_size}")
+  if config.stage != "sr":
+    return image_size, crop, 0
+  if config.lowres.size <= 0 or (config.lowres.size * crop) % image_size:
+    raise ValueError(f"config.lowres.size={config.lowres.size} must be > 0 and scale the crop "
+                     f"{crop} of config.image_size={image_size} to whole pixels")
+  return image_size, crop, config.lowres.size * crop // image_size
+
+
+class ReadAndPreprocess:
+  """(source index, rng) -> a preprocessed example, or a marker {"skipped": kind, "index"}.
+
+  Runs in grain's reader threads or worker processes, so it is a picklable object holding
+  plain values and the (picklable) TFDS data source.
+  """
+
+  def __init__(self, data_source: Any, info: sources.SourceInfo, config: Any,
+               random_caption: bool):
+    self.source = data_source
+    self.image_key, self.caption_key = info.image_key, info.caption_key
+    self.image_size, self.crop, self.lowres = stage_sizes(config)
+    self.min_resolution = int(config.data.min_resolution)
+    self.random_crop = bool(config.data.random_crop)
+    self.random_caption = random_caption
+
+  def __call__(self, index: Any, rng: np.random.Generator) -> dict[str, Any]:
+    index = int(index)
+    try:
+      return self._example(index, rng)
+    except preprocess.BadInput as e:
+      return {"skipped": e.kind, "index": index}
+
+  def _caption(self, record: Any, rng: np.random.Generator) -> tuple[str, str | None]:
+    if not self.random_caption:
+      return sources.first_caption(record, self.caption_key)
+    # Several captions (coco): a random usable one, per epoch (the rng depends on position).
+    candidates = sources.caption_candidates(sources.lookup(record, self.caption_key))
+    error = preprocess.BadInput("missing_caption")
+    for i in rng.permutation(len(candidates)):
+      try:
+        return preprocess.decode_caption(candidates[i])
+      except preprocess.BadInput as e:
+        error = e
+    raise error
+
+  def _example(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+    record = self.source[index]
+    caption, caption_kind = self._caption(record, rng)
+    if "width" in record and "height" in record:  # converted folders store it: skip early
+      self._check_resolution(int(record["height"]), int(record["width"]))
+    raw = sources.lookup(record, self.image_key)
+    if isinstance(raw, np.ndarray) and raw.dtype != object:
+      pixels, image_kind = _array_to_rgb(raw)
+    else:
+      pixels, image_kind = preprocess.decode_image(bytes(raw))
+    height, width = pixels.shape[:2]
+    self._check_resolution(height, width)
+    out_h, out_w = preprocess.resized_extent(height, width, self.image_size)
+    if self.random_crop:
+      top = int(rng.integers(out_h - self.image_size + 1))
+      left = int(rng.integers(out_w - self.image_size + 1))
+    else:
+      top, left = (out_h - self.image_size) // 2, (out_w - self.image_size) // 2
+    if self.crop < self.image_size:  # SR on crops (the 1024 stage): a random crop, always
+      top += int(rng.integers(self.image_size - self.crop + 1))
+      left += int(rng.integers(self.image_size - self.crop + 1))
+    image = preprocess.resize_and_crop(pixels, self.image_size, self.crop, (top, left))
+    example = {"index": index, "image": np.ascontiguousarray(image), "caption": caption,
+               "converted": [k for k in (caption_kind, image_kind) if k]}
+    if self.lowres:
+      example["lowres"] = preprocess.downsample(image, self.lowres)
+    return example
+
+  def _check_resolution(self, height: int, width: int) -> None:
+    if min(height, width) < self.min_resolution:
+      raise preprocess.BadInput("too_small", f"{width}x{height} < {self.min_resolution}")
+
+
+def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, str | None]:
+  """A TFDS-decoded image array (uint8 [H, W, C] or [H, W]) -> uint8 RGB and conversion kind."""
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.dtype != np.uint8 or array.shape[-1] not in (1, 3, 4):
+    raise preprocess.BadInput("unsupported_image", f"array {array.dtype}{list(array.shape)}")
+  if array.shape[-1] == 1:
+    return np.repeat(array, 3, axis=-1), "grayscale"
+  if array.shape[-1] == 4:
+    alpha = array[..., 3:].astype(np.float32) / 255.0
+    return np.round(array[..., :3] * alpha).astype(np.uint8), "rgba"
+  return array, None
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Main process: drops and counts skip markers, looks up embeddings, stacks, tokenizes.
+
+  Its state is the upstream state after the last example it took, plus the counts, so a
+  restored pipeline continues with exactly the next example.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, text: dict[str, Any]):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._text = text
+    self._skipped: collections.Counter = collections.Counter()
+    self._converted: collections.Counter = collections.Counter()
+
+  def _embedding(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+      found = self._text["embedding_lookup"](index)
+    except (KeyError, IndexError) as e:
+      found, error = None, e
+    else:
+      error = None
+    if found is not None:
+      return found
+    if self._text["missing_embedding"] == "skip":
+      return None
+    raise MissingEmbeddingError(
+        f"the embedding cache {self._text['embed_cache']!r} has no entry for key {index} "
+        f"(index {index} of split {self._text['split']!r} of {self._text['source']!r}); "
+        f"re-run the encode job, or set config.data.missing_embedding='skip' to skip such "
+        f"examples" + (f": {error}" if error else ""))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples, embeddings = [], []
+    while len(examples) < self._batch_size:
+      element = next(self._parent)
+      if "skipped" in element:
+        self._skipped[element["skipped"]] += 1
+        continue
+      if self._text.get("embedding_lookup") is not None:
+        found = self._embedding(element["index"])
+        if found is None:
+          self._skipped["missing_embedding"] += 1
+          continue
+        embeddings.append(found)
+      self._converted.update(element["converted"])
+      examples.append(element)
+    batch = {"image": np.stack([e["image"] for e in examples]),
+             "index": np.asarray([e["index"] for e in examples], np.int64)}
+    if "lowres" in examples[0]:
+      batch["lowres"] = np.stack([e["lowres"] for e in examples])
+    if embeddings:
+      batch["text_emb"] = np.stack([np.asarray(e, np.float32) for e, _ in embeddings])
+      batch["text_mask"] = np.stack([np.asarray(m, bool) for _, m in embeddings])
+    elif self._text.get("tokenize_fn") is not None:
+      tokens, mask = self._text["tokenize_fn"]([e["caption"] for e in examples])
+      batch["tokens"] = np.asarray(tokens, np.int32)
+      batch["text_mask"] = np.asarray(mask, bool)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"upstream": self._parent.get_state(), "skipped": dict(self._skipped),
+            "converted": dict(self._converted)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["upstream"])
+    self._skipped = collections.Counter(state["skipped"])
+    self._converted = collections.Counter(state["converted"])
+
+
+class _BatchDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, text: dict[str, Any]):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._text = text
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._text)
+
+
+class Pipeline:
+  """An endless iterator of this process's batches (see the module doc), resumable.
+
+  Attributes: `source` (random access to the split's records), `info` (sources.SourceInfo),
+  `local_batch_size`, `process_index`, `process_count`.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, data_source: Any, info: sources.SourceInfo,
+               local_batch_size: int, process_index: int, process_count: int, seed: int):
+    self.source = data_source
+    self.info = info
+    self.local_batch_size = local_batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self._seed = seed
+    self._iterator = iter(dataset)
+    self._captions = sources.CaptionSource(data_source, info)
+
+  def __iter__(self) -> "Pipeline":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def _where(self) -> dict[str, Any]:
+    return {"source": self.info.source, "split": self.info.split, "seed": self._seed,
+            "process_index": self.process_index, "process_count": self.process_count,
+            "local_batch_size": self.local_batch_size}
+
+  def get_state(self) -> dict[str, Any]:
+    """A JSON-able dict: where this process's stream stands after the last batch returned."""
+    return {"version": STATE_VERSION, **self._where(), "iterator": self._iterator.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from `state` (of `get_state`): the next batches are those that followed it."""
+    if not state:
+      return
+    mismatched = {k: (state.get(k), v) for k, v in self._where().items() if state.get(k) != v}
+    if state.get("version") != STATE_VERSION or mismatched:
+      raise ValueError(f"the saved input-pipeline state does not fit this pipeline "
+                       f"(saved, now): {mismatched or {'version': state.get('version')}}; "
+                       f"the data order would not continue where it stopped")
+    self._iterator.set_state(state["iterator"])
+
+  def _counts(self, which: str) -> dict[str, int]:
+    return dict(self._iterator.get_state()[which])
+
+  def skip_counts(self) -> dict[str, int]:
+    """Examples left out, by kind: at conversion (folder/wds, once) plus by this stream so far."""
+    counts = collections.Counter(self.info.build_counts.get("skipped", {}))
+    counts.update(self._counts("skipped"))
+    return dict(sorted(counts.items()))
+
+  def convert_counts(self) -> dict[str, int]:
+    """Examples used after a conversion (grayscale, rgba, cmyk, ...), by kind, this stream."""
+    return dict(sorted(self._counts("converted").items()))
+
+  def caption(self, index: int) -> str:
+    """The caption of source record `index` (the first usable one; "" if it has none)."""
+    return self._captions[index]
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def make_pipeline(config: Any, *, split: str | None = None, tokenize_fn: TokenizeFn | None = None,
+                  embedding_lookup: EmbeddingLookup | None = None,
+                  process_index: int | None = None, process_count: int | None = None) -> Pipeline:
+  """The pipeline of `config`'s stage for this process (see the module doc).
+
+  Text: `embedding_lookup(index) -> (emb [L, D], mask [L])` when config.data.embed_cache is
+  set, else `tokenize_fn(captions) -> (ids int32 [b, L], mask bool [b, L])`; with neither the
+  batches carry no text (image-only uses: benchmarks, previews of data).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  if config.data.missing_embedding not in ("error", "skip"):
+    raise ValueError(f"config.data.missing_embedding={config.data.missing_embedding!r} must be "
+                     f"'error' or 'skip'")
+  use_cache = bool(config.data.embed_cache)
+  if use_cache and embedding_lookup is None:
+    raise ValueError(f"config.data.embed_cache={config.data.embed_cache!r} is set but no "
+                     f"embedding_lookup was given")
+  local_batch = config.batch_size // process_count
+  data_source, info = sources.get_data_source(config.data, split)
+  if len(data_source) == 0:
+    raise ValueError(f"config.data.source={config.data.source!r} split {info.split!r} is empty")
+
+  ds = grain.MapDataset.range(len(data_source)).seed(int(config.seed))
+  ds = ds.shuffle().repeat()  # reshuffled each epoch
+  ds = ds[process_index::process_count]
+  # With cached embeddings the caption is fixed (the cache holds one per record: the first).
+  ds = ds.random_map(ReadAndPreprocess(data_source, info, config, random_caption=not use_cache))
+  prefetch = int(config.data.prefetch)
+  threads = min(16, os.cpu_count() or 1) if prefetch else 0
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(prefetch * local_batch, threads)))
+  if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (unparsed under pytest)
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(config.data.num_workers)))
+  text = {"source": config.data.source, "split": info.split,
+          "embed_cache": config.data.embed_cache,
+          "missing_embedding": config.data.missing_embedding,
+          "embedding_lookup": embedding_lookup if use_cache else None,
+          "tokenize_fn": None if use_cache else tokenize_fn}
+  return Pipeline(_BatchDataset(it_ds, local_batch, text), data_source, info, local_batch,
+                  process_index, process_count, int(config.seed))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
+                 ) -> dict[str, jax.Array]:
+  """Each process's batch -> global jax.Arrays split over the mesh's ('data', 'fsdp') axes.
+
+  Every process passes its own local batch (equal sizes); the global batch dimension is their
+  concatenation in process order. Non-numeric fields stay behind; with 64-bit types disabled,
+  int64/float64 become int32/float32 explicitly rather than with a warning.
+  """
+  out = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind not in "biuf":
+      continue
+    if not jax.config.jax_enable_x64 and value.dtype.itemsize == 8:
+      value = value.astype(np.int32 if value.dtype.kind in "iu" else np.float32)
+    sharding = partitioning.batch_sharding(mesh, value.ndim)
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
