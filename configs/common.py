@@ -90,6 +90,9 @@ def stage_config() -> ml_collections.ConfigDict:
   c.sample_every = 20_000
   c.nonfinite = "error"     # a NaN/Inf loss or gradient: "error" stops, "skip" drops the update
 
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_at_step = -1  # fault injection for tests: the loss at this step becomes NaN
+
   # Sampling defaults: the preview grids during training and `imagen-jax sample`.
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = (

@@ -10,6 +10,7 @@ stops at once with exit code 2 and a message naming the key (not a traceback).
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Sequence
 
@@ -85,6 +86,16 @@ def _resolve_config_flags(args: Sequence[str]) -> list[str]:
           if a.startswith("--config=") else a for a in args]
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of libraries that log every checkpoint step (warnings still show)."""
+
+  NOISY = ("/orbax/", "/tensorstore/", "/grain/")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in self.NOISY)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -104,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if module is None:
     print(f"imagen-jax {name}: not built yet in this version.", file=sys.stderr)
     sys.exit(NOT_BUILT)
+  logging.getLogger("absl").addFilter(_QuietLibraries())
   app.run(module.main, argv=[f"imagen-jax {name}"] + _resolve_config_flags(argv[2:]),
           flags_parser=parse_flags)
 

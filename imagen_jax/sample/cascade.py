@@ -1,0 +1,166 @@
+"""A cascade stitched from stage workdirs: text -> base -> SR -> SR.
+
+    cascade = Cascade.from_workdirs(["gs://b/base64", "gs://b/sr256", "gs://b/sr1024"])
+    images = cascade.sample(["a corgi in a red bow tie"], seed=0,
+                            settings=[StageSettings(guidance=5.0), StageSettings(guidance=8.0),
+                                      StageSettings(guidance=8.0)])[-1]   # uint8 [1, 1024, 1024, 3]
+
+Each workdir's checkpoint carries its resolved config, so nothing but the workdirs is needed.
+The chain is checked before any parameter is loaded: the first stage is a base stage, each SR
+stage's low-res input is the previous stage's output resolution, and all stages expect the same
+text encoder and width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imagen_jax import models
+from imagen_jax.data import preprocess
+from imagen_jax.diffusion import noise as noise_lib
+from imagen_jax.sample import stage as stage_lib
+from imagen_jax.train import checkpoints
+from imagen_jax.train import partitioning
+
+
+class ChainError(ValueError):
+  """Stage workdirs that do not form a cascade; the message names the stages and values."""
+
+
+@dataclasses.dataclass
+class Stage:
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  params: Any
+
+
+def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:
+  """Raises ChainError naming the first mismatch between consecutive stages."""
+  if not configs:
+    raise ChainError("no stages given")
+  if len(configs) > 3:
+    raise ChainError(f"a cascade has at most 3 stages, got {len(configs)}")
+  name = lambda i: f"stage {i + 1} ({workdirs[i]})"
+  if configs[0].stage != "base":
+    raise ChainError(f"{name(0)} is a {configs[0].stage!r} stage; the first stage must be a "
+                     "base stage (are the stages in the wrong order?)")
+  for i in range(1, len(configs)):
+    prev, cur = configs[i - 1], configs[i]
+    if cur.stage != "sr":
+      raise ChainError(f"{name(i)} is a {cur.stage!r} stage; stages after the first must be SR "
+                       "stages (are the stages in the wrong order?)")
+    if cur.lowres.size != prev.image_size:
+      raise ChainError(f"{name(i)} takes {cur.lowres.size}x{cur.lowres.size} low-res inputs but "
+                       f"{name(i - 1)} outputs {prev.image_size}x{prev.image_size}")
+  for i in range(1, len(configs)):
+    for key in ("encoder", "width", "max_length"):
+      if configs[i].text[key] != configs[0].text[key]:
+        raise ChainError(f"{name(i)} expects text.{key}={configs[i].text[key]!r} but {name(0)} "
+                         f"uses {configs[0].text[key]!r}: every stage needs the same encoder")
+
+
+class Cascade:
+  """Stages plus the base stage's text encoder; samples batches sharded over all devices."""
+
+  def __init__(self, stages: Sequence[Stage], text_encoder: Any,
+               mesh: jax.sharding.Mesh | None = None):
+    self.stages = list(stages)
+    self.text_encoder = text_encoder
+    self.mesh = mesh or partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    self._compiled: dict[Any, Callable[..., jax.Array]] = {}
+
+  @classmethod
+  def from_workdirs(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None,
+                    use_ema: bool = True, text_encoder: Any = None) -> "Cascade":
+    """Loads each stage's (EMA) params from its latest or given checkpoint step."""
+    steps = list(steps) if steps is not None else [None] * len(workdirs)
+    if len(steps) != len(workdirs):
+      raise ChainError(f"{len(steps)} checkpoint steps given for {len(workdirs)} stages")
+    configs, found_steps = [], []
+    for workdir, step in zip(workdirs, steps):
+      try:
+        config, step = checkpoints.restore_config(workdir, step)
+      except FileNotFoundError as e:
+        raise FileNotFoundError(f"stage workdir {workdir!r} has no checkpoint to sample from "
+                                f"({e})") from e
+      configs.append(config)
+      found_steps.append(step)
+    check_chain(configs, list(workdirs))
+    mesh = partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    stages = []
+    for workdir, step, config in zip(workdirs, found_steps, configs):
+      abstract = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+          nn.unbox(models.param_shapes(config)))
+      ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+      params = ckpt.restore_params(step, abstract, "ema_params" if use_ema else "params")
+      stages.append(Stage(workdir, step, config, models.build_model(config), params))
+      logging.info("Loaded %s (%s, %dx%d) at step %d", workdir, config.stage, config.image_size,
+                   config.image_size, step)
+    if text_encoder is None:
+      from imagen_jax import text  # pylint: disable=g-import-not-at-top
+      base = configs[0]
+      text_encoder = text.load_text_encoder(base.text.encoder, max_length=base.text.max_length)
+    return cls(stages, text_encoder, mesh)
+
+  def default_settings(self, **overrides) -> list[stage_lib.StageSettings]:
+    """Each stage's `config.sample` settings, with per-run overrides."""
+    return [stage_lib.StageSettings.from_config(s.config.sample, **overrides) for s in self.stages]
+
+  def sample(self, prompts: Sequence[str], *, seed: int = 0,
+             indices: Sequence[int] | None = None,
+             settings: Sequence[stage_lib.StageSettings] | None = None,
+             progress: Callable[[int, int, int], None] | None = None) -> list[np.ndarray]:
+    """uint8 images of every stage, [N, S_k, S_k, 3] for stage k, for N prompts.
+
+    Image i is sampled from keys derived from (seed, indices[i]) alone (default indices 0..N-1),
+    so the same seed gives the same pixels whatever the batch. `progress(stage, step, steps)`
+    is called from the sampling loop.
+    """
+    if not prompts:
+      raise ValueError("no prompts to sample")
+    settings = list(settings or self.default_settings())
+    if len(settings) != len(self.stages):
+      raise ValueError(f"{len(settings)} stage settings for {len(self.stages)} stages")
+    indices = np.arange(len(prompts)) if indices is None else np.asarray(indices)
+    n = len(prompts)
+    multiple = self.mesh.size
+    padded = -(-n // multiple) * multiple
+    emb, mask = self.text_encoder.encode(list(prompts) + [""] * (padded - n))
+    keys = stage_lib.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
+    batch_sharding = lambda ndim: partitioning.batch_sharding(self.mesh, ndim)
+    emb = jax.device_put(emb, batch_sharding(3))
+    mask = jax.device_put(mask, batch_sharding(2))
+    outputs, lowres = [], None
+    for k, (stage, stage_settings) in enumerate(zip(self.stages, settings)):
+      fn = self._stage_fn(k, stage_settings, progress)
+      stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
+      with self.mesh, partitioning.axis_rules_context():
+        images = fn(stage.params, stage_keys, emb, mask, lowres=lowres)
+      lowres = images
+      outputs.append(np.asarray(preprocess.to_uint8(images))[:n])
+    return outputs
+
+  def _stage_fn(self, k: int, settings: stage_lib.StageSettings,
+                progress: Callable[[int, int, int], None] | None):
+    cache_key = (k, settings, progress)
+    if cache_key not in self._compiled:
+      stage = self.stages[k]
+      on_step = None
+      if progress is not None:
+        on_step = lambda i: progress(k, int(i) + 1, settings.steps)
+      self._compiled[cache_key] = jax.jit(functools.partial(
+          stage_lib.sample, stage.config, stage.model, settings=settings, on_step=on_step))
+    return self._compiled[cache_key]

@@ -1,0 +1,94 @@
+"""Sampling one stage: the network, its formulation and guidance as one x0 denoiser, then a sampler.
+
+Used by the training loop's preview grids and by the cascade; a whole stage's sampling loop is
+one jitted function (the samplers scan over steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.diffusion import augmentation
+from imagen_jax.diffusion import edm
+from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import noise as noise_lib
+from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import thresholding
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+  """How to sample one stage (each field is written to samples.jsonl)."""
+  sampler: str = "ddpm"          # ddpm, ddim, edm_heun
+  steps: int = 256
+  guidance: float = 5.0
+  threshold: str = "dynamic"     # dynamic, static, none
+  percentile: float = 99.5
+  eta: float = 0.0               # DDIM only
+  aug_level: float = 0.2         # SR stages: noise-aug level of the low-res input
+
+  @classmethod
+  def from_config(cls, sample_config: Any, **overrides) -> "StageSettings":
+    fields = {f.name: sample_config[f.name] for f in dataclasses.fields(cls) if f.name in sample_config}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**fields)
+
+
+def image_keys(seed: int, indices: Any) -> jax.Array:
+  """One PRNG key per image [N, 2]: image `i` of a run with `seed` is always sampled from the
+  same noise, whatever batch it falls in."""
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def x0_denoiser(config: Any, model: Any, params: Any, text_emb: jax.Array, text_mask: jax.Array,
+                guidance_weight: float, lowres: jax.Array | None = None,
+                aug_log_snr: jax.Array | None = None) -> samplers.X0Fn:
+  """x0_fn(z, log_snr) of a stage with classifier-free guidance folded in."""
+
+  def net(z, log_snr, emb, mask, lowres=None, aug_log_snr=None):
+    return model.apply({"params": params}, z, log_snr, emb, mask, lowres=lowres,
+                       aug_log_snr=aug_log_snr)
+
+  guided = guidance.guided_model_fn(net, guidance_weight)
+  extra = {} if lowres is None else {"lowres": lowres, "aug_log_snr": aug_log_snr}
+  bound = lambda z, log_snr: guided(z, log_snr, text_emb, text_mask, **extra)
+  if config.diffusion.formulation == "edm":
+    return edm.denoiser(bound, config.diffusion.edm_sigma_data)
+  return samplers.denoiser(bound, config.diffusion.parameterization)
+
+
+def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.Array,
+           text_mask: jax.Array, settings: StageSettings, *, image_size: int | None = None,
+           lowres: jax.Array | None = None,
+           on_step: Callable[[int], None] | None = None) -> jax.Array:
+  """Images [B, S, S, 3] in [-1, 1] for text_emb [B, L, D] (and lowres [B, s, s, 3] for SR).
+
+  `keys` [B] holds one PRNG key per image (raw keys: [B, 2]), so an image depends only on its key.
+  Jit it with `settings` static (e.g. `jax.jit(functools.partial(sample, config, model,
+  settings=...))`); `image_size` defaults to the stage's config.image_size.
+  """
+  size = image_size or config.image_size
+  batch = text_emb.shape[0]
+  noise_key, aug_key, sample_key = (noise_lib.fold_in(keys, i) for i in range(3))
+  aug_log_snr = None
+  if config.stage == "sr":
+    if lowres is None:
+      raise ValueError("an SR stage needs the low-res images to condition on")
+    lowres, aug_log_snr = augmentation.noise_augment(
+        aug_key, lowres, jnp.full((batch,), settings.aug_level, jnp.float32),
+        schedules.get_log_snr_fn(config.lowres.aug_schedule))
+  x0_fn = x0_denoiser(config, model, params, text_emb, text_mask, settings.guidance,
+                      lowres, aug_log_snr)
+  noise = noise_lib.normal(noise_key, (batch, size, size, 3))
+  out = samplers.sample(
+      x0_fn, noise, sample_key, sampler=settings.sampler, num_steps=settings.steps,
+      log_snr_fn=schedules.get_log_snr_fn(config.diffusion.schedule),
+      threshold_fn=thresholding.get_threshold_fn(settings.threshold, settings.percentile),
+      eta=settings.eta, on_step=on_step)
+  return jnp.clip(out, -1.0, 1.0)

@@ -1,0 +1,82 @@
+"""The train state (step, params, EMA params, optimizer state) and the optimizer built from config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint must hold to resume bit-exactly (with the data iterator's state).
+
+  `nonfinite_step` is the first step whose loss or gradient was not finite (-1: none); that update
+  was not applied. The host reads it at logging and checkpoint steps, so the hot loop never waits.
+  `skipped_updates` counts non-finite updates dropped under `config.nonfinite = "skip"`.
+  """
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  nonfinite_step: jax.Array
+  skipped_updates: jax.Array
+
+
+def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `lr`, then cosine decay to `end_lr_factor * lr` (or constant)."""
+  lr, warmup = float(opt_config.lr), int(opt_config.warmup_steps)
+  warmup = min(warmup, max(total_steps - 1, 0))
+  if opt_config.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+  if opt_config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=lr * float(opt_config.end_lr_factor))
+  raise ValueError(f"config.optimizer.schedule: unknown schedule {opt_config.schedule!r}; "
+                   "use cosine or constant")
+
+
+def make_optimizer(opt_config: Any, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                optax.Schedule]:
+  """Adafactor (base) or Adam (SR) with global-norm clipping; returns (optimizer, lr schedule)."""
+  schedule = learning_rate_schedule(opt_config, total_steps)
+  if opt_config.name == "adafactor":
+    # optax defaults otherwise, as in the paper ("Adafactor (optax defaults)").
+    main = optax.adafactor(learning_rate=schedule, weight_decay_rate=opt_config.weight_decay or None)
+  elif opt_config.name == "adam":
+    main = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                       weight_decay=opt_config.weight_decay)
+  else:
+    raise ValueError(f"config.optimizer.name: unknown optimizer {opt_config.name!r}; "
+                     "use adafactor or adam")
+  parts = [main]
+  if opt_config.clip_norm and opt_config.clip_norm > 0:
+    parts.insert(0, optax.clip_by_global_norm(opt_config.clip_norm))
+  return optax.chain(*parts), schedule
+
+
+def ema_decay(step: jax.Array, ema_config: Any) -> jax.Array:
+  """The EMA decay at `step`: min(decay, (1 + step) / (10 + step)) with warm-up, else decay."""
+  decay = jnp.asarray(ema_config.decay, jnp.float32)
+  if ema_config.warmup:
+    step = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
+  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def create(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  """A fresh state at step 0; EMA params start as a copy of the params."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                    opt_state=optimizer.init(params),
+                    nonfinite_step=jnp.full((), -1, jnp.int32),
+                    skipped_updates=jnp.zeros((), jnp.int32))

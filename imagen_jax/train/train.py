@@ -1,0 +1,371 @@
+"""`imagen-jax train`: train one cascade stage, sharded over a device mesh, resumable.
+
+    imagen-jax train --config=configs/base64.py:tiny --workdir=/tmp/base64_tiny
+
+One readable loop in sections, in the manner of big_vision's train.py. Running the same command
+again resumes from the latest complete checkpoint; SIGTERM (preemption) saves and exits 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any, Sequence
+
+from absl import flags
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from imagen_jax import config_lib
+from imagen_jax import models
+from imagen_jax.data import pipeline as pipeline_lib
+from imagen_jax.data import preprocess
+from imagen_jax.sample import images as images_lib
+from imagen_jax.sample import stage as stage_sampling
+from imagen_jax.sample.stage import image_keys
+from imagen_jax.train import checkpoints
+from imagen_jax.train import metric_writers
+from imagen_jax.train import mfu
+from imagen_jax.train import partitioning
+from imagen_jax.train import state as state_lib
+from imagen_jax.train import step as step_lib
+
+_CONFIG = config_lib.config_flag()
+_WORKDIR = config_lib.define_once("workdir", lambda: flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, logs and samples go (local or gs://)."))
+
+
+class TrainingError(RuntimeError):
+  """A run that must stop: a non-finite loss, a config that does not fit the mesh."""
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if not _WORKDIR.value:
+    raise flags.ValidationError("--workdir is required")
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Sequence[jax.Device] | None = None) -> state_lib.TrainState:
+  """Trains `config`'s stage in `workdir` up to config.total_steps; returns the final state.
+
+  `devices` (default: all) is the mesh's device set; tests use it to compare meshes.
+  """
+  # --- 1. Check the config and the workdir before anything is compiled ----------------------
+  workdir = str(workdir)
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  check_config(config, mesh)
+  check_workdir_writable(workdir)
+  lead = jax.process_index() == 0
+
+  # --- 2. Model, text encoder, optimizer ----------------------------------------------------
+  model = models.build_model(config)
+  text_encoder = load_text_encoder_if_needed(config)
+  optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
+
+  # --- 3. Data: this process's shard of the global batch ------------------------------------
+  data = pipeline_lib.make_pipeline(
+      config, tokenize_fn=text_encoder.tokenize if text_encoder else None,
+      embedding_lookup=open_embedding_cache(config))
+
+  # --- 4. State: created sharded, or restored from the latest checkpoint --------------------
+  param_shapes = jax.eval_shape(functools.partial(init_params, config, model),
+                                jax.random.PRNGKey(config.seed))
+  state_shardings, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start_step = ckpt.latest_step()
+  if start_step is None:
+    with mesh, partitioning.axis_rules_context():
+      state = jax.jit(
+          lambda key: state_lib.create(nn.unbox(init_params(config, model, key)), optimizer),
+          out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+    start_step = 0
+  else:
+    logging.info("Resuming from the checkpoint at step %d in %s", start_step, ckpt.directory)
+    state, data_state = ckpt.restore(start_step, abstract_state)
+    data.set_state(data_state)
+  text_params, text_shardings = place_text_params(text_encoder, mesh)
+
+  # --- 5. Compile the step ahead of time, once -----------------------------------------------
+  batch_shapes = batch_spec(config, mesh)
+  train_step = step_lib.make_train_step(config, model, optimizer, lr_schedule,
+                                        text_encoder.apply if text_encoder else None)
+  with mesh, partitioning.axis_rules_context():
+    compile_start = time.perf_counter()
+    compiled_step = jax.jit(
+        train_step, in_shardings=(state_shardings, batch_shardings(batch_shapes), text_shardings),
+        out_shardings=(state_shardings, None), donate_argnums=(0,)
+    ).lower(abstract_state, batch_shapes, text_params).compile()
+  compile_seconds = time.perf_counter() - compile_start
+  flops_per_step = mfu.compiled_flops(compiled_step)
+  peak_flops, _ = mfu.peak_tflops_per_device()
+
+  # --- 6. Writers: TensorBoard (lead process only), console, config, parameter table -------
+  writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not lead)
+  progress = metric_writers.ReportProgress(config.total_steps, config.batch_size)
+  if lead:
+    epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
+    logging.info("Parameters:\n%s\ntotal_params: %d", *models.parameter_table(config))
+  logging.info("Compiled the train step in %.1f s; %s FLOPs per step per device", compile_seconds,
+               f"{flops_per_step:.3g}" if flops_per_step else "unknown")
+  preview = make_preview(config, model, text_encoder, mesh) if config.sample_every else None
+  preemption = PreemptionWatcher()
+
+  # --- 7. The loop -------------------------------------------------------------------------
+  try:
+    train_metrics = None
+    progress.start(start_step)
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = pipeline_lib.global_batch(device_part(next(data), batch_shapes), mesh)
+      state, metrics = compiled_step(state, batch, text_params)
+      train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
+
+      if step % config.log_every == 0 or step == config.total_steps:
+        # The host waits for the device only here, for previews and for checkpoints.
+        check_finite(state, config)
+        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+        scalars.update(mfu.throughput(progress.report(step), config.batch_size, flops_per_step,
+                                      peak_flops))
+        scalars.update({f"data/skipped_{k}": v for k, v in data.skip_counts().items()})
+        writer.write_scalars(step, scalars)
+        train_metrics = None
+
+      if preview is not None and step % config.sample_every == 0:
+        writer.write_images(step, {"samples": preview(state.ema_params)})
+
+      preempted = preemption.reached(step)
+      if preempted or step % config.checkpoint_every == 0 or step == config.total_steps:
+        check_finite(state, config)  # never save a state that follows a non-finite update
+        ckpt.save(step, state, data.get_state(), config)
+      if preempted:
+        logging.warning("Preempted: saved the checkpoint at step %d; exiting.", step)
+        break
+  finally:
+    # --- 8. Finish: complete any save in flight, even when stopping on an error ---------------
+    ckpt.wait()
+    ckpt.close()
+    data.close()
+    writer.flush()
+    writer.close()
+  return state
+
+
+# --- Helpers, in the order the loop uses them ------------------------------------------------
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Fails before compiling, naming the config value that does not fit."""
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  accum = int(config.optimizer.grad_accum_steps)
+  problems = []
+  if config.stage not in ("base", "sr"):
+    problems.append(f"config.stage={config.stage!r} must be 'base' or 'sr'")
+  if config.stage == "sr" and config.lowres.size <= 0:
+    problems.append("config.lowres.size must be > 0 for an SR stage")
+  if accum < 1 or config.batch_size % accum:
+    problems.append(f"config.batch_size={config.batch_size} is not divisible by "
+                    f"config.optimizer.grad_accum_steps={accum}")
+  elif (config.batch_size // accum) % batch_devices:
+    problems.append(f"config.batch_size={config.batch_size} (micro-batch {config.batch_size // accum}"
+                    f") is not divisible by the {batch_devices} devices of the mesh's data x fsdp "
+                    f"axes (config.mesh: {dict(mesh.shape)})")
+  if config.batch_size % jax.process_count():
+    problems.append(f"config.batch_size={config.batch_size} is not divisible by the "
+                    f"{jax.process_count()} processes")
+  for key in ("total_steps", "log_every", "checkpoint_every"):
+    if config[key] < 1:
+      problems.append(f"config.{key}={config[key]} must be >= 1")
+  if config.nonfinite not in ("error", "skip"):
+    problems.append(f"config.nonfinite={config.nonfinite!r} must be 'error' or 'skip'")
+  if problems:
+    raise config_lib.ConfigError("; ".join(problems))
+
+
+def check_workdir_writable(workdir: str) -> None:
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_probe_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise TrainingError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+def load_text_encoder_if_needed(config: ml_collections.ConfigDict):
+  """The frozen T5 for on-the-fly encoding (no embedding cache), checked against text.width."""
+  if config.data.embed_cache:
+    return None
+  from imagen_jax import text  # pylint: disable=g-import-not-at-top
+  encoder = text.load_text_encoder(config.text.encoder, max_length=config.text.max_length,
+                                   dtype=config.dtype)
+  if encoder.width != config.text.width:
+    raise config_lib.ConfigError(
+        f"config.text.width={config.text.width} but the encoder {config.text.encoder!r} "
+        f"has d_model {encoder.width}")
+  return encoder
+
+
+def open_embedding_cache(config: ml_collections.ConfigDict):
+  if not config.data.embed_cache:
+    return None
+  from imagen_jax.text import cache  # pylint: disable=g-import-not-at-top
+  embeddings = cache.EmbeddingCache(config.data.embed_cache)
+  if embeddings.width != config.text.width or embeddings.max_length != config.text.max_length:
+    raise config_lib.ConfigError(
+        f"the embedding cache {config.data.embed_cache!r} holds width {embeddings.width}, "
+        f"max_length {embeddings.max_length}; the config says text.width={config.text.width}, "
+        f"text.max_length={config.text.max_length}")
+  return embeddings.__getitem__
+
+
+def init_params(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array) -> Any:
+  """The model's parameters, boxed with their logical axis names."""
+  return model.init(key, **models.init_inputs(config, batch_size=1))["params"]
+
+
+def make_state_shardings(param_shapes: Any, optimizer: Any, mesh: jax.sharding.Mesh
+                         ) -> tuple[state_lib.TrainState, state_lib.TrainState]:
+  """(shardings, abstract state with those shardings) from the boxed parameter shapes.
+
+  Parameters follow their logical names; optimizer leaves shaped like their parameter follow
+  it (Adam's moments, unfactored Adafactor stats); other leaves (counts, Adafactor's factored
+  row/column stats) are small and replicated.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_shardings = partitioning.tree_shardings(param_shapes, mesh)
+  params = nn.unbox(param_shapes)
+  abstract = jax.eval_shape(lambda p: state_lib.create(p, optimizer), params)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
+      abstract.opt_state, param_shardings, params,
+      transform_non_params=lambda _: replicated)
+  shardings = state_lib.TrainState(
+      step=replicated, params=param_shardings, ema_params=param_shardings,
+      opt_state=opt_shardings, nonfinite_step=replicated, skipped_updates=replicated)
+  return shardings, checkpoints.abstract_like(abstract, shardings)
+
+
+def place_text_params(text_encoder, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """The frozen encoder's params on the mesh (sharded by their logical names) and shardings."""
+  if text_encoder is None:
+    return None, None
+  from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  shardings = encoder_lib.param_shardings(text_encoder.config, text_encoder.dtype,
+                                          text_encoder.max_length, mesh)
+  return jax.device_put(text_encoder.params, shardings), shardings
+
+
+def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+               ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the step sees, sharded over ('data', 'fsdp'): images stay uint8 until
+  the step (4x less host-to-device traffic than float32)."""
+  b, length = config.batch_size, config.text.max_length
+  size = config.train_crop or config.image_size
+  shapes = {"image": ((b, size, size, 3), jnp.uint8), "text_mask": ((b, length), jnp.bool_)}
+  if config.stage == "sr":
+    low = config.lowres.size * size // config.image_size
+    shapes["lowres"] = ((b, low, low, 3), jnp.uint8)
+  if config.data.embed_cache:
+    shapes["text_emb"] = ((b, length, config.text.width), jnp.float32)
+  else:
+    shapes["tokens"] = ((b, length), jnp.int32)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def device_part(local_batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The arrays the step consumes (host-only fields such as `index` stay behind)."""
+  return {k: local_batch[k] for k in spec}
+
+
+def batch_shardings(batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
+  return {k: v.sharding for k, v in batch_shapes.items()}
+
+
+def check_finite(state: state_lib.TrainState, config: ml_collections.ConfigDict) -> None:
+  """Raises, naming the step, if a non-finite loss or gradient was seen (config.nonfinite=error)."""
+  bad_step = int(jax.device_get(state.nonfinite_step))
+  if bad_step >= 0:
+    raise TrainingError(
+        f"non-finite loss or gradient at step {bad_step + 1} (the update was not applied; the "
+        f"last checkpoint is intact). Lower config.optimizer.lr, check the data, or set "
+        f"config.nonfinite='skip' to drop such updates and count them.")
+
+
+def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encoder, mesh):
+  """preview(ema_params) -> uint8 grid [H, W, 3] of samples for fixed prompts / examples.
+
+  Base stages with an encoder sample `config.sample.prompts`; otherwise the text (and SR
+  low-res inputs) of the first examples of a fresh training pipeline, fixed by the seed.
+  """
+  n = int(config.sample.num_images)
+  first = next(pipeline_lib.make_pipeline(
+      config, tokenize_fn=text_encoder.tokenize if text_encoder else None,
+      embedding_lookup=open_embedding_cache(config)))
+  first = {k: v[:n] for k, v in first.items()}
+  if config.stage == "base" and text_encoder is not None:
+    emb, mask = text_encoder.encode(list(config.sample.prompts)[:n])
+  elif "text_emb" in first:
+    emb, mask = first["text_emb"], first["text_mask"]
+  else:
+    emb = np.asarray(text_encoder.apply(text_encoder.params, first["tokens"], first["text_mask"]))
+    mask = first["text_mask"]
+  lowres = preprocess.to_model_range(first["lowres"][:len(emb)]) if config.stage == "sr" else None
+  size = config.train_crop or config.image_size
+  settings = stage_sampling.StageSettings.from_config(config.sample)
+  sample_fn = jax.jit(functools.partial(stage_sampling.sample, config, model, settings=settings,
+                                        image_size=size))
+  keys = image_keys(config.seed, np.arange(len(emb)))
+
+  def preview(ema_params):
+    with mesh, partitioning.axis_rules_context():
+      images = sample_fn(ema_params, keys, jnp.asarray(emb), jnp.asarray(mask), lowres=lowres)
+    return images_lib.image_grid(np.asarray(preprocess.to_uint8(images)))
+
+  return preview
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                  devices: Sequence[jax.Device] | None = None) -> state_lib.TrainState:
+  """The TrainState of a checkpoint laid out on `config.mesh` over `devices` (any count)."""
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  model = models.build_model(config)
+  optimizer, _ = state_lib.make_optimizer(config.optimizer, config.total_steps)
+  param_shapes = jax.eval_shape(functools.partial(init_params, config, model),
+                                jax.random.PRNGKey(config.seed))
+  _, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
+  state, _ = ckpt.restore(step, abstract_state)
+  return state
+
+
+class PreemptionWatcher:
+  """True at the step where the job must save and stop: SIGTERM on one host, or JAX's
+  preemption sync point (all hosts agree on the step) when running multi-process."""
+
+  def __init__(self):
+    self._signalled = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.reached_preemption_sync_point(step)

@@ -1,0 +1,219 @@
+"""Training: sharding-invariance, exact resume, preemption, faults, logging (8 fake CPU devices)."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from imagen_jax import config_lib
+from imagen_jax.train import checkpoints
+from imagen_jax.train import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(stage="base64", **overrides):
+  """A tiny stage trained on a small shapes split built once per session (see conftest)."""
+  config = config_lib.load_config(f"configs/{stage}.py:tiny")
+  defaults = {"batch_size": 8, "total_steps": 6, "log_every": 1, "checkpoint_every": 3,
+              "sample_every": 0, "optimizer.warmup_steps": 2}
+  for key, value in {**defaults, **overrides}.items():
+    config_lib.set_by_path(config, key, value)
+  return config
+
+
+def read_scalars(workdir, tag):
+  """{step: value} of one scalar from the TensorBoard events (tensorboard's own reader)."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"),
+                                           size_guidance={event_accumulator.SCALARS: 0,
+                                                          event_accumulator.IMAGES: 0})
+  acc.Reload()
+  return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def params_of(workdir, step=None):
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  restored = ckpt.restore_as_stored(step)
+  return restored["state"], restored["data"]
+
+
+def assert_trees_equal(a, b):
+  flat_a, tree_a = jax.tree_util.tree_flatten(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_loss_trajectory_is_the_same_on_every_mesh(tmp_path, shapes_data_dir):
+  losses = {}
+  for name, mesh, ndev in [("1dev", (1, 1, 1), 1), ("8x1x1", (8, 1, 1), 8),
+                           ("2x4x1", (2, 4, 1), 8), ("2x2x2", (2, 2, 2), 8)]:
+    config = tiny_config(**{"data.data_dir": shapes_data_dir, "mesh.data": mesh[0],
+                            "mesh.fsdp": mesh[1], "mesh.model": mesh[2], "total_steps": 4,
+                            "checkpoint_every": 100})
+    workdir = str(tmp_path / name)
+    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:ndev])
+    losses[name] = read_scalars(workdir, "loss")
+  reference = losses.pop("1dev")
+  assert sorted(reference) == [1, 2, 3, 4]
+  for name, trajectory in losses.items():
+    for step, value in reference.items():
+      assert trajectory[step] == pytest.approx(value, rel=1e-5), (name, step)
+
+
+def test_checkpoint_from_8_devices_restores_on_2(tmp_path, shapes_data_dir):
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "mesh.data": 2, "mesh.fsdp": 4,
+                          "total_steps": 2, "checkpoint_every": 2})
+  workdir = str(tmp_path / "w")
+  final = train_lib.train_and_evaluate(config, workdir)
+  config.mesh.fsdp = 1
+  restored = train_lib.restore_state(config, workdir, devices=jax.devices()[:2])
+  assert int(restored.step) == 2
+  assert_trees_equal(jax.device_get(restored.params), jax.device_get(final.params))
+  leaf = jax.tree_util.tree_leaves(restored.params)[0]
+  assert len(leaf.sharding.device_set) == 2
+
+
+def test_injected_nan_stops_naming_the_step(tmp_path, shapes_data_dir):
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 8,
+                          "checkpoint_every": 2, "log_every": 4, "debug.nan_at_step": 4})
+  workdir = str(tmp_path / "w")
+  with pytest.raises(train_lib.TrainingError, match="step 5"):
+    train_lib.train_and_evaluate(config, workdir)
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  assert ckpt.all_steps() == [2, 4]  # step 4's checkpoint was written before the NaN
+  state, _ = params_of(workdir)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_nonfinite_skip_mode_counts_and_continues(tmp_path, shapes_data_dir):
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 4,
+                          "debug.nan_at_step": 1, "nonfinite": "skip"})
+  workdir = str(tmp_path / "w")
+  final = train_lib.train_and_evaluate(config, workdir)
+  assert int(final.skipped_updates) == 1
+  assert read_scalars(workdir, "skipped_updates")[4] == 1
+
+
+def test_bad_config_fails_before_compiling_naming_the_value(tmp_path, shapes_data_dir):
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "batch_size": 12})
+  with pytest.raises(config_lib.ConfigError, match="batch_size=12"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "w"))  # 12 over 8 devices
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(train_lib.TrainingError, match="not writable"):
+    train_lib.train_and_evaluate(tiny_config(**{"data.data_dir": shapes_data_dir}),
+                                 str(blocker / "sub"))
+
+
+def _train_cmd(workdir, data_dir, *overrides):
+  return [sys.executable, "-m", "imagen_jax", "train", "--config=configs/base64.py:tiny",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.batch_size=8", "--config.sample_every=0", "--config.log_every=1",
+          "--config.optimizer.warmup_steps=2", *overrides]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+
+def _wait_for(predicate, proc, timeout=300):
+  start = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early:\n{proc.stderr.read()[-3000:]}")
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.2)
+
+
+def _complete_checkpoints(workdir):
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+                if os.path.basename(p).isdigit())
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_exactly(tmp_path, shapes_data_dir):
+  n = 3
+  straight = str(tmp_path / "straight")
+  args = ["--config.total_steps=6", f"--config.checkpoint_every={n}"]
+  subprocess.run(_train_cmd(straight, shapes_data_dir, *args), cwd=REPO, env=_env(), check=True,
+                 capture_output=True, timeout=600)
+  killed = str(tmp_path / "killed")
+  # Slow the loop down after step n so the kill lands between checkpoints n and 2n.
+  proc = subprocess.Popen(_train_cmd(killed, shapes_data_dir, *args), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: n in _complete_checkpoints(killed), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert 2 * n not in _complete_checkpoints(killed)
+  subprocess.run(_train_cmd(killed, shapes_data_dir, *args), cwd=REPO, env=_env(), check=True,
+                 capture_output=True, timeout=600)
+  state_a, data_a = params_of(straight, 2 * n)
+  state_b, data_b = params_of(killed, 2 * n)
+  assert_trees_equal(state_a, state_b)  # params, EMA params, optimizer state, step: bitwise
+  assert data_a == data_b  # the input iterator stands at the same example
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_rerun_continues(tmp_path, shapes_data_dir):
+  workdir = str(tmp_path / "w")
+  args = ["--config.total_steps=1000", "--config.checkpoint_every=1000"]
+  proc = subprocess.Popen(_train_cmd(workdir, shapes_data_dir, *args), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "tb")) and
+            len(glob.glob(os.path.join(workdir, "tb", "*"))) > 0, proc)
+  time.sleep(3)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+  saved = _complete_checkpoints(workdir)
+  assert len(saved) == 1 and 0 < saved[0] < 1000
+  out = subprocess.run(_train_cmd(workdir, shapes_data_dir, "--config.total_steps=" +
+                                  str(saved[0] + 2), "--config.checkpoint_every=1000"),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resuming from the checkpoint at step {saved[0]}" in out.stderr
+  assert _complete_checkpoints(workdir)[-1] == saved[0] + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["base64", "sr256"])
+def test_tiny_stage_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir, stage):
+  config = tiny_config(stage, **{"data.data_dir": shapes_data_dir, "total_steps": 200,
+                                 "batch_size": 16, "log_every": 25, "checkpoint_every": 200,
+                                 "optimizer.warmup_steps": 20})
+  workdir = str(tmp_path / stage)
+  train_lib.train_and_evaluate(config, workdir)
+  loss = read_scalars(workdir, "loss")
+  assert loss[200] < 0.6 * loss[25], loss
+
+
+def test_events_hold_scalars_and_a_sample_grid(tmp_path, shapes_data_dir):
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 2, "log_every": 2,
+                          "sample_every": 2, "sample.steps": 3, "sample.num_images": 2})
+  workdir = str(tmp_path / "w")
+  train_lib.train_and_evaluate(config, workdir)
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"),
+                                           size_guidance={event_accumulator.IMAGES: 0})
+  acc.Reload()
+  tags = acc.Tags()
+  for scalar in ("loss", "loss_q1", "loss_q4", "grad_norm", "param_norm", "learning_rate",
+                 "images_per_sec", "steps_per_sec", "tflops_per_device", "mfu"):
+    assert scalar in tags["scalars"], scalar
+  assert all(np.isfinite(e.value) for e in acc.Scalars("loss"))
+  image = acc.Images("samples")[0]
+  assert image.step == 2 and image.width == 2 * 32 and image.height == 32
+  assert os.path.exists(os.path.join(workdir, "config.json"))
