@@ -624,3 +624,28 @@ def test_worker_processes_give_the_same_batches_and_resume(shapes_dir):
       np.testing.assert_array_equal(a["image"], b["image"])
   finally:
     restored.close()
+
+
+def test_data_sources_pickle_for_worker_processes(tmp_path, shapes_dir):
+  import pickle  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "images"
+  root.mkdir()
+  Image.fromarray(sample_images(1)[0]).save(root / "a.png")
+  (root / "a.txt").write_text("a caption")
+  for config in (data_config(f"folder:{root}", str(tmp_path / "t")),
+                 data_config("shapes", shapes_dir)):
+    source, _ = sources.get_data_source(config)
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy[0]["image"] == source[0]["image"]
+
+
+def test_data_with_no_usable_example_stops_with_the_counts_instead_of_looping(tmp_path):
+  root = tmp_path / "images"
+  root.mkdir()
+  for i in range(3):
+    Image.new("RGB", (16, 16)).save(root / f"{i}.png")
+    (root / f"{i}.txt").write_text("small")
+  config = stage_config(**{"data.source": f"folder:{root}", "data.data_dir": str(tmp_path / "t"),
+                           "data.min_resolution": 64, "batch_size": 2})
+  with pytest.raises(RuntimeError, match="too_small"):
+    next(pipeline_lib.make_pipeline(config))

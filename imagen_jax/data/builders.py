@@ -81,6 +81,10 @@ class _ImageCaptionBuilder(LocalBuilder):
     kwargs.setdefault("config", tfds.core.BuilderConfig(
         name=config_name(location), description=f"{self._location_kind}:{location}"))
     super().__init__(**kwargs)
+    # TFDS pickles a builder (inside its data sources, for grain's workers) as its __init__
+    # arguments; it knows only its own.
+    self._original_state.update(location=location, max_pixels=max_pixels, min_side=min_side,
+                                num_threads=num_threads)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from absl import flags
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from imagen_jax.data import preprocess
@@ -110,7 +111,8 @@ class ReadAndPreprocess:
     if isinstance(raw, np.ndarray) and raw.dtype != object:
       pixels, image_kind = _array_to_rgb(raw)
     else:
-      pixels, image_kind = preprocess.decode_image(bytes(raw))
+      # Large JPEGs decode at a reduced scale, still >= 2x the stage's size before the resize.
+      pixels, image_kind = preprocess.decode_image(bytes(raw), reduce_to=2 * self.image_size)
     height, width = pixels.shape[:2]
     self._check_resolution(height, width)
     out_h, out_w = preprocess.resized_extent(height, width, self.image_size)
@@ -155,10 +157,12 @@ class _BatchIterator(grain.DatasetIterator):
   restored pipeline continues with exactly the next example.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, text: dict[str, Any]):
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, text: dict[str, Any],
+               give_up_after: int):
     super().__init__(parent)
     self._batch_size = batch_size
     self._text = text
+    self._give_up_after = give_up_after
     self._skipped: collections.Counter = collections.Counter()
     self._converted: collections.Counter = collections.Counter()
 
@@ -181,8 +185,16 @@ class _BatchIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     examples, embeddings = [], []
+    skipped_in_a_row = 0
     while len(examples) < self._batch_size:
+      if skipped_in_a_row > self._give_up_after:  # never loop forever over unusable data
+        raise RuntimeError(
+            f"{self._text['source']!r} split {self._text['split']!r}: the last "
+            f"{skipped_in_a_row} records (a whole epoch of this process's shard) were all "
+            f"skipped; skips so far: {dict(self._skipped)}. Check config.data (min_resolution, "
+            f"keys) and the data.")
       element = next(self._parent)
+      skipped_in_a_row += 1
       if "skipped" in element:
         self._skipped[element["skipped"]] += 1
         continue
@@ -194,6 +206,7 @@ class _BatchIterator(grain.DatasetIterator):
         embeddings.append(found)
       self._converted.update(element["converted"])
       examples.append(element)
+      skipped_in_a_row = 0
     batch = {"image": np.stack([e["image"] for e in examples]),
              "index": np.asarray([e["index"] for e in examples], np.int64)}
     if "lowres" in examples[0]:
@@ -219,13 +232,13 @@ class _BatchIterator(grain.DatasetIterator):
 
 class _BatchDataset(grain.IterDataset):
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, text: dict[str, Any]):
+  def __init__(self, parent: grain.IterDataset, batch_size: int, text: dict[str, Any],
+               give_up_after: int):
     super().__init__(parent)
-    self._batch_size = batch_size
-    self._text = text
+    self._args = (batch_size, text, give_up_after)
 
   def __iter__(self) -> _BatchIterator:
-    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._text)
+    return _BatchIterator(self._parent.__iter__(), *self._args)
 
 
 class Pipeline:
@@ -317,6 +330,11 @@ def make_pipeline(config: Any, *, split: str | None = None, tokenize_fn: Tokeniz
     raise ValueError(f"config.data.embed_cache={config.data.embed_cache!r} is set but no "
                      f"embedding_lookup was given")
   local_batch = config.batch_size // process_count
+  if jax.process_count() > 1:
+    # One process builds or converts the dataset; the others wait, then read it.
+    if jax.process_index() == 0:
+      sources.get_builder(config.data)
+    multihost_utils.sync_global_devices(f"imagen_jax.data: {config.data.source} is built")
   data_source, info = sources.get_data_source(config.data, split)
   if len(data_source) == 0:
     raise ValueError(f"config.data.source={config.data.source!r} split {info.split!r} is empty")
@@ -340,8 +358,9 @@ def make_pipeline(config: Any, *, split: str | None = None, tokenize_fn: Tokeniz
           "missing_embedding": config.data.missing_embedding,
           "embedding_lookup": embedding_lookup if use_cache else None,
           "tokenize_fn": None if use_cache else tokenize_fn}
-  return Pipeline(_BatchDataset(it_ds, local_batch, text), data_source, info, local_batch,
-                  process_index, process_count, int(config.seed))
+  shard_epoch = -(-len(data_source) // process_count)
+  return Pipeline(_BatchDataset(it_ds, local_batch, text, give_up_after=shard_epoch),
+                  data_source, info, local_batch, process_index, process_count, int(config.seed))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh

@@ -89,12 +89,16 @@ def _to_rgb(image: Image.Image, rawmode: str) -> tuple[np.ndarray, str | None]:
   raise BadInput("unsupported_image", f"mode {mode}")
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
-                 ) -> tuple[np.ndarray, str | None]:
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
+                 reduce_to: int = 0) -> tuple[np.ndarray, str | None]:
   """Encoded bytes -> (uint8 [H, W, 3] RGB, conversion kind or None); raises BadInput.
 
   The size is checked from the header before anything is decoded (decompression bombs), the
   whole image is then decoded (truncated files fail here, not later), EXIF orientation applied.
+  `reduce_to` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several
+  times faster) while its shorter side stays >= `reduce_to`; the caller resizes the rest of the
+  way with antialiasing. Give at least twice the final size, so the DCT scaling is never the
+  last step. `min_side` and `max_pixels` apply to the full size.
   """
   if not data:
     raise BadInput("corrupt_image", "empty file")
@@ -110,6 +114,9 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = M
       raise BadInput("too_large", f"{width}x{height} > {max_pixels} pixels")
     if min(width, height) < min_side:
       raise BadInput("too_small", f"{width}x{height}")
+    if reduce_to and image.format == "JPEG" and min(width, height) >= 2 * reduce_to:
+      factor = min(width, height) / reduce_to
+      image.draft(image.mode, (int(np.ceil(width / factor)), int(np.ceil(height / factor))))
     rawmode = _rawmode(image)
     try:
       image.load()

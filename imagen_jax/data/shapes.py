@@ -239,6 +239,8 @@ class ImagenShapes(builders.LocalBuilder):
     self._seed = int(seed)
     self._num_workers = num_workers or min(4, os.cpu_count() or 1)
     super().__init__(**kwargs)
+    # TFDS pickles a builder (inside its data sources) as its __init__ arguments.
+    self._original_state.update(num_examples=num_examples, seed=seed, num_workers=num_workers)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.size
