@@ -25,3 +25,23 @@ def shapes_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("shapes_data"))
   shapes.build(data_dir, 64, num_examples=SMALL_SHAPES, num_workers=1)
   return data_dir
+
+
+def train_tiny_stage(workdir, stage_config, data_dir, **overrides):
+  """Trains `configs/<stage_config>` for a few steps into `workdir` (a stage for sampling tests)."""
+  from imagen_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
+  settings = {"data.data_dir": data_dir, "batch_size": 8, "total_steps": 2, "log_every": 2,
+              "checkpoint_every": 2, "sample_every": 0, **overrides}
+  train.train_and_evaluate(config_lib.load_config(stage_config, settings), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade(tmp_path_factory, shapes_data_dir):
+  """Workdirs of a two-stage cascade, 16x16 base -> 32x32 SR, trained for 2 steps each."""
+  root = tmp_path_factory.mktemp("cascade")
+  base = train_tiny_stage(root / "base", "configs/base64.py:tiny", shapes_data_dir,
+                          image_size=16)
+  sr = train_tiny_stage(root / "sr", "configs/sr256.py:tiny", shapes_data_dir)
+  return [base, sr]

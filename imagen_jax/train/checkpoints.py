@@ -37,7 +37,9 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        # PyTree (not Standard) handler for the state: it can also restore a subtree (sampling
+        # reads only the EMA params, never the optimizer state).
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
@@ -52,14 +54,17 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Any, config: ml_collections.ConfigDict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(encode_data_state(data_state)),
         config=ocp.args.JsonSave(json.loads(config_lib.to_json(config)))), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """(state, data_state) at `step`; arrays land on the shardings in `abstract_state`."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+        data=ocp.args.JsonRestore()))
     return restored["state"], decode_data_state(restored["data"])
 
   def restore_as_stored(self, step: int) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from imagen_jax.sample import images as images_lib
 from imagen_jax.sample import stage as stage_sampling
 from imagen_jax.sample.stage import image_keys
 from imagen_jax.train import checkpoints
+from imagen_jax.train import distributed
 from imagen_jax.train import metric_writers
 from imagen_jax.train import mfu
 from imagen_jax.train import partitioning
@@ -51,6 +52,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if not _WORKDIR.value:
     raise flags.ValidationError("--workdir is required")
+  distributed.initialize_from_flags()  # before anything touches a device
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
