@@ -140,3 +140,22 @@ def test_empty_and_overlong_prompts(cascade, tmp_path):
                         settings=settings, show_progress=False)
   assert [r["prompt"] for r in records] == ["", long_prompt]
   assert pixels(tmp_path, "00001.png").shape == (32, 32, 3)
+
+
+def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
+  import nbclient  # pylint: disable=g-import-not-at-top
+  import nbformat  # pylint: disable=g-import-not-at-top
+  notebook = nbformat.read(os.path.join(REPO, "notebooks", "sampling.ipynb"), as_version=4)
+  os.environ.update(IMAGEN_STAGES=",".join(tiny_cascade), IMAGEN_STEPS="2",
+                    IMAGEN_OUTDIR=str(tmp_path / "nb"), IMAGEN_NUM_SAMPLES="1")
+  try:
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+  finally:
+    for key in ("IMAGEN_STAGES", "IMAGEN_STEPS", "IMAGEN_OUTDIR", "IMAGEN_NUM_SAMPLES"):
+      os.environ.pop(key)
+  grid = pixels(tmp_path / "nb", "grid.png")
+  assert grid.shape == (32, 64, 3)  # two prompts, one 32x32 image each, side by side
+  shown = [o for cell in notebook.cells if cell.cell_type == "code"
+           for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(shown) == 1
