@@ -1,33 +1,75 @@
 """`imagen-jax eval`: score samples written by `imagen-jax sample` (OUT/samples.jsonl + PNGs).
 
     imagen-jax eval --metric=shapes --samples=OUT
+    imagen-jax eval --metric=fid-stats --source=tfds:coco_captions --split=validation \
+        --image_size=256 --num_images=30000 --inception_weights=W --output=STATS.npz
+    imagen-jax eval --metric=fid --samples=OUT --reference=STATS.npz --inception_weights=W
+    imagen-jax eval --metric=drawbench --stages=BASE,SR1,SR2 --prompts_csv=DrawBench.csv \
+        --outdir=OUT
+    imagen-jax eval --metric=drawbench --compare=OUT_A,OUT_B --output=rate.html
+    imagen-jax eval --metric=drawbench-tally --ratings=r1.json,r2.json [--page=rate.html]
+
+W is pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` or its .npz export (see
+`imagen_jax.eval.inception`); nothing downloads. Scores print as JSON (and go to --output).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 from absl import flags
+from absl import logging
 import numpy as np
-from PIL import Image
 
-_METRIC = flags.DEFINE_enum("metric", "shapes", ["shapes"], "What to compute.")
+from imagen_jax import config_lib
+from imagen_jax.eval import sample_files
+# DrawBench sampling takes `imagen-jax sample`'s flags (--stages, --outdir, --steps, ...).
+from imagen_jax.sample import command as sample_command
+
+METRICS = ["shapes", "fid", "fid-stats", "drawbench", "drawbench-tally"]
+
+_METRIC = flags.DEFINE_enum("metric", "shapes", METRICS, "What to compute.")
 _SAMPLES = flags.DEFINE_string("samples", None, "Directory with samples.jsonl and its images.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the scores as JSON to this file.")
+_OUTPUT = config_lib.define_once("output", lambda: flags.DEFINE_string(
+    "output", None, "Also write the scores as JSON to this file (fid-stats: the statistics "
+    ".npz; drawbench --compare: the HTML page)."))
+# FID.
+_REFERENCE = flags.DEFINE_string("reference", None, "fid: reference statistics .npz.")
+_INCEPTION_WEIGHTS = flags.DEFINE_string(
+    "inception_weights", None, "fid, fid-stats: pytorch-fid's FID Inception weights "
+    "(pt_inception-2015-12-05-6726825d.pth, or its .npz export).")
+_INCEPTION_BATCH = flags.DEFINE_integer("inception_batch_size", 50, "Images per Inception call.")
+_SOURCE = config_lib.define_once("source", lambda: flags.DEFINE_string(
+    "source", None, "fid-stats: data source (shapes, tfds:NAME[:CONFIG], folder:PATH, "
+    "wds:PATTERN), as config.data.source."))
+_SPLIT = config_lib.define_once("split", lambda: flags.DEFINE_string(
+    "split", "validation", "fid-stats: the source's split."))
+_DATA_DIR = config_lib.define_once("data_dir", lambda: flags.DEFINE_string(
+    "data_dir", "", "fid-stats: TFDS data_dir ('' : TFDS's default)."))
+_IMAGE_KEY = flags.DEFINE_string("image_key", "image", "fid-stats: image feature (tfds: sources).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "fid-stats: a random subset of this many "
+                                   "images (by --seed); 0: all.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "fid-stats: resize (shorter side) and "
+                                   "centre-crop the references to this size: the samples' size.")
+# DrawBench.
+_PROMPTS_CSV = flags.DEFINE_string("prompts_csv", None, "drawbench: the DrawBench CSV "
+                                   "(columns Prompts, Category).")
+_COMPARE = flags.DEFINE_list("compare", None, "drawbench: OUT_A,OUT_B: write a rating page "
+                             "(--output) instead of sampling.")
+_LABELS = flags.DEFINE_list("labels", None, "drawbench --compare: the two models' names "
+                            "(default: the outdirs' names).")
+_PAGE_IMAGE_SIZE = flags.DEFINE_integer("page_image_size", 0, "drawbench --compare: shrink the "
+                                        "embedded images to this size (0: as sampled).")
+_RATINGS = flags.DEFINE_list("ratings", None, "drawbench-tally: ratings JSON files.")
+_PAGE = flags.DEFINE_string("page", None, "drawbench-tally: the rating page, whose embedded "
+                            "side mapping is then used (default: the one in the ratings).")
 
 
 def read_samples(samples_dir: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
   """The records of samples.jsonl and their images (uint8 [H, W, 3]), in file order."""
-  path = os.path.join(samples_dir, "samples.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --samples must be an `imagen-jax sample` outdir")
-  with open(path, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  images = [np.asarray(Image.open(os.path.join(samples_dir, r["file"])).convert("RGB"))
-            for r in records]
-  return records, images
+  records = sample_files.read_records(samples_dir)
+  return records, [sample_files.read_image(samples_dir, r) for r in records]
 
 
 def shapes_scores(samples_dir: str) -> dict[str, dict[str, float]]:
@@ -36,13 +78,75 @@ def shapes_scores(samples_dir: str) -> dict[str, dict[str, float]]:
   return shapes.score_by_split(records, images)
 
 
+def _require(**values: Any) -> None:
+  missing = [f"--{name}" for name, value in values.items() if not value]
+  if missing:
+    raise flags.ValidationError(f"--metric={_METRIC.value} needs {', '.join(missing)}")
+
+
+def _extractor():
+  from imagen_jax.eval import inception  # pylint: disable=g-import-not-at-top
+  return inception.FeatureExtractor(inception.load_weights(_INCEPTION_WEIGHTS.value),
+                                    batch_size=_INCEPTION_BATCH.value)
+
+
+def fid_main() -> dict[str, Any]:
+  from imagen_jax.eval import fid  # pylint: disable=g-import-not-at-top
+  if _METRIC.value == "fid":
+    _require(samples=_SAMPLES.value, reference=_REFERENCE.value,
+             inception_weights=_INCEPTION_WEIGHTS.value)
+    return fid.compute_fid(_SAMPLES.value, _REFERENCE.value, _extractor())
+  _require(source=_SOURCE.value, image_size=_IMAGE_SIZE.value, output=_OUTPUT.value,
+           inception_weights=_INCEPTION_WEIGHTS.value)
+  return fid.compute_reference(_SOURCE.value, _SPLIT.value, _IMAGE_SIZE.value, _OUTPUT.value,
+                               _extractor(), data_dir=_DATA_DIR.value,
+                               num_images=_NUM_IMAGES.value, image_key=_IMAGE_KEY.value,
+                               seed=flags.FLAGS.seed)
+
+
+def drawbench_main() -> dict[str, Any]:
+  from imagen_jax.eval import drawbench  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  if _METRIC.value == "drawbench-tally":
+    _require(ratings=_RATINGS.value)
+    return drawbench.tally(_RATINGS.value, page=_PAGE.value)
+  if _COMPARE.value:
+    _require(output=_OUTPUT.value)
+    if len(_COMPARE.value) != 2:
+      raise flags.ValidationError(f"--compare takes OUT_A,OUT_B, got {_COMPARE.value}")
+    metadata = drawbench.write_page(*_COMPARE.value, _OUTPUT.value, seed=flags.FLAGS.seed,
+                                    labels=_LABELS.value, image_size=_PAGE_IMAGE_SIZE.value)
+    return {"page": _OUTPUT.value, "page_id": metadata["page_id"],
+            "prompts": len(metadata["items"]), "models": metadata["models"]}
+  f = flags.FLAGS
+  _require(stages=f.stages, prompts_csv=_PROMPTS_CSV.value, outdir=f.outdir)
+  prompts = drawbench.read_csv(_PROMPTS_CSV.value)
+  for note in drawbench.differences_from_paper(prompts):
+    logging.warning("%s: %s", _PROMPTS_CSV.value, note)
+  num_samples = f.num_samples if f["num_samples"].present else drawbench.SAMPLES_PER_PROMPT
+  ckpt_steps = sample_command.per_stage(f.ckpt_steps, len(f.stages), "ckpt_steps", int)
+  cascade = cascade_lib.Cascade.from_workdirs(f.stages, steps=ckpt_steps)
+  settings = sample_command.stage_settings(cascade, f.guidance, f.steps, f.sampler, f.aug_level,
+                                           f.threshold)
+  records = drawbench.sample(cascade, prompts, f.outdir, settings=settings,
+                             num_samples=num_samples, seed=f.seed, batch_size=f.batch_size)
+  return {"outdir": f.outdir, "prompts": len(prompts), "images": len(records),
+          "samples_per_prompt": num_samples}
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  if not _SAMPLES.value:
-    raise flags.ValidationError("--samples is required")
-  scores = shapes_scores(_SAMPLES.value)
+  if _METRIC.value == "shapes":
+    if not _SAMPLES.value:
+      raise flags.ValidationError("--samples is required")
+    scores: dict[str, Any] = shapes_scores(_SAMPLES.value)
+  elif _METRIC.value in ("fid", "fid-stats"):
+    scores = fid_main()
+  else:
+    scores = drawbench_main()
   text = json.dumps(scores, indent=2, sort_keys=True)
   print(text)
-  if _OUTPUT.value:
+  # fid-stats and the rating page write --output themselves.
+  if _OUTPUT.value and not (_METRIC.value == "fid-stats" or _COMPARE.value):
     with open(_OUTPUT.value, "w", encoding="utf-8") as f:
       f.write(text + "\n")
