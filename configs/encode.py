@@ -42,7 +42,9 @@ def get_config(variant: str = "xxl") -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.model = 1
-  c.distributed = False         # call jax.distributed.initialize() (multi-host)
+  # Multi-host jobs are detected (TPU VM, SLURM, Open MPI) or given by --coordinator_address,
+  # --num_processes, --process_id; True calls jax.distributed.initialize() in any case.
+  c.distributed = False
   c.progress = True             # progress bar on stderr
 
   if variant == "xxl":

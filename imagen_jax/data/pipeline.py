@@ -6,8 +6,10 @@
     state = data.get_state()        # JSON-able; data.set_state(state) resumes at the next batch
 
 The order of examples: one global shuffle of the split per epoch from `config.seed` (each
-epoch differently, all processes alike), then process p of P takes positions p, p + P, ... of
-that endless stream, so within an epoch the processes' shards are disjoint and cover it.
+epoch differently, all processes alike); global batch k is positions [kB, (k + 1)B) of that
+endless stream, and process p of P takes its p-th block of B / P positions, so the processes'
+shards are disjoint and cover each epoch, and a global batch holds the same examples, in the
+same order, whatever the number of processes.
 Records are read, decoded and preprocessed in threads (`config.data.prefetch` batches ahead)
 or in `config.data.num_workers` processes; bad examples come back as markers that the batching
 step, in the main process, counts and drops. Random crops and caption choices draw from a
@@ -241,6 +243,26 @@ class _BatchDataset(grain.IterDataset):
     return _BatchIterator(self._parent.__iter__(), *self._args)
 
 
+class _ProcessBlocks(grain.MapDataset):
+  """Process p's positions of the global stream: the p-th block of `local` in each global batch."""
+
+  def __init__(self, parent: grain.MapDataset, local: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._local, self._index, self._count = local, process_index, process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, offset = divmod(index, self._local)
+    return self._parent[(batch * self._count + self._index) * self._local + offset]
+
+  def __str__(self) -> str:
+    return f"_ProcessBlocks(local={self._local}, process={self._index}/{self._count})"
+
+
 class Pipeline:
   """An endless iterator of this process's batches (see the module doc), resumable.
 
@@ -341,9 +363,11 @@ def make_pipeline(config: Any, *, split: str | None = None, tokenize_fn: Tokeniz
 
   ds = grain.MapDataset.range(len(data_source)).seed(int(config.seed))
   ds = ds.shuffle().repeat()  # reshuffled each epoch
-  ds = ds[process_index::process_count]
   # With cached embeddings the caption is fixed (the cache holds one per record: the first).
+  # Random draws follow the global stream position (mapped before the split by process), so
+  # they do not depend on the number of processes either.
   ds = ds.random_map(ReadAndPreprocess(data_source, info, config, random_caption=not use_cache))
+  ds = _ProcessBlocks(ds, local_batch, process_index, process_count)
   prefetch = int(config.data.prefetch)
   threads = min(16, os.cpu_count() or 1) if prefetch else 0
   it_ds = ds.to_iter_dataset(grain.ReadOptions(

@@ -32,6 +32,7 @@ from imagen_jax import config_lib
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import files
 from imagen_jax.text import tokenizer as tokenizer_lib
+from imagen_jax.train import distributed  # its flags: --coordinator_address, ...
 
 _CONFIG = config_lib.config_flag("configs/encode.py:xxl")
 _VERIFY = flags.DEFINE_bool("verify", False, "Check that the cache at config.output is complete.")
@@ -153,8 +154,8 @@ def run(config) -> dict[str, Any]:
     raise ValueError("config.output is empty: give the cache directory (local or gs://)")
   if config.storage_dtype not in cache_lib.STORAGE_DTYPES:
     raise ValueError(f"config.storage_dtype must be one of {sorted(cache_lib.STORAGE_DTYPES)}")
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed:  # `main` already did this from its flags; Python callers may not have
+    distributed.maybe_initialize(force=True)
   num_processes, process = jax.process_count(), jax.process_index()
   source = open_source(config)
   mesh = partitioning.make_mesh(config.mesh)
@@ -308,6 +309,7 @@ def main(argv: Sequence[str]) -> None:
     report = cache_lib.verify(config.output, checksums=config.verify_checksums)
     print(report.summary())
     sys.exit(0 if report.ok else 1)
+  distributed.initialize_from_flags(force=bool(config.distributed))  # before any device is used
   stats = run(config)
   print(f"encoded {stats['captions']} captions in {stats['seconds']:.1f}s "
         f"({stats['captions_per_s']:.1f} captions/s), {stats['bytes_per_caption']:.0f} bytes "

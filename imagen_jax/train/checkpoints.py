@@ -2,7 +2,9 @@
 
 - `state`: the TrainState (params, EMA params, optimizer state, step), written by all processes
   cooperatively, restorable onto any mesh (the caller gives target shardings).
-- `data`: the input iterator's state (JSON), so a resumed run sees exactly the next examples.
+- `data`: the input iterator's state (JSON), so a resumed run sees exactly the next examples;
+  in a multi-process job, every process's state (`{"per_process": [state_0, ...]}`), since each
+  process reads its own shard and only process 0 writes JSON items.
 - `config`: the stage's resolved config (JSON), so `sample` can rebuild the stage from its workdir.
 
 Saves are asynchronous. Orbax writes into a temporary directory and renames it when complete,
@@ -21,8 +23,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from imagen_jax import config_lib
+from imagen_jax.train import distributed
 
 ITEMS = ("state", "data", "config")
+PER_PROCESS = "per_process"
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -100,13 +104,27 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[ml_collection
 
 
 def encode_data_state(data_state: Any) -> Any:
-  """Iterator states may be bytes (grain) or JSON-able; JSON needs bytes wrapped."""
+  """The JSON item `data` (all processes call it: with several, it gathers their states).
+
+  Iterator states may be bytes (grain) or JSON-able; JSON needs bytes wrapped.
+  """
   if isinstance(data_state, bytes):
-    return {"__bytes_b64__": base64.b64encode(data_state).decode("ascii")}
-  return data_state if data_state is not None else {}
+    data_state = {"__bytes_b64__": base64.b64encode(data_state).decode("ascii")}
+  data_state = data_state if data_state is not None else {}
+  if jax.process_count() > 1:  # each process reads its own shard; only process 0 writes JSON
+    return {PER_PROCESS: distributed.allgather_json(data_state)}
+  return data_state
 
 
 def decode_data_state(stored: Any) -> Any:
+  """This process's iterator state from the JSON item `data`.
+
+  From a job with another number of processes: process 0's state, which a sampling restore
+  ignores and a resumed training run's input pipeline refuses, naming the difference.
+  """
+  if isinstance(stored, dict) and PER_PROCESS in stored:
+    states = stored[PER_PROCESS]
+    stored = states[jax.process_index() if len(states) == jax.process_count() else 0]
   if isinstance(stored, dict) and "__bytes_b64__" in stored:
     return base64.b64decode(stored["__bytes_b64__"])
   return stored

@@ -188,10 +188,3 @@ def allgather_json(value: Any) -> list[Any]:
   return [json.loads(bytes(row[:int(n)]).decode("utf-8"))
           for row, n in zip(gathered, lengths.reshape(-1))]
 
-
-def peer_failure_hint() -> str:
-  """What to tell the user when a collective fails in a multi-process job."""
-  return (f"process {jax.process_index()} of {jax.process_count()}: a collective or barrier "
-          f"with the other processes failed; another process has probably died or been "
-          f"preempted (see its log). Restart all processes with the same command: the run "
-          f"resumes from the last complete checkpoint.")
