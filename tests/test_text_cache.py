@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from imagen_jax.text import encode_job
 from imagen_jax.text import files
 from imagen_jax.text import load_text_encoder
 from imagen_jax.text import tokenizer as tokenizer_lib
+from conftest import _free_port  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PART_SIZE, BATCH = 64, 16
@@ -238,37 +238,6 @@ def test_non_string_caption_names_the_key(tfds_dir, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- GCS emulator
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs_emulator():
-  """A gcp-storage-emulator on loopback with one bucket; yields the env that points at it."""
-  exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-  if not os.path.exists(exe):
-    pytest.skip("gcp-storage-emulator is not installed (it is in the test extra)")
-  port = _free_port()
-  host = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
-                           "--default-bucket=imagen-test", "-q"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 30
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-      break
-    except OSError:
-      assert time.time() < deadline, "the GCS emulator did not start"
-      time.sleep(0.1)
-  env = {"STORAGE_EMULATOR_HOST": host, "TENSORSTORE_GCS_HTTP_URL": host}
-  yield env
-  proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=10)
-
 
 def test_encode_kill_resume_verify_on_gcs(gcs_emulator, tmp_path, monkeypatch):
   for key, value in gcs_emulator.items():

@@ -43,7 +43,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     return UNet(model_dim=m.model_dim, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
                 head_dim=m.head_dim, emb_dim=m.get("emb_dim", 0),
-                pool_width=m.get("pool_width", 0), text_dim=m.get("text_dim", 0), **common)
+                pool_width=m.get("pool_width", 0), text_dim=m.get("text_dim", 0),
+                coord_channels=m.get("coord_channels", False), **common)
   if m.name == "efficient_unet":
     if config.stage != "sr":
       raise ValueError("model.name 'efficient_unet' is a super-resolution net: needs stage 'sr'")

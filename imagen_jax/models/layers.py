@@ -107,6 +107,20 @@ def upsample(x: jax.Array) -> jax.Array:
   return x.reshape(b, 2 * h, 2 * w, c)
 
 
+def with_coordinates(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W, C + 2]: appends each pixel's (row, column) in [-1, 1].
+
+  Convolutions and attention are translation-equivariant: a base net told "at the top left
+  corner" has to find where the top left is. Coordinate channels (CoordConv, Liu et al. 2018)
+  give it that at the cost of two input channels; SR nets get positions from the low-res image.
+  """
+  b, h, w, _ = x.shape
+  rows = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=x.dtype)[:, None], (h, w))
+  cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=x.dtype)[None, :], (h, w))
+  coords = jnp.broadcast_to(jnp.stack([rows, cols], axis=-1), (b, h, w, 2))
+  return jnp.concatenate([x, coords], axis=-1)
+
+
 def space_to_depth(x: jax.Array, patch: int) -> jax.Array:
   """[B, H, W, C] -> [B, H/p, W/p, C p^2]: an optional stem that runs the net at 1/p resolution."""
   if patch == 1:

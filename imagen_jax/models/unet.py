@@ -51,6 +51,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   stem_patch: int = 1
+  coord_channels: bool = False  # append (row, column) input channels: absolute positions
   out_channels: int = 3
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = "auto"
@@ -90,6 +91,8 @@ class UNet(nn.Module):
     height, width = x.shape[1:3]
     if lowres is not None:
       x = jnp.concatenate([x, layers.upsample_lowres(lowres, height, width)], axis=-1)
+    if self.coord_channels:
+      x = layers.with_coordinates(x.astype(self.dtype))
     h = layers.space_to_depth(x.astype(self.dtype), self.stem_patch)
     h = layers.conv(self.model_dim, self.dtype, name="stem")(h)
     skips = [h]
