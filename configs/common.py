@@ -37,6 +37,7 @@ def stage_config() -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.formulation = "vp"      # "vp" (continuous-time Imagen) or "edm" (Karras et al.)
   c.diffusion.schedule = "cosine"     # "cosine" or "linear" (betas 1e-4..0.02, continuous)
+  c.diffusion.schedule_shift = 0.0    # added to log-SNR (< 0: more training at high noise)
   c.diffusion.parameterization = "eps"  # "eps", "x0" or "v"
   c.diffusion.loss_weighting = "plain"  # "plain", "snr" or "min_snr"
   c.diffusion.min_snr_gamma = 5.0

@@ -87,13 +87,17 @@ def _resolve_config_flags(args: Sequence[str]) -> list[str]:
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of libraries that log every checkpoint step (warnings still show)."""
+  """Drops INFO chatter of libraries that log every checkpoint step (warnings still show,
+  except Orbax's notes that a checkpoint directory was opened read-only, as sampling does)."""
 
   NOISY = ("/orbax/", "/tensorstore/", "/grain/")
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(
-        part in record.pathname for part in self.NOISY)
+    if not any(part in record.pathname for part in self.NOISY):
+      return True
+    message = record.getMessage()
+    return record.levelno >= logging.WARNING and "read only" not in message and (
+        "read_only" not in message)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,12 @@
 """Test setup: 8 fake CPU devices for sharding tests (set before JAX is imported)."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -45,3 +50,36 @@ def tiny_cascade(tmp_path_factory, shapes_data_dir):
                           image_size=16)
   sr = train_tiny_stage(root / "sr", "configs/sr256.py:tiny", shapes_data_dir)
   return [base, sr]
+
+
+# --- A GCS emulator on loopback, for gs:// workdirs and caches ------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """A gcp-storage-emulator on loopback with one bucket; yields the env that points at it."""
+  exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+  if not os.path.exists(exe):
+    pytest.skip("gcp-storage-emulator is not installed (it is in the test extra)")
+  port = _free_port()
+  host = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
+                           "--default-bucket=imagen-test", "-q"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+      break
+    except OSError:
+      assert time.time() < deadline, "the GCS emulator did not start"
+      time.sleep(0.1)
+  env = {"STORAGE_EMULATOR_HOST": host, "TENSORSTORE_GCS_HTTP_URL": host}
+  yield env
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=10)

@@ -277,3 +277,10 @@ def test_per_example_keys_make_images_independent_of_the_batch():
   part = samplers.sample(gaussian_x0_fn, noise[2:], keys[2:], sampler="ddpm", **kw)
   np.testing.assert_allclose(full[2:], part, atol=1e-6)
   assert np.abs(np.asarray(full[0] - full[1])).max() > 1e-3
+
+
+def test_shifted_schedule():
+  t = jnp.linspace(0.05, 0.95, 10)
+  np.testing.assert_allclose(schedules.get_log_snr_fn("cosine", -3.0)(t),
+                             schedules.cosine_log_snr(t) - 3.0, rtol=1e-6)
+  assert float(schedules.get_log_snr_fn("cosine", -3.0)(jnp.asarray(1.0))) == schedules.LOG_SNR_MIN

@@ -23,6 +23,9 @@ def tiny_config(stage="base64", **overrides):
   config = config_lib.load_config(f"configs/{stage}.py:tiny")
   defaults = {"batch_size": 8, "total_steps": 6, "log_every": 1, "checkpoint_every": 3,
               "sample_every": 0, "optimizer.warmup_steps": 2}
+  if stage == "base64":  # a smaller net than :tiny compiles twice as fast; the loop is the same
+    defaults.update({"image_size": 16, "model.channel_mult": (1, 2), "model.model_dim": 16,
+                     "model.emb_dim": 32, "model.pool_width": 32})
   for key, value in {**defaults, **overrides}.items():
     config_lib.set_by_path(config, key, value)
   return config
@@ -120,7 +123,9 @@ def _train_cmd(workdir, data_dir, *overrides):
   return [sys.executable, "-m", "imagen_jax", "train", "--config=configs/base64.py:tiny",
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
           "--config.batch_size=8", "--config.sample_every=0", "--config.log_every=1",
-          "--config.optimizer.warmup_steps=2", *overrides]
+          "--config.optimizer.warmup_steps=2", "--config.image_size=16",
+          "--config.model.channel_mult=(1,2)", "--config.model.model_dim=16",
+          "--config.model.emb_dim=32", "--config.model.pool_width=32", *overrides]
 
 
 def _env():
@@ -191,9 +196,9 @@ def test_sigterm_saves_exits_0_and_rerun_continues(tmp_path, shapes_data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base64", "sr256"])
 def test_tiny_stage_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir, stage):
-  config = tiny_config(stage, **{"data.data_dir": shapes_data_dir, "total_steps": 200,
-                                 "batch_size": 16, "log_every": 25, "checkpoint_every": 200,
-                                 "optimizer.warmup_steps": 20})
+  config = config_lib.load_config(f"configs/{stage}.py:tiny", {
+      "data.data_dir": shapes_data_dir, "total_steps": 200, "batch_size": 16, "log_every": 25,
+      "checkpoint_every": 200, "optimizer.warmup_steps": 20, "model.stem_patch": 2})
   workdir = str(tmp_path / stage)
   train_lib.train_and_evaluate(config, workdir)
   loss = read_scalars(workdir, "loss")
@@ -215,5 +220,25 @@ def test_events_hold_scalars_and_a_sample_grid(tmp_path, shapes_data_dir):
     assert scalar in tags["scalars"], scalar
   assert all(np.isfinite(e.value) for e in acc.Scalars("loss"))
   image = acc.Images("samples")[0]
-  assert image.step == 2 and image.width == 2 * 32 and image.height == 32
+  assert image.step == 2 and image.width == 2 * 16 and image.height == 16
   assert os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_gcs_workdir_trains_checkpoints_resumes_and_logs(gcs_emulator, shapes_data_dir,
+                                                        monkeypatch):
+  for key, value in gcs_emulator.items():
+    monkeypatch.setenv(key, value)
+  workdir = "gs://imagen-test/train-run"
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 2,
+                          "checkpoint_every": 2, "log_every": 1})
+  train_lib.train_and_evaluate(config, workdir)
+  config.total_steps = 4
+  state = train_lib.train_and_evaluate(config, workdir)  # resumes from the step-2 checkpoint
+  assert int(state.step) == 4
+  assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == [2, 4]
+  restored_config, step = checkpoints.restore_config(workdir)
+  assert step == 4 and restored_config.total_steps == 4
+  loss = read_scalars(workdir, "loss")
+  assert sorted(loss) == [1, 2, 3, 4]
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  assert '"total_steps": 4' in epath.Path(workdir, "config.json").read_text()

@@ -88,7 +88,7 @@ def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.
   noise = noise_lib.normal(noise_key, (batch, size, size, 3))
   out = samplers.sample(
       x0_fn, noise, sample_key, sampler=settings.sampler, num_steps=settings.steps,
-      log_snr_fn=schedules.get_log_snr_fn(config.diffusion.schedule),
+      log_snr_fn=schedules.stage_log_snr_fn(config.diffusion),
       threshold_fn=thresholding.get_threshold_fn(settings.threshold, settings.percentile),
       eta=settings.eta, on_step=on_step)
   return jnp.clip(out, -1.0, 1.0)

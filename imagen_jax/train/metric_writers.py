@@ -56,7 +56,7 @@ class TensorBoardWriter:
           dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
           tensor_shape=tensor_shape_pb2.TensorShapeProto())
       values.append(summary_pb2.Summary.Value(
-          tag=name, tensor=tensor, metadata=text_metadata.create_summary_metadata()))
+          tag=name, tensor=tensor, metadata=text_metadata.create_summary_metadata(name, "")))
     self._write(step, values)
 
   def flush(self) -> None:

@@ -68,7 +68,7 @@ def text_inputs(batch: dict[str, jax.Array], text_params: Any, text_apply: TextA
 
 def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None):
   """loss_fn(params, batch, text_params, key) -> (mean loss, (per-example loss [B], log_snr [B]))."""
-  log_snr_fn = schedules.get_log_snr_fn(config.diffusion.schedule)
+  log_snr_fn = schedules.stage_log_snr_fn(config.diffusion)
   aug_log_snr_fn = schedules.get_log_snr_fn(config.lowres.aug_schedule)
   diff = config.diffusion
 
@@ -127,7 +127,7 @@ def make_train_step(config: Any, model: Any, optimizer: optax.GradientTransforma
   loss_fn = make_loss_fn(config, model, text_apply)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = int(config.optimizer.grad_accum_steps)
-  log_snr_fn = schedules.get_log_snr_fn(config.diffusion.schedule)
+  log_snr_fn = schedules.stage_log_snr_fn(config.diffusion)
   base_key = jax.random.PRNGKey(config.seed)
   nan_at_step = int(config.debug.nan_at_step)
   skip_nonfinite = config.nonfinite == "skip"
