@@ -63,12 +63,11 @@ def _free_port():
 @pytest.fixture(scope="session")
 def gcs_emulator():
   """A gcp-storage-emulator on loopback with one bucket; yields the env that points at it."""
-  exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-  if not os.path.exists(exe):
-    pytest.skip("gcp-storage-emulator is not installed (it is in the test extra)")
+  pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is in the test extra")
+  launcher = os.path.join(os.path.dirname(__file__), "gcs_emulator.py")
   port = _free_port()
   host = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
+  proc = subprocess.Popen([sys.executable, launcher, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
                            "--default-bucket=imagen-test", "-q"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 30

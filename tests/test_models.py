@@ -5,6 +5,7 @@ so every output is exactly zero and nothing could change.
 """
 
 import functools
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,7 @@ from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import schedules
+from imagen_jax.models import chunked_attention
 from imagen_jax.models import layers
 from imagen_jax.train import partitioning
 
@@ -250,6 +252,47 @@ def test_attention_masks_keys_like_a_reference_softmax():
   logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
   expected = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
   np.testing.assert_allclose(layers.attention(q, k, v, mask), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,query_len,key_len", [(6, 5, 7), (4, 1, 9), (3, 64, 80)])
+def test_chunked_attention_matches_xla_values_and_gradients(batch, query_len, key_len):
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  q = jax.random.normal(keys[0], (batch, query_len, 2, 8))
+  k = jax.random.normal(keys[1], (batch, key_len, 2, 8))
+  v = jax.random.normal(keys[2], (batch, key_len, 2, 8))
+  weights = jax.random.normal(keys[3], q.shape)
+  # Different real lengths per example; example 0 has no real key (it attends uniformly).
+  mask = jnp.arange(key_len)[None, :] < (jnp.arange(batch)[:, None] * 3 % (key_len + 1))
+  assert not bool(jnp.any(mask[0]))
+
+  def loss(impl, q, k, v):
+    return jnp.sum(layers.attention(q, k, v, mask, implementation=impl) * weights)
+
+  for chunk_examples in (1, batch):  # one example per chunk (lax.map) and the whole batch
+    with mock.patch.object(chunked_attention, "examples_per_chunk", lambda b, *_: chunk_examples):
+      np.testing.assert_allclose(layers.attention(q, k, v, mask, "chunked"),
+                                 layers.attention(q, k, v, mask, "xla"), atol=1e-5)
+      got = jax.grad(functools.partial(loss, "chunked"), (0, 1, 2))(q, k, v)
+      expected = jax.grad(functools.partial(loss, "xla"), (0, 1, 2))(q, k, v)
+      for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_chunked_attention_in_bfloat16_matches_xla():
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  q, k, v = (jax.random.normal(key, (4, 16, 2, 8), jnp.bfloat16) for key in keys)
+  mask = jnp.ones((4, 16), bool).at[1, 10:].set(False)
+  got = layers.attention(q, k, v, mask, "chunked")
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32),
+                             layers.attention(q, k, v, mask, "xla").astype(jnp.float32),
+                             atol=2e-2)
+
+
+def test_chunks_keep_the_logits_small_and_divide_the_batch():
+  assert chunked_attention.examples_per_chunk(16, 1024, 1056, 2) == 1   # 8.6 MB per example
+  assert chunked_attention.examples_per_chunk(12, 64, 80, 4) == 12      # 82 KB per example
+  assert chunked_attention.examples_per_chunk(14, 128, 128, 4) == 7     # 256 KB: 8 fit, 7 divides
 
 
 def test_sharded_apply_matches_the_single_device_result():

@@ -3,12 +3,15 @@
 clu's `metric_writers` package imports TensorFlow at import time, so it cannot be used on the
 core install. These writers keep clu's MetricWriter method names (write_scalars, write_images,
 write_texts, flush, close), so code reads the same as the flax examples. TensorBoard's own
-pure-Python event writer does the file format; gs:// paths go through fsspec (gcsfs).
+pure-Python event writer does the file format.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -19,12 +22,20 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from imagen_jax.text import files
+
 
 class TensorBoardWriter:
   """Writes scalars, images and texts to TensorBoard event files under `logdir`."""
 
   def __init__(self, logdir: str):
-    self._writer = EventFileWriter(str(logdir), max_queue_size=100, flush_secs=30)
+    # Object stores (gs://) cannot append, and TensorBoard's fsspec path "appends" by rewriting
+    # the object with only the newest events. So remote logs are written to a local staging
+    # directory and each flush() uploads the whole event file in one atomic write.
+    self._logdir = str(logdir)
+    self._staging = tempfile.mkdtemp(prefix="imagen_tb_") if files.is_remote(self._logdir) else None
+    self._writer = EventFileWriter(self._staging or self._logdir, max_queue_size=100,
+                                   flush_secs=30)
 
   def _write(self, step: int, values: Sequence[summary_pb2.Summary.Value]) -> None:
     event = event_pb2.Event(wall_time=time.time(), step=int(step),
@@ -61,9 +72,21 @@ class TensorBoardWriter:
 
   def flush(self) -> None:
     self._writer.flush()
+    self._upload()
 
   def close(self) -> None:
     self._writer.close()
+    self._upload()
+    if self._staging:
+      shutil.rmtree(self._staging, ignore_errors=True)
+
+  def _upload(self) -> None:
+    if not self._staging:
+      return
+    for name in os.listdir(self._staging):
+      with open(os.path.join(self._staging, name), "rb") as local, \
+          files.atomic_writer(files.join(self._logdir, name)) as remote:
+        shutil.copyfileobj(local, remote)
 
 
 class ConsoleWriter:

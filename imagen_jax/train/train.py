@@ -148,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if preempted or step % config.checkpoint_every == 0 or step == config.total_steps:
         check_finite(state, config)  # never save a state that follows a non-finite update
         ckpt.save(step, state, data.get_state(), config)
+        writer.flush()  # logs on gs:// are uploaded on flush: keep them in step with checkpoints
       if preempted:
         logging.warning("Preempted: saved the checkpoint at step %d; exiting.", step)
         break
