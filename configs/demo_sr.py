@@ -17,6 +17,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.stage = "sr"
   c.image_size = 64
   c.lowres.size = 32
+  c.lowres.aug_max = 0.3
   c.text.encoder = "builtin:shapes-tiny"
   c.text.width = 64
   c.text.max_length = 16
@@ -35,7 +36,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       attention_impl="xla",
   ))
   c.diffusion.parameterization = "v"
-  c.diffusion.loss_weighting = "min_snr"
+  # Plain weighting, as the base stage: min-SNR gives the noisiest steps almost no weight, and
+  # those are the steps where the net must read the layout off the low-res image; with it the
+  # trained SR net ignored its input (x0 error 0.42 with the true low-res, 0.47 with none).
+  c.diffusion.loss_weighting = "plain"
   c.optimizer.name = "adam"
   c.optimizer.lr = 2e-3
   c.optimizer.warmup_steps = 100
