@@ -31,6 +31,24 @@ def device_description() -> dict[str, Any]:
           "jax": jax.__version__, "python": sys.version.split()[0]}
 
 
+def config_label() -> str:
+  """The `--config` flag as given, with its `--config.key=value` overrides: a row's name."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  holder = flags.FLAGS["config"]
+  flat = []
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f"{prefix}{key}.", value)
+      else:
+        flat.append(f"{prefix}{key}={value}")
+
+  walk("", config_flags.get_override_values(holder))
+  return " ".join([config_flags.get_config_filename(holder), *flat])
+
+
 def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 0) -> list[float]:
   """Wall-clock seconds of `fn()` (which must block until its work is done), per repeat."""
   for _ in range(warmup):
