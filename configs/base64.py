@@ -29,7 +29,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       dropout=0.0,
       remat=False,
       stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
-      attention_impl="auto",  # "auto" (cuDNN on GPUs in bf16, else XLA), "xla" or "cudnn"
+      attention_impl="auto",  # cuDNN (GPU, bf16) / chunked (CPU) / XLA; or "xla", "cudnn", "chunked"
   ))
   if variant == "paper":
     pass
