@@ -111,3 +111,39 @@ def stage_config() -> ml_collections.ConfigDict:
   c.sample.aug_level = 0.2            # SR stages: noise-aug level of the low-res input
   c.sample.num_images = 4
   return c
+
+
+def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: int,
+                   checkpoint_every: int, sample_steps: int, quick_steps: int,
+                   quick_sample_steps: int) -> ml_collections.ConfigDict:
+  """What both demo stages share: the tiny shapes encoder, the objective and the optimizer that
+  train in minutes on a 2-core CPU, and the `quick` variant the tests run (scores mean little).
+
+  v-parameterization with plain weighting: min-SNR gives the noisiest steps, where the layout is
+  decided (positions and shapes; for SR, what to read off the low-res image), almost no weight.
+  With it the base stage got 7% of validation prompts right and the SR stage ignored its input;
+  with plain weighting 59% and 47% for the cascade (benchmarks/RESULTS.md).
+  """
+  if variant not in ("full", "quick"):
+    raise ValueError(f"unknown demo {c.stage} variant {variant!r}: use full or quick")
+  quick = variant == "quick"
+  c.text.encoder = "builtin:shapes-tiny"
+  c.text.width = 64
+  c.text.max_length = 16
+  c.diffusion.parameterization = "v"
+  c.diffusion.loss_weighting = "plain"
+  c.optimizer.name = "adam"
+  c.optimizer.lr = 2e-3
+  c.optimizer.warmup_steps = 5 if quick else 100
+  c.optimizer.end_lr_factor = 0.1
+  c.ema.decay = 0.999
+  c.batch_size = 16 if quick else 32
+  c.total_steps = quick_steps if quick else total_steps
+  c.log_every = 10 if quick else 100
+  c.checkpoint_every = quick_steps if quick else checkpoint_every
+  c.keep_checkpoints = 1
+  c.sample_every = 0
+  c.sample.sampler = "ddim"
+  c.sample.steps = quick_sample_steps if quick else sample_steps
+  c.sample.threshold = "static"
+  return c

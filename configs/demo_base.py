@@ -20,9 +20,6 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c = common.stage_config()
   c.stage = "base"
   c.image_size = 32
-  c.text.encoder = "builtin:shapes-tiny"
-  c.text.width = 64
-  c.text.max_length = 16
   c.model = ml_collections.ConfigDict(dict(
       name="unet",
       model_dim=32,
@@ -39,35 +36,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       attention_impl="xla",
       coord_channels=True,      # positions ("at the top left corner") need absolute coordinates
   ))
-  c.diffusion.parameterization = "v"
-  # Plain (eps-MSE-equivalent) weighting of the v loss: min-SNR down-weights the noisy steps
-  # where the layout (position, shape) is decided; with it 7% of validation prompts came out
-  # right, with plain weighting 59% (1200 steps, benchmarks/RESULTS.md).
-  c.diffusion.loss_weighting = "plain"
-  c.optimizer.name = "adam"
-  c.optimizer.lr = 2e-3
-  c.optimizer.warmup_steps = 100
-  c.optimizer.end_lr_factor = 0.1
-  c.ema.decay = 0.999
-  c.batch_size = 32
-  c.total_steps = 1400
-  c.log_every = 100
-  c.checkpoint_every = 700
-  c.keep_checkpoints = 1
-  c.sample_every = 0
-  c.sample.sampler = "ddim"
-  c.sample.steps = 50
+  common.cpu_demo_stage(c, variant, total_steps=1400, checkpoint_every=700, sample_steps=50,
+                        quick_steps=30, quick_sample_steps=5)
   c.sample.guidance = 3.0
-  c.sample.threshold = "static"
   c.sample.prompts = ("a red circle at the top left corner", "a blue square above a white triangle",
                       "a yellow triangle at the center", "a purple square to the left of a green circle")
-  if variant == "quick":  # for the tests: the whole demo in under 2 minutes, scores mean little
-    c.total_steps = 30
-    c.batch_size = 16
-    c.optimizer.warmup_steps = 5
-    c.log_every = 10
-    c.checkpoint_every = 30
-    c.sample.steps = 5
-  elif variant != "full":
-    raise ValueError(f"unknown demo_base variant {variant!r}: use full or quick")
   return c
