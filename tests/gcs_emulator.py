@@ -12,18 +12,19 @@ from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
 
-def _generation(storage, request) -> str | None:
+def _generation(storage, bucket: str, name: str) -> str | None:
+  """The object's current generation, None if there is no such object."""
   try:
-    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    return str(storage.get_file_obj(bucket, name).get("generation") or "")
   except NotFound:
     return None
-  return str(obj.get("generation") or "")
 
 
 def _download_with_generation(stock):
   def download(request, response, storage, *args, **kwargs):
     stock(request, response, storage, *args, **kwargs)
-    generation = _generation(storage, request)
+    generation = _generation(storage, request.params["bucket_name"],
+                             request.params["object_id"])
     if generation is not None:
       response["x-goog-generation"] = generation
   return download
@@ -34,11 +35,8 @@ def _insert_if_generation_matches(stock):
     wanted = request.query.get("ifGenerationMatch")
     if wanted:
       name = request.query.get("name", [None])[0]
-      try:
-        current = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
-      except NotFound:
-        current = "0"
-      if wanted[0] != current:
+      # Generation 0 means "only if the object does not exist yet".
+      if wanted[0] != (_generation(storage, request.params["bucket_name"], name) or "0"):
         response.status = HTTPStatus.PRECONDITION_FAILED
         return None
     return stock(request, response, storage, *args, **kwargs)
