@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Sequence
 
 # One source for FLOPs and peaks: the training loop logs MFU with the same code.
-from imagen_jax.train.mfu import compiled_flops, matmul_probe_tflops, peak_tflops_per_device  # pylint: disable=unused-import
+from imagen_jax.train.mfu import model_flops, matmul_probe_tflops, peak_tflops_per_device  # pylint: disable=unused-import
 
 
 def device_description() -> dict[str, Any]:

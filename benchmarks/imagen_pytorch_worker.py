@@ -5,7 +5,7 @@
 Not part of imagen_jax and never imported by it (it needs torch and imagen-pytorch, not JAX).
 Builds imagen-pytorch's `Unet` inside `Imagen` and `ImagenTrainer` (Adam, EMA, gradient clipping:
 the path the package's README trains with) from the JSON spec in argv[1], prints one line
-`READY {"params": ...}`, then answers commands on stdin, one JSON line each:
+`READY {"params": ..., "train_flops_per_step": ..., "sample_flops_per_call": ...}`, then answers commands on stdin, one JSON line each:
 
     train N     N training steps (trainer(...) + trainer.update()) -> {"seconds": [per step]}
     sample      one guided `Imagen.sample` of the whole batch  -> {"seconds": total}
@@ -49,6 +49,24 @@ def build(spec: dict):
   return trainer, imagen, params
 
 
+def count_flops(trainer, imagen, images, text_embeds, text_masks, spec: dict) -> dict:
+  """Matmul and convolution FLOPs (torch's FlopCounterMode: 2 per multiply-add, as ours) of one
+  training step (forward and backward) and of one guided denoiser call (both passes)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  b = images.shape[0]
+  with flop_counter.FlopCounterMode(display=False) as train_count:
+    trainer(images, text_embeds=text_embeds, text_masks=text_masks, unet_number=1,
+            max_batch_size=b)
+  unet = imagen.unets[0]
+  unet.zero_grad(set_to_none=True)  # counting is not a training step
+  with flop_counter.FlopCounterMode(display=False) as call_count, torch.no_grad():
+    unet.forward_with_cond_scale(torch.randn_like(images), torch.rand(b), text_embeds=text_embeds,
+                                 text_mask=text_masks, cond_scale=spec["guidance"])
+  return {"train_flops_per_step": train_count.get_total_flops(),
+          "sample_flops_per_call": call_count.get_total_flops()}
+
+
 def main() -> None:
   spec = json.loads(sys.argv[1])
   import torch  # pylint: disable=g-import-not-at-top
@@ -60,7 +78,9 @@ def main() -> None:
   text_embeds = torch.randn(b, spec["text_length"], spec["text_width"], generator=gen)
   text_masks = torch.ones(b, spec["text_length"], dtype=torch.bool)
   print("READY " + json.dumps({"params": params, "torch": torch.__version__,
-                               "threads": torch.get_num_threads()}), flush=True)
+                               "threads": torch.get_num_threads(),
+                               **count_flops(trainer, imagen, images, text_embeds, text_masks,
+                                             spec)}), flush=True)
 
   for line in sys.stdin:
     command = line.split()

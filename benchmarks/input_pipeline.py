@@ -10,6 +10,9 @@ Measures, in one process:
   each source at the base stage's 64x64, the tiny CPU configs' 32x32 and the SR stage's
   256x256 (+ its 64x64 low-res), with
   decoding in threads (`data.num_workers=0`, the default) and in 2 worker processes;
+- text from an embedding cache in the encode job's format at T5-XXL width (4096 x 128, random
+  bf16 rows of 8-24 tokens): raw reads per second on one thread, and the JPEG folder's 64x64
+  pipeline with each example's embedding looked up (what `base64.py` trains from);
 - next to them, the images/s that a training step of the CPU-sized configs consumes: the
   network's forward+backward at batch 16, jitted (as `benchmarks/model_step.py` measures it).
 """
@@ -55,10 +58,10 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def pipeline_rate(config: Any, seconds: float) -> float:
-  """Steady-state images/s of `make_pipeline(config)` (no text)."""
+def pipeline_rate(config: Any, seconds: float, embedding_lookup: Any = None) -> float:
+  """Steady-state images/s of `make_pipeline(config)` (no text, or cached embeddings)."""
   from imagen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  data = pipeline.make_pipeline(config)
+  data = pipeline.make_pipeline(config, embedding_lookup=embedding_lookup)
   try:
     for _ in range(3):  # warm-up: threads or workers start, buffers fill
       next(data)
@@ -68,6 +71,39 @@ def pipeline_rate(config: Any, seconds: float) -> float:
     return images / (time.perf_counter() - start)
   finally:
     data.close()
+
+
+def write_random_cache(root: str, config: Any, count: int, seed: int = 0) -> str:
+  """An embedding cache in the encode job's format for `count` examples at the config's text
+  width and length (random bf16 rows, 8-24 real tokens each: typical captions); returns root."""
+  from imagen_jax.text import cache  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  metadata = cache.create_or_check(root, cache.Metadata(
+      num_examples=count, part_size=1024, width=config.text.width,
+      max_length=config.text.max_length, dtype="bfloat16",
+      encoder={"name": "random rows (benchmarks/input_pipeline.py)"},
+      source={"source": config.data.source}))
+  for part in range(metadata.num_parts):
+    start, end = metadata.part_range(part)
+    lengths = rng.integers(8, 25, end - start)
+    writer = cache.PartWriter(root, metadata, part)
+    emb = rng.standard_normal((end - start, int(lengths.max()), config.text.width), np.float32)
+    writer.add(emb, lengths, range(start, end))
+    writer.commit()
+  return root
+
+
+def cache_read_rate(root: str, seconds: float) -> float:
+  """Random-order `EmbeddingCache[i]` reads per second on one thread (padded float32 rows, as
+  the pipeline gets them)."""
+  from imagen_jax.text import cache  # pylint: disable=g-import-not-at-top
+  embeddings = cache.EmbeddingCache(root)
+  order = np.random.default_rng(0).permutation(len(embeddings))
+  reads, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    embeddings[int(order[reads % len(order)])]
+    reads += 1
+  return reads / (time.perf_counter() - start)
 
 
 def step_rate(config: Any, batch_size: int = 16) -> float:
@@ -136,6 +172,20 @@ def main(argv: Sequence[str]) -> None:
                              + (f" (+{config.lowres.size} low-res)" if config.stage == "sr" else ""),
                      "decode_in": f"{workers} processes" if workers else "threads",
                      "images_per_s": round(rate)})
+
+  # --- text from the embedding cache: T5-XXL rows (4096 wide, 128 positions) ----------------
+  from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/base64.py:500m")
+  config.data.source, config.data.data_dir = f"folder:{folder}", data_dir
+  config.batch_size = 64
+  config.data.embed_cache = write_random_cache(os.path.join(data_dir, "embed_cache"), config,
+                                               _JPEGS.value)
+  rows.append({"what": "embedding cache reads (T5-XXL rows, 1 thread, random order)",
+               "decode_in": "-",
+               "images_per_s": round(cache_read_rate(config.data.embed_cache, _SECONDS.value))})
+  rows.append({"what": "pipeline folder -> 64 + cached T5-XXL embeddings", "decode_in": "threads",
+               "images_per_s": round(pipeline_rate(config, _SECONDS.value,
+                                                   train.open_embedding_cache(config)))})
 
   # --- what a training step consumes ----------------------------------------------------------
   if _STEP.value:

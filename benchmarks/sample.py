@@ -7,9 +7,8 @@ Times `imagen_jax/sample/stage.py`'s `sample` (network, guidance, thresholding a
 `lax.scan` over steps, jitted as one function, as `Cascade` and the training previews jit it) with
 the stage's settings from `config.sample`, overridden by the flags. Parameters are random: the
 cost does not depend on their values. SR stages get random low-res images. The batch is split over
-all devices as `Cascade.sample` splits it. FLOPs come from the compiled function's
-`cost_analysis()`; XLA counts a loop body once, so the figure is scaled by the number of network
-evaluations measured separately (one guided denoiser call, compiled on its own).
+all devices as `Cascade.sample` splits it. FLOPs are the matmul and convolution FLOPs of the traced
+function, every step of the sampler's scan counted (`train/mfu.py:model_flops`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ class CompiledSampler:
 
   def __init__(self, config: Any, batch_size: int, settings: Any):
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from imagen_jax import models  # pylint: disable=g-import-not-at-top
@@ -68,18 +66,10 @@ class CompiledSampler:
     sample_fn = jax.jit(functools.partial(stage_lib.sample, config, model, settings=settings))
     with mesh, partitioning.axis_rules_context():
       start = time.perf_counter()
-      self.compiled = sample_fn.lower(*self.args, lowres=lowres).compile()
+      traced = sample_fn.trace(*self.args, lowres=lowres)
+      self.compiled = traced.lower().compile()
       self.compile_s = time.perf_counter() - start
-      # FLOPs of one guided denoiser call (XLA counts the scan's body once).
-      x0_fn = lambda p, z, t: stage_lib.x0_denoiser(
-          config, model, p, text_emb, text_mask, settings.guidance, lowres=lowres,
-          aug_log_snr=None if lowres is None else jnp.zeros((batch_size,)))(z, t)
-      size = config.image_size
-      z = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
-      t = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-      call_flops = mfu.compiled_flops(jax.jit(x0_fn).lower(self.params, z, t).compile())
-    calls = settings.steps if settings.sampler != "edm_heun" else 2 * settings.steps - 1
-    self.flops = call_flops * calls if call_flops else None
+    self.flops = mfu.model_flops(traced.jaxpr)  # every step of the sampler's scan, all devices
     self.run()  # warm-up
 
   def run(self) -> float:

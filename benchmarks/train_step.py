@@ -8,9 +8,10 @@
 What is measured is `imagen-jax train`'s own step, built by the same code: `models.build_model`,
 `state.make_optimizer`, `step.make_train_step`, the state and batch shardings of `train/train.py`,
 AOT-compiled with the state donated; only the input pipeline is replaced by one random batch on the
-devices (`benchmarks/input_pipeline.py` measures the pipeline). FLOPs per step come from the
-compiled step's `cost_analysis()`; MFU is against `train/mfu.py`'s peak table (bf16 dense) or, on a
-CPU, the f32 matmul rate measured in the same run. Peak memory: the device's `memory_stats()` on
+devices (`benchmarks/input_pipeline.py` measures the pipeline). FLOPs per step are the traced
+step's matmul and convolution FLOPs (`train/mfu.py:model_flops`; XLA's `cost_analysis()` counts a
+loop body once and misses most of the CPU's chunked attention); MFU is against `train/mfu.py`'s
+peak table (bf16 dense) or, on a CPU, the f32 matmul rate measured in the same run. Peak memory: the device's `memory_stats()` on
 GPU/TPU, the process's max RSS on a CPU.
 
 Text: `--text=embeddings` (default) feeds precomputed T5 embeddings, as training from an embedding
@@ -93,13 +94,14 @@ class CompiledStep:
                                           text_encoder.apply if text_encoder else None)
     with mesh, partitioning.axis_rules_context():
       start = time.perf_counter()
-      self.compiled = jax.jit(
+      traced = jax.jit(
           train_step,
           in_shardings=(state_shardings, train.batch_shardings(batch_shapes), text_shardings),
           out_shardings=(state_shardings, None), donate_argnums=(0,)
-      ).lower(abstract_state, batch_shapes, self.text_params).compile()
+      ).trace(abstract_state, batch_shapes, self.text_params)
+      self.compiled = traced.lower().compile()
       self.compile_s = time.perf_counter() - start
-    self.flops = mfu.compiled_flops(self.compiled)
+    self.flops = mfu.model_flops(traced.jaxpr) / mesh.size  # per device
     self.params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
     self.metrics = None
     self.run(1)  # warm-up

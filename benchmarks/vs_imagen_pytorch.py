@@ -3,6 +3,7 @@
     python -m benchmarks.vs_imagen_pytorch                       # both, on this machine's CPU
     python -m benchmarks.vs_imagen_pytorch --what=train --rounds=3 --train_steps=3
     python -m benchmarks.vs_imagen_pytorch --what=sample --rounds=2
+    python -m benchmarks.vs_imagen_pytorch --noattn_every_block --dtype=bfloat16
 
 The peer runs in its own virtual environment (never in ours; it needs torch), set up once:
 
@@ -32,10 +33,14 @@ ratios to count):
 - its attention is a transformer block (multi-query attention with cosine-similarity logits, then
   a feed-forward) once per level, plus cross-attention inside the first residual block of a
   level and a global-context gate in every residual block; ours puts self-attention with the
-  text tokens in the keys/values after every residual block at those resolutions (F.1);
+  text tokens in the keys/values after every residual block at those resolutions (F.1), or,
+  with --noattn_every_block, once per level and path, where theirs sits;
 - it pools the text with a 2-layer Perceiver resampler, ours with one attention-pooling layer;
 - its guided sampler runs the conditional and the unconditional pass one after the other, ours
   runs them as one batch of 2B.
+The table therefore also gives each side's FLOPs per image (matmuls and convolutions, 2 per
+multiply-add: ours from the traced step, theirs from torch's FlopCounterMode) and the GFLOP/s each
+reached, which separates the work the networks ask for from the speed the frameworks run it at.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 3, "Training steps per round.
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Batch for training and sampling.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "Sampler steps.")
 _GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance weight.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Our compute dtype (parameters stay float32); the peer runs float32.")
+_ATTN_EVERY_BLOCK = flags.DEFINE_bool(
+    "attn_every_block", True,
+    "Ours: attention after every residual block at 32 and 16 (the paper's F.1), or, with "
+    "--noattn_every_block, once per level and path, where imagen-pytorch puts its transformer.")
 
 # The shape both frameworks build (imagen-pytorch's names where they differ from ours).
 SHAPE = dict(image_size=64, dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
@@ -67,7 +78,8 @@ SHAPE = dict(image_size=64, dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
 MAX_PARAM_MISMATCH = 0.15
 
 
-def our_config(batch_size: int, sample_steps: int, guidance: float) -> Any:
+def our_config(batch_size: int, sample_steps: int, guidance: float, dtype: str = "float32",
+               attn_every_block: bool = True) -> Any:
   """configs/base64.py with the matched shape's overrides."""
   from imagen_jax import config_lib  # pylint: disable=g-import-not-at-top
   size = SHAPE["image_size"]
@@ -77,6 +89,7 @@ def our_config(batch_size: int, sample_steps: int, guidance: float) -> Any:
       "text.encoder": "none (precomputed embeddings)", "text.width": SHAPE["text_width"],
       "text.max_length": SHAPE["text_length"],
       "model.model_dim": SHAPE["dim"], "model.channel_mult": SHAPE["dim_mults"],
+      "dtype": dtype, "model.attn_every_block": attn_every_block,
       "model.num_res_blocks": SHAPE["num_resnet_blocks"], "model.attn_resolutions": attn,
       "model.head_dim": SHAPE["attn_dim_head"], "model.emb_dim": 4 * SHAPE["dim"],
       "model.pool_width": SHAPE["cond_dim"], "model.text_dim": SHAPE["cond_dim"],
@@ -130,16 +143,18 @@ def main(argv: Sequence[str]) -> None:
   from imagen_jax.sample import stage as stage_lib  # pylint: disable=g-import-not-at-top
 
   batch, rounds, k = _BATCH.value, _ROUNDS.value, _TRAIN_STEPS.value
-  config = our_config(batch, _SAMPLE_STEPS.value, _GUIDANCE.value)
+  config = our_config(batch, _SAMPLE_STEPS.value, _GUIDANCE.value, _DTYPE.value,
+                      _ATTN_EVERY_BLOCK.value)
   spec = {**SHAPE, "batch_size": batch, "sample_steps": _SAMPLE_STEPS.value,
           "guidance": _GUIDANCE.value}
   peer = Peer(_PEER_PYTHON.value, spec)
   rows, extra = [], {"shape": SHAPE, "batch_size": batch, "rounds": rounds,
+                     "ours": {"dtype": _DTYPE.value, "attn_every_block": _ATTN_EVERY_BLOCK.value},
                      "peer": {"torch": peer.info["torch"], "threads": peer.info["threads"]},
                      "jax_devices": jax.device_count()}
   try:
     ours_train = ours_sample = theirs_train = theirs_sample = None
-    compile_s = {}
+    compile_s, our_flops = {}, {}
     if "train" in _WHAT.value:
       step = train_step.CompiledStep(config)
       compile_s["train"] = step.compile_s
@@ -150,7 +165,7 @@ def main(argv: Sequence[str]) -> None:
         theirs.append(statistics.median(peer.ask(f"train {k}")["seconds"]))
       ours_train, theirs_train = batch / statistics.median(ours), batch / statistics.median(theirs)
       extra["train_s_per_step"] = {"ours": ours, "imagen_pytorch": theirs}
-      params = step.params
+      params, our_flops["train"] = step.params, step.flops * jax.device_count()
       del step
     else:
       from imagen_jax import models  # pylint: disable=g-import-not-at-top
@@ -158,7 +173,7 @@ def main(argv: Sequence[str]) -> None:
     if "sample" in _WHAT.value:
       settings = stage_lib.StageSettings.from_config(config.sample)
       sampler = sample_bench.CompiledSampler(config, batch, settings)
-      compile_s["sample"] = sampler.compile_s
+      compile_s["sample"], our_flops["sample"] = sampler.compile_s, sampler.flops
       ours, theirs = [], []
       for _ in range(rounds):
         ours.append(sampler.run())
@@ -170,18 +185,32 @@ def main(argv: Sequence[str]) -> None:
     peer.close()
 
   their_params = peer.info["params"]
+  their_flops = {"train": peer.info["train_flops_per_step"],
+                 "sample": peer.info["sample_flops_per_call"] * _SAMPLE_STEPS.value}
   mismatch = params / their_params - 1.0
   fmt = lambda x: round(x, 3) if x is not None else None
   ratio = lambda a, b: round(a / b, 2) if a and b else None
-  rows.append({"framework": f"imagen-jax (JAX {jax.__version__})", "params": params,
-               "train_images_per_s": fmt(ours_train), "sample_images_per_s": fmt(ours_sample),
+
+  def work(flops: dict[str, float], train_rate, sample_rate) -> dict[str, Any]:
+    """GFLOP per image (matmuls and convolutions, counted the same way on both sides: 2 per
+    multiply-add) and the GFLOP/s achieved, per measured job."""
+    out = {}
+    for job, rate in (("train", train_rate), ("sample", sample_rate)):
+      per_image = flops.get(job) / batch if flops.get(job) and rate else None
+      out[f"{job}_gflop_per_image"] = fmt(per_image / 1e9) if per_image else None
+      out[f"{job}_gflop_per_s"] = round(per_image * rate / 1e9, 1) if per_image else None
+    return out
+
+  ours = {"train_images_per_s": fmt(ours_train), "sample_images_per_s": fmt(ours_sample),
+          **work(our_flops, ours_train, ours_sample)}
+  theirs = {"train_images_per_s": fmt(theirs_train), "sample_images_per_s": fmt(theirs_sample),
+            **work(their_flops, theirs_train, theirs_sample)}
+  rows.append({"framework": f"imagen-jax (JAX {jax.__version__})", "params": params, **ours,
                "compile_s": {k_: round(v, 1) for k_, v in compile_s.items()}})
   rows.append({"framework": f"imagen-pytorch (torch {peer.info['torch']})",
-               "params": their_params, "train_images_per_s": fmt(theirs_train),
-               "sample_images_per_s": fmt(theirs_sample), "compile_s": "-"})
+               "params": their_params, **theirs, "compile_s": "-"})
   rows.append({"framework": "ratio (ours / theirs)", "params": round(params / their_params, 3),
-               "train_images_per_s": ratio(ours_train, theirs_train),
-               "sample_images_per_s": ratio(ours_sample, theirs_sample), "compile_s": "-"})
+               **{k_: ratio(v, theirs[k_]) for k_, v in ours.items()}, "compile_s": "-"})
   extra["params_within_15_percent"] = abs(mismatch) <= MAX_PARAM_MISMATCH
   harness.report("vs_imagen_pytorch", rows, extra=extra)
   if abs(mismatch) > MAX_PARAM_MISMATCH:

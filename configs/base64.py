@@ -22,6 +22,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       channel_mult=(1, 2, 3, 4),
       num_res_blocks=3,
       attn_resolutions=(32, 16, 8),
+      attn_every_block=True,  # F.1/ADM; False: one attention block per level and path, after
+                              # its last residual block (imagen-pytorch's and IF's placement)
       head_dim=64,
       emb_dim=1024,         # conditioning width (noise level + pooled text); 0: 4 * model_dim
       pool_width=1024,      # text attention-pooling width; 0: emb_dim

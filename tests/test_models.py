@@ -147,6 +147,20 @@ def test_space_to_depth_stem_keeps_the_interface():
   assert float(jnp.std(out)) > 1e-3
 
 
+@pytest.mark.parametrize("every_block,expected", [
+    (True, {"down1_attn0", "down1_attn1", "up1_attn0", "up1_attn1", "up1_attn2", "mid_attn"}),
+    (False, {"down1_attn1", "up1_attn2", "mid_attn"})])
+def test_attention_after_every_block_or_once_per_level(every_block, expected):
+  overrides = {"model.num_res_blocks": 2, "model.attn_resolutions": (16,),
+               "model.attn_every_block": every_block}
+  config = config_lib.load_config("configs/base64.py:tiny", overrides)
+  assert {k for k in models.param_shapes(config) if "attn" in k} == expected
+  if not every_block:  # the default placement's forward pass is tested throughout
+    _, _, _, apply = tiny_net("configs/base64.py:tiny", **overrides)
+    out = apply(**random_inputs(config))
+    assert out.shape == (2, 32, 32, 3) and float(jnp.std(out)) > 1e-3
+
+
 @pytest.mark.parametrize("spec", TINY[1:])
 def test_sr_output_changes_with_the_lowres_image(spec):
   config, _, _, apply = tiny_net(spec)

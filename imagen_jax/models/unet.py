@@ -4,7 +4,8 @@ Layout (ADM, Dhariwal & Nichol 2021, which F.1 adapts):
 - a 3x3 stem conv to `model_dim` channels;
 - encoder: per level (channels model_dim * channel_mult[i]) `num_res_blocks` BigGAN-style
   residual blocks with scale-shift norm, each followed by an attention block where the feature
-  map's resolution is in `attn_resolutions`; between levels a residual block that down-samples
+  map's resolution is in `attn_resolutions` (with `attn_every_block=False` only the level's last
+  one is: imagen-pytorch's and DeepFloyd IF's placement, num_res_blocks times less attention); between levels a residual block that down-samples
   (2x2 average pool inside the block, BigGAN-style);
 - middle: residual block, attention block, residual block at the lowest resolution;
 - decoder: per level `num_res_blocks + 1` residual blocks, each taking one encoder activation
@@ -44,6 +45,7 @@ class UNet(nn.Module):
   channel_mult: Sequence[int]
   num_res_blocks: int
   attn_resolutions: Sequence[int]
+  attn_every_block: bool = True  # False: attention only after a level's last residual block
   head_dim: int = 64
   emb_dim: int = 0             # 0: 4 * model_dim (ADM)
   pool_width: int = 0          # 0: emb_dim
@@ -81,8 +83,8 @@ class UNet(nn.Module):
       return res_block(features, resample=resample, dropout=self.dropout, dtype=self.dtype,
                        name=name)(h, emb, train)
 
-    def maybe_attend(h, name):
-      if h.shape[1] not in self.attn_resolutions:
+    def maybe_attend(h, name, last_of_level):
+      if h.shape[1] not in self.attn_resolutions or not (self.attn_every_block or last_of_level):
         return h
       return attn_block(num_heads=h.shape[-1] // self.head_dim, mode="self_and_text",
                         dtype=self.dtype, implementation=self.attention_impl, name=name)(
@@ -100,7 +102,7 @@ class UNet(nn.Module):
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
         h = block(h, self.model_dim * mult, f"down{level}_res{i}")
-        h = maybe_attend(h, f"down{level}_attn{i}")
+        h = maybe_attend(h, f"down{level}_attn{i}", i == self.num_res_blocks - 1)
         skips.append(h)
       if level < levels - 1:
         h = block(h, self.model_dim * mult, f"down{level}_downsample", resample="down")
@@ -117,7 +119,7 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = block(h, features, f"up{level}_res{i}")
-        h = maybe_attend(h, f"up{level}_attn{i}")
+        h = maybe_attend(h, f"up{level}_attn{i}", i == self.num_res_blocks)
       if level > 0:
         h = block(h, features, f"up{level}_upsample", resample="up")
     assert not skips, "every encoder activation feeds one decoder block"

@@ -103,12 +103,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                         text_encoder.apply if text_encoder else None)
   with mesh, partitioning.axis_rules_context():
     compile_start = time.perf_counter()
-    compiled_step = jax.jit(
+    traced_step = jax.jit(
         train_step, in_shardings=(state_shardings, batch_shardings(batch_shapes), text_shardings),
         out_shardings=(state_shardings, None), donate_argnums=(0,)
-    ).lower(abstract_state, batch_shapes, text_params).compile()
+    ).trace(abstract_state, batch_shapes, text_params)
+    compiled_step = traced_step.lower().compile()
   compile_seconds = time.perf_counter() - compile_start
-  flops_per_step = mfu.compiled_flops(compiled_step)
+  flops_per_step = mfu.model_flops(traced_step.jaxpr) / mesh.size  # per device
   peak_flops, _ = mfu.peak_tflops_per_device()
 
   # --- 6. Writers: TensorBoard (lead process only), console, config, parameter table -------
