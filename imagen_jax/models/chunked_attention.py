@@ -47,6 +47,12 @@ def _logits(query, key, key_mask, scale):
   return jnp.where(key_mask[:, None, None, :], logits, _MASKED_LOGIT)
 
 
+def _product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum accumulated in float32, in the inputs' dtype (see layers.dot_general_f32_accumulation:
+  XLA:CPU's fast bf16 matmuls need the float32 accumulation asked for)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(b.dtype)
+
+
 def _forward_chunk(query, key, value, key_mask, scale):
   """(out, row max, log of the row's normalizer) for one chunk of examples."""
   logits = _logits(query, key, key_mask, scale)
@@ -54,7 +60,7 @@ def _forward_chunk(query, key, value, key_mask, scale):
   unnormalized = jnp.exp(logits - peak[..., None])
   total = jnp.sum(unnormalized, axis=-1)
   probs = unnormalized / total[..., None]
-  out = jnp.einsum("bnts,bsnh->btnh", probs.astype(value.dtype), value)
+  out = _product("bnts,bsnh->btnh", probs.astype(value.dtype), value)
   return out, peak, jnp.log(total)
 
 
@@ -64,13 +70,13 @@ def _backward_chunk(query, key, value, key_mask, out, peak, log_total, dout, sca
   # in `peak + log_total`, and an all-masked row would get probabilities 1 instead of 1/S.
   logits = _logits(query, key, key_mask, scale) - peak[..., None]
   probs = jnp.exp(logits - log_total[..., None])
-  dvalue = jnp.einsum("bnts,btnh->bsnh", probs.astype(dout.dtype), dout)
+  dvalue = _product("bnts,btnh->bsnh", probs.astype(dout.dtype), dout)
   dprobs = jnp.einsum("btnh,bsnh->bnts", dout, value, preferred_element_type=jnp.float32)
   row = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
   dlogits = probs * (dprobs - row[..., None]) * scale
   dlogits = jnp.where(key_mask[:, None, None, :], dlogits, 0.0)  # masked logits are constants
-  dquery = jnp.einsum("bnts,bsnh->btnh", dlogits.astype(key.dtype), key)
-  dkey = jnp.einsum("bnts,btnh->bsnh", dlogits.astype(query.dtype), query)
+  dquery = _product("bnts,bsnh->btnh", dlogits.astype(key.dtype), key)
+  dkey = _product("bnts,btnh->bsnh", dlogits.astype(query.dtype), query)
   return dquery, dkey, dvalue
 
 
