@@ -5,8 +5,9 @@ Layout (ADM, Dhariwal & Nichol 2021, which F.1 adapts):
 - encoder: per level (channels model_dim * channel_mult[i]) `num_res_blocks` BigGAN-style
   residual blocks with scale-shift norm, each followed by an attention block where the feature
   map's resolution is in `attn_resolutions` (with `attn_every_block=False` only the level's last
-  one is: imagen-pytorch's and DeepFloyd IF's placement, num_res_blocks times less attention); between levels a residual block that down-samples
-  (2x2 average pool inside the block, BigGAN-style);
+  one is: imagen-pytorch's and DeepFloyd IF's placement, num_res_blocks times less attention);
+  between levels a residual block that down-samples (2x2 average pool inside the block,
+  BigGAN-style);
 - middle: residual block, attention block, residual block at the lowest resolution;
 - decoder: per level `num_res_blocks + 1` residual blocks, each taking one encoder activation
   by concatenation (ADM's skip wiring), attention where the resolution calls for it, and an
