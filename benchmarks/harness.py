@@ -1,4 +1,4 @@
-"""Shared benchmark harness: timing, peaks and MFU, memory, and one output format.
+"""Shared benchmark harness: timing, memory, and one output format (FLOPs and peaks: train/mfu.py).
 
 Every benchmark prints a table for people and one line `RESULT_JSON {...}` for machines:
 
@@ -16,9 +16,6 @@ import statistics
 import sys
 import time
 from typing import Any, Callable, Sequence
-
-# One source for FLOPs and peaks: the training loop logs MFU with the same code.
-from imagen_jax.train.mfu import model_flops, matmul_probe_tflops, peak_tflops_per_device  # pylint: disable=unused-import
 
 
 def device_description() -> dict[str, Any]:

@@ -23,7 +23,6 @@ from absl import flags
 from imagen_jax import config_lib
 
 
-
 def network_evaluations(settings: Any) -> int:
   """Network passes per image: one per step (Heun: two but the last), doubled by guidance."""
   passes = 2 * settings.steps - 1 if settings.sampler == "edm_heun" else settings.steps

@@ -35,7 +35,6 @@ from absl import flags
 from imagen_jax import config_lib
 
 
-
 def random_batch(batch_shapes: dict[str, Any], vocab: int = 100, seed: int = 0) -> dict[str, Any]:
   """A global batch with the shapes, dtypes and shardings of `train.batch_spec`: random pixels,
   embeddings and token ids; every text position real (the cost does not depend on the mask)."""

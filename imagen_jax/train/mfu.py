@@ -33,8 +33,8 @@ def model_flops(jaxpr: Any) -> float:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":
-      (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
-      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
       contract = math.prod(lhs[d] for d in lhs_contract)
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contract
     elif name == "conv_general_dilated":
@@ -48,10 +48,8 @@ def model_flops(jaxpr: Any) -> float:
       key_len = eqn.invars[1].aval.shape[1]
       per = 4.0 if "fwd" in name else 10.0
       total += per * batch * heads * query_len * key_len * head_dim
-    inner = [v for v in eqn.params.values()
-             if isinstance(v, (jex_core.ClosedJaxpr, jex_core.Jaxpr))]
-    inner += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v
-              if isinstance(b, (jex_core.ClosedJaxpr, jex_core.Jaxpr))]
+    params = [p for v in eqn.params.values() for p in (v if isinstance(v, tuple) else (v,))]
+    inner = [p for p in params if isinstance(p, (jex_core.ClosedJaxpr, jex_core.Jaxpr))]
     if not inner:
       continue
     counts = [model_flops(sub) for sub in inner]
