@@ -19,8 +19,8 @@ from absl import flags
 
 from imagen_jax import config_lib
 
-# name -> (module with main(argv), one-line description). A None module is not built yet.
-SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
+# name -> (module with main(argv), one-line description).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("imagen_jax.train.train", "train one cascade stage from its config"),
     "encode": ("imagen_jax.text.encode_job", "precompute T5 caption embeddings; convert T5 weights"),
     "sample": ("imagen_jax.sample.command", "sample a cascade stitched from stage workdirs"),
@@ -30,7 +30,6 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
 }
 
 USAGE_ERROR = 2  # bad command line or config: nothing has run
-NOT_BUILT = 3
 
 
 def usage() -> str:
@@ -39,6 +38,15 @@ def usage() -> str:
            "", "subcommands:"]
   lines += [f"  {name.ljust(width)}  {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
   return "\n".join(lines)
+
+
+def subcommand_help(name: str, module) -> str:
+  """The subcommand's docstring and the flags it defines (those of the imagen_jax modules it
+  imported: one subcommand's modules are imported per process)."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  ours = [m for m in sorted(by_module) if m.split(".")[0] in ("imagen_jax", "ml_collections")]
+  return "\n".join([f"usage: imagen-jax {name} [--flags]", "", (module.__doc__ or "").strip(), "",
+                    "flags:", *(flags.FLAGS.module_help(m) for m in ours)])
 
 
 def _fail(message: str) -> None:
@@ -63,6 +71,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       config = flags.FLAGS["config"].value
       if config is not None:
         config.keys()  # config_flags defers a load error until first use
+        config_lib.resolve_paths(config)  # relative paths in --config.* mean the current dir
     except Exception as e:  # pylint: disable=broad-except
       _fail(f"cannot load --config={flags.FLAGS['config'].config_filename!r}: {e}")
   return rest
@@ -108,17 +117,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   name = argv[1]
   if name not in SUBCOMMANDS:
     _fail(f"unknown subcommand {name!r}\n{usage()}")
-  module_name, _ = SUBCOMMANDS[name]
-  module = None
-  if module_name is not None:
-    try:
-      module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-      if e.name != module_name:
-        raise
-  if module is None:
-    print(f"imagen-jax {name}: not built yet in this version.", file=sys.stderr)
-    sys.exit(NOT_BUILT)
+  module = importlib.import_module(SUBCOMMANDS[name][0])
+  if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[2:]):
+    print(subcommand_help(name, module))
+    sys.exit(0)
   logging.getLogger("absl").addFilter(_QuietLibraries())
   app.run(module.main, argv=[f"imagen-jax {name}"] + _resolve_config_flags(argv[2:]),
           flags_parser=parse_flags)

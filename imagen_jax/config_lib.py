@@ -17,6 +17,8 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from imagen_jax import fileio
+
 
 def define_once(name: str, define: Callable[[], flags.FlagHolder]) -> flags.FlagHolder:
   """A flag that several subcommand modules share (one process may import them all)."""
@@ -30,6 +32,74 @@ def config_flag(example: str = "configs/base64.py:tiny") -> flags.FlagHolder:
   return define_once("config", lambda: config_flags.DEFINE_config_file(
       "config", None, f"Config file[:variant], e.g. {example}; override fields with "
       "--config.key=value."))
+
+
+class _PathParser(flags.ArgumentParser):
+  """A flag value that is a path: resolved once, at parsing (see fileio.resolve)."""
+
+  def __init__(self, resolve: Callable[[str], str] = fileio.resolve):
+    self._resolve = resolve
+
+  def parse(self, argument):
+    return self._resolve(argument) if isinstance(argument, str) else argument
+
+  def flag_type(self):
+    return "path"
+
+
+class _PathListParser(flags.ListParser):
+  """A comma-separated list of paths, each resolved at parsing."""
+
+  def parse(self, argument):
+    return [fileio.resolve(p) for p in super().parse(argument)]
+
+  def flag_type(self):
+    return "comma separated list of paths"
+
+
+def DEFINE_path(name: str, default: str | None, help: str,  # pylint: disable=invalid-name,redefined-builtin
+                resolve: Callable[[str], str] = fileio.resolve) -> flags.FlagHolder:
+  """A string flag holding a local path (relative to the current directory, `~`) or a URL.
+
+  The value the program sees is already resolved: relative paths break Orbax and tensorstore,
+  which reject them, and every thread or subprocess that changes directory. `resolve` is
+  fileio.resolve_spec for `KIND:PATH` specs such as `folder:PATH`.
+  """
+  return define_once(name, lambda: flags.DEFINE(_PathParser(resolve), name, default, help,
+                                                serializer=flags.ArgumentSerializer()))
+
+
+def DEFINE_path_list(name: str, default: list[str] | None, help: str) -> flags.FlagHolder:  # pylint: disable=invalid-name,redefined-builtin
+  """`--name=PATH[,PATH...]`, each resolved as DEFINE_path does."""
+  return define_once(name, lambda: flags.DEFINE(_PathListParser(), name, default, help,
+                                                serializer=flags.CsvListSerializer(",")))
+
+
+# Config fields that hold paths (stage configs, configs/encode.py) and how each is resolved:
+# plain paths, or "KIND:PATH" specs (folder:, wds:, text:) whose other kinds name no file.
+# Resolved when a config is loaded, so the config stored in a workdir is valid from anywhere.
+PATH_FIELDS = {
+    "data.data_dir": fileio.resolve,
+    "data.embed_cache": fileio.resolve,
+    "data.source": fileio.resolve_spec,
+    "text.encoder": lambda spec: spec if spec.startswith("builtin:") else fileio.resolve(spec),
+    "source": fileio.resolve_spec,
+    "data_dir": fileio.resolve,
+    "output": fileio.resolve,
+}
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Resolves the config's path fields in place (see PATH_FIELDS); returns the config."""
+  for key, resolve in PATH_FIELDS.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and isinstance(node.get(leaf), str):
+      with node.unlocked():
+        node[leaf] = resolve(node[leaf])
+  return config
 
 
 class ConfigError(ValueError):
@@ -69,7 +139,7 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   config = module.get_config(arg) if arg else module.get_config()
   for key, value in (overrides or {}).items():
     set_by_path(config, key, value)
-  return config
+  return resolve_paths(config)
 
 
 def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

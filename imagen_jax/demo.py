@@ -32,9 +32,10 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax import config_lib
+from imagen_jax import fileio
 
-_WORKDIR = config_lib.define_once("workdir", lambda: flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs and samples go (local or gs://)."))
+_WORKDIR = config_lib.DEFINE_path(
+    "workdir", None, "Where checkpoints, logs and samples go (local or gs://).")
 _QUICK = flags.DEFINE_bool("quick", False, "A 2-minute run for tests: few steps, few prompts.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None,
                                     "Prompts sampled per split (default 100; --quick 8).")
@@ -137,12 +138,12 @@ def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]
                   a for a in judge.ATTRIBUTES[:-1] if not verdict[a]) + "</span>")
       parts.append(f"<figure><img src='{data_uri(image)}' width=128 height=128>"
                    f"<figcaption>{html.escape(record['prompt'])}<br>{mark}</figcaption></figure>")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(parts))
+  fileio.write_text(path, "\n".join(parts))
 
 
 def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> dict[str, Any]:
   """The whole demo; returns the scores per split (also in WORKDIR/scores.json)."""
+  workdir = fileio.resolve(workdir)
   os.makedirs(workdir, exist_ok=True)
   num_prompts = num_prompts or (8 if quick else 100)
   timings = {}
@@ -166,8 +167,8 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
   lap("sample")
   scores, records, images = score(outdir)
   lap("score")
-  with open(os.path.join(workdir, "scores.json"), "w", encoding="utf-8") as f:
-    json.dump({"scores": scores, "seconds": timings, "quick": quick}, f, indent=2)
+  fileio.write_text(os.path.join(workdir, "scores.json"), json.dumps(
+      {"scores": scores, "seconds": timings, "quick": quick}, indent=2))
   write_report(os.path.join(workdir, "report.html"), scores, records, images, timings)
   print(score_table(scores))
   print(f"report: {os.path.join(workdir, 'report.html')}  ({sum(timings.values()):.0f} s: "

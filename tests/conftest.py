@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices for sharding tests (set before JAX is imported)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -8,7 +9,12 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Appended, not set by default: a user's own XLA_FLAGS must not silently drop the 8 fake devices
+# (the sharding tests would then have fewer devices than they need and fail, not skip).
+FAKE_DEVICES = 8
+_xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                    os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_force_host_platform_device_count={FAKE_DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Many tests compile the same tiny programs (in this process and in the subprocesses they start,
@@ -82,3 +88,81 @@ def gcs_emulator():
   yield env
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=10)
+
+
+# --- The README as written ---------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands(section: str) -> list[str]:
+  """The shell commands of the README section `## <section>`: its ```bash blocks, continuation
+  lines joined, comments and blank lines dropped, in order."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  body = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+  commands = []
+  for block in body.split("```bash")[1:]:
+    code = block.split("```", 1)[0].replace("\\\n", " ")
+    commands += [" ".join(line.split()) for line in code.splitlines()
+                 if line.strip() and not line.strip().startswith("#")]
+  return commands
+
+
+def run_as_typed(command: str, cwd, timeout: int = 900) -> subprocess.CompletedProcess:
+  """Runs a README command line in bash, in `cwd`, with this environment's `imagen-jax` first
+  on PATH (as in an activated virtual environment)."""
+  env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+  return subprocess.run(["bash", "-c", command], cwd=str(cwd), env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+# --- A training run stopped right after one of its checkpoints, to be killed there -----------
+
+# `python -c STOP_AFTER_CHECKPOINT <imagen-jax train flags>`: training whose process STOP_PROCESS
+# (default 0), once its checkpoint at STOP_AT_STEP is complete, creates STOP_MARKER and sleeps
+# until killed. A kill on a timer lands wherever the loop happens to be on a loaded machine; this
+# one lands between that checkpoint and the next on every machine.
+STOP_AFTER_CHECKPOINT = """
+import os, sys, time
+import jax
+from imagen_jax.train import checkpoints
+stop_at, marker = int(os.environ["STOP_AT_STEP"]), os.environ["STOP_MARKER"]
+stop_process = int(os.environ.get("STOP_PROCESS", "0"))
+original_save = checkpoints.Checkpointer.save
+def save(self, step, *args, **kwargs):
+  original_save(self, step, *args, **kwargs)
+  if step == stop_at and jax.process_index() == stop_process:
+    self.wait()
+    open(marker, "w").close()
+    time.sleep(600)
+checkpoints.Checkpointer.save = save
+from imagen_jax import cli
+cli.main(["imagen-jax", "train"] + sys.argv[1:])
+"""
+
+
+def start_stopping_after_checkpoint(flag_lists, workdir, step, env, stop_process=0,
+                                    timeout=400):
+  """Starts one training process per list of `imagen-jax train` flags under STOP_AFTER_CHECKPOINT
+  and returns them (stdout and stderr merged, as text) once process `stop_process` sleeps after
+  its checkpoint at `step`, which is then complete on disk. Kills them all if that never comes.
+  """
+  marker = f"{workdir}.stopped"
+  env = dict(env, STOP_AT_STEP=str(step), STOP_MARKER=marker, STOP_PROCESS=str(stop_process))
+  procs = [subprocess.Popen([sys.executable, "-c", STOP_AFTER_CHECKPOINT, *flags], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for flags in flag_lists]
+  # With several processes the marker can precede the rename that completes the checkpoint.
+  complete = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not (os.path.exists(marker) and os.path.isdir(complete)):
+    ended = any(p.poll() is not None for p in procs)
+    if ended or time.time() > deadline:
+      for p in procs:
+        p.kill()
+      outs = [p.communicate()[0] for p in procs]
+      raise AssertionError(("a process ended early" if ended else f"no checkpoint at step {step}") +
+                           ":\n" + "\n\n".join(o[-3000:] for o in outs))
+    time.sleep(0.2)
+  return procs

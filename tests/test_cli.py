@@ -1,5 +1,6 @@
 """The `imagen-jax` command line: subcommands, config loading and override errors."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -91,5 +92,19 @@ def test_config_json_round_trip():
   assert again.to_dict() == config.to_dict()
 
 
-def test_every_subcommand_module_is_named():
-  assert set(cli.SUBCOMMANDS) == {"train", "encode", "sample", "demo", "eval", "inspect"}
+@pytest.mark.parametrize("name", sorted(cli.SUBCOMMANDS))
+def test_every_subcommand_imports_and_has_a_main(name):
+  # cli.main imports a subcommand's module only when that subcommand runs: a misspelt module
+  # path or a missing main would otherwise surface only in front of a user.
+  module_name, doc = cli.SUBCOMMANDS[name]
+  module = importlib.import_module(module_name)
+  assert callable(getattr(module, "main", None)), f"{module_name} has no callable main(argv)"
+  assert doc and f"  {name} " in cli.usage()
+
+
+def test_subcommand_help_exits_0_and_lists_its_flags():
+  out = run_cli("train", "--help")
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "--workdir" in out.stdout and "--config" in out.stdout
+  assert "imagen-jax train" in out.stdout
+  assert "--outdir" not in out.stdout  # the sample command's flags are not the train command's

@@ -1,34 +1,69 @@
-"""`imagen-jax demo --quick`: the README's main job end to end (scores mean little at this size)."""
+"""The README's main job, `imagen-jax demo`, typed as written (with --quick) in a fresh directory:
+the relative --workdir lands there, scores.json is what the judge says of the written images,
+report.html shows every image with its verdict, and a second run reuses what is done."""
 
+import base64
+import html
+import io
 import json
-import os
-import subprocess
-import sys
+import re
+import shlex
 
+import numpy as np
+from PIL import Image
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import readme_commands, run_as_typed
+from imagen_jax.eval import shapes as judge
+from imagen_jax.sample import images as sample_images
+
+
+def main_command() -> tuple[str, str]:
+  """(the README's main-job command with --quick, its --workdir as written)."""
+  install, demo = readme_commands("Quick start")[0].split(" && ")
+  assert install == "pip install -e ."
+  workdir = next(a.split("=", 1)[1] for a in shlex.split(demo) if a.startswith("--workdir="))
+  return demo + " --quick", workdir
+
+
+def report_figures(report: str) -> list[tuple[np.ndarray, str, str]]:
+  """(image, prompt, verdict text) of every figure in report.html, in page order."""
+  figures = re.findall(r"<figure><img src='data:image/png;base64,([^']+)'[^>]*>"
+                       r"<figcaption>(.*?)<br>(.*?)</figcaption></figure>", report)
+  return [(np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")),
+           html.unescape(prompt), re.sub("<[^>]+>", "", verdict))
+          for data, prompt, verdict in figures]
 
 
 @pytest.mark.slow
-def test_quick_demo_trains_samples_scores_and_reuses(tmp_path):
-  workdir = tmp_path / "demo"
-  cmd = [sys.executable, "-m", "imagen_jax", "demo", f"--workdir={workdir}", "--quick"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
+  command, workdir_arg = main_command()
+  assert not workdir_arg.startswith(("/", "~"))  # the README's own relative --workdir
+  first = run_as_typed(command, tmp_path, timeout=900)
   assert first.returncode == 0, first.stderr[-4000:]
-  scores = json.loads((workdir / "scores.json").read_text())
-  for split in ("validation", "heldout"):
-    s = scores["scores"][split]
-    assert s["n"] == 8
-    assert all(0.0 <= s[a] <= 1.0 for a in ("objects", "color", "shape", "position", "all_correct"))
+  workdir = tmp_path / workdir_arg
   assert "all_correct" in first.stdout and "heldout" in first.stdout
-  report = (workdir / "report.html").read_text()
-  assert report.count("<figure>") == 16 and "data:image/png;base64," in report
-  records = [json.loads(l) for l in open(workdir / "samples" / "samples.jsonl")]
+
+  # scores.json is the judge's verdict on the images the demo wrote.
+  records = sample_images.read_records(str(workdir / "samples"))
+  images = [sample_images.read_image(str(workdir / "samples"), r) for r in records]
   assert sorted({r["split"] for r in records}) == ["heldout", "validation"]
+  assert [sum(r["split"] == s for r in records) for s in ("validation", "heldout")] == [8, 8]
+  scores = json.loads((workdir / "scores.json").read_text())
+  assert scores["scores"] == judge.score_by_split(records, images)
+
+  # report.html shows every image (as sampled, enlarged) over its prompt and verdict.
+  figures = report_figures((workdir / "report.html").read_text())
+  assert len(figures) == len(records)
+  by_split = sorted(zip(records, images), key=lambda ri: ri[0]["split"] != "validation")
+  for (record, image), (shown, prompt, verdict) in zip(by_split, figures):
+    assert prompt == record["prompt"]
+    scale = shown.shape[0] // image.shape[0]
+    np.testing.assert_array_equal(shown, image.repeat(scale, 0).repeat(scale, 1))
+    assert (verdict == "correct") == judge.judge(image, record["prompt"])["all_correct"]
+
   # A second run reuses the data, both stages and the samples.
-  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  second = run_as_typed(command, tmp_path, timeout=900)
   assert second.returncode == 0, second.stderr[-4000:]
   assert second.stderr.count("reusing it") == 2
   assert "16 already in" in second.stderr

@@ -192,14 +192,28 @@ def test_edm_preconditioned_net_matches_vp_denoiser():
 
 
 def test_edm_loss_weight_normalizes_the_optimal_error():
-  # For a point mass at 0 and D = 0 (the optimum is shrinkage towards 0), the weighted loss
-  # of D = 0 is lambda * 0; for D = x it is lambda * sigma^2 * 1 per pixel.
-  sigma = jnp.array([0.1, 1.0, 10.0])
-  w = edm.loss_weight(sigma, 0.5)
-  np.testing.assert_allclose(w, (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2, rtol=1e-6)
-  c_skip, c_out, c_in = edm.preconditioning(sigma, 0.5)
-  np.testing.assert_allclose(c_skip + 0 * c_out, 0.25 / (sigma ** 2 + 0.25), rtol=1e-6)
-  np.testing.assert_allclose(c_in ** -2, sigma ** 2 + 0.25, rtol=1e-5)
+  # Data y ~ N(0, sigma_data^2): the best denoiser of x = y + sigma n is linear, D*(x) = a x, and
+  # its error grows with sigma by orders of magnitude; lambda(sigma) must bring the weighted
+  # error of that optimum to 1 at every sigma (EDM's "unit loss" at initialisation: with the
+  # preconditioning, F = 0 is this optimum). Everything is measured on samples.
+  sigma_data = 0.5
+  sigmas = [0.002, 0.05, 0.5, 2.0, 20.0, 80.0]
+  raw_errors = []
+  for i, sigma in enumerate(sigmas):
+    y_key, n_key, loss_key = jax.random.split(jax.random.PRNGKey(i), 3)
+    y = sigma_data * jax.random.normal(y_key, (128, 16, 16, 3))
+    x = y + sigma * jax.random.normal(n_key, y.shape)
+    a = jnp.vdot(x, y) / jnp.vdot(x, x)  # least-squares fit of the best linear denoiser
+    raw = float(jnp.mean(jnp.square(a * x - y)))
+    weight = float(edm.loss_weight(jnp.float32(sigma), sigma_data))
+    assert weight * raw == pytest.approx(1.0, abs=0.02), sigma
+    raw_errors.append(raw)
+    # The training loss of a zero network at this sigma (log sigma ~ N(log sigma, 0)).
+    loss, log_snr = edm.training_loss(lambda x_in, _: jnp.zeros_like(x_in), loss_key, y,
+                                      sigma_data=sigma_data, p_mean=float(np.log(sigma)), p_std=0.0)
+    np.testing.assert_allclose(np.exp(-0.5 * np.asarray(log_snr)), sigma, rtol=1e-5)
+    assert float(loss.mean()) == pytest.approx(1.0, abs=0.02), sigma
+  assert max(raw_errors) / min(raw_errors) > 1e4  # so a constant weight would fail the test
 
 
 # --- thresholding, guidance, augmentation -------------------------------------------------------

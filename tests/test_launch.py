@@ -178,6 +178,7 @@ def test_xm_launch_script_dry_run_prints_the_spec():
   assert bad.returncode == 2 and "optimizer.lrr" in bad.stderr
 
 
+@pytest.mark.launch  # .ci/run installs the launch extra and runs it
 def test_xm_jobs_with_xmanager_when_installed(xm_launch):
   """The thin xmanager layer builds its executor and jobs (nothing is packaged or launched)."""
   xm = pytest.importorskip("xmanager.xm")

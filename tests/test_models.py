@@ -5,6 +5,7 @@ so every output is exactly zero and nothing could change.
 """
 
 import functools
+import logging
 from unittest import mock
 
 import flax.linen as nn
@@ -268,6 +269,38 @@ def test_attention_masks_keys_like_a_reference_softmax():
   np.testing.assert_allclose(layers.attention(q, k, v, mask), expected, atol=1e-5)
 
 
+def test_refused_cudnn_attention_falls_back_to_xla_and_warns_once_with_the_reason(monkeypatch,
+                                                                                 caplog):
+  # "auto" tries cuDNN on a GPU with 16-bit inputs: pretend to be one, and make cuDNN refuse.
+  real = jax.nn.dot_product_attention
+  tried = []
+
+  def refusing(*args, implementation=None, **kwargs):
+    tried.append(implementation)
+    if implementation == "cudnn":
+      raise ValueError("cuDNN attention does not support head_dim=8")
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(layers, "_cudnn_fallback_warned", False)  # as in a fresh process
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(key, (2, 5, 2, 8), jnp.bfloat16) for key in keys)
+  mask = jnp.array([[True] * 3 + [False] * 2, [True] * 5])
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    outs = [layers.attention(q, k, v, mask),            # eager
+            jax.jit(layers.attention)(q, k, v, mask),   # a trace
+            layers.attention(q[:1], k[:1], v[:1], mask[:1])]  # another shape
+  assert tried.count("cudnn") == 3  # every call tried cuDNN; only the first one says so
+  warnings = [r for r in caplog.records if "cuDNN" in r.getMessage()]
+  assert len(warnings) == 1, [r.getMessage() for r in warnings]
+  assert "ValueError: cuDNN attention does not support head_dim=8" in warnings[0].getMessage()
+  assert warnings[0].levelno == logging.WARNING
+  expected = layers.attention(q, k, v, mask, implementation="xla")
+  for out in outs[:2]:
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+
+
 @pytest.mark.parametrize("batch,query_len,key_len", [(6, 5, 7), (4, 1, 9), (3, 64, 80)])
 def test_chunked_attention_matches_xla_values_and_gradients(batch, query_len, key_len):
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -310,8 +343,7 @@ def test_chunks_keep_the_logits_small_and_divide_the_batch():
 
 
 def test_sharded_apply_matches_the_single_device_result():
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
   config, model, params, apply = tiny_net("configs/base64.py:tiny")
   mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "model": 2})
   boxed = models.param_shapes(config)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
 from imagen_jax import config_lib
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.train import checkpoints
@@ -29,25 +30,6 @@ from imagen_jax.train import train as train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 6, 3
 HEARTBEAT_S = 10
-
-# Process 1 stops after its checkpoint at STOP_AT_STEP is complete (so the kill lands at the same
-# point on every machine), tells the test through a marker file, and waits to be killed.
-STOP_WRAPPER = """
-import os, sys, time
-import jax
-from imagen_jax.train import checkpoints
-stop_at, marker = int(os.environ["STOP_AT_STEP"]), os.environ["STOP_MARKER"]
-original_save = checkpoints.Checkpointer.save
-def save(self, step, *args, **kwargs):
-  original_save(self, step, *args, **kwargs)
-  if step == stop_at and jax.process_index() == 1:
-    self.wait()
-    open(marker, "w").close()
-    time.sleep(600)
-checkpoints.Checkpointer.save = save
-from imagen_jax import cli
-cli.main(["imagen-jax", "train"] + sys.argv[1:])
-"""
 
 
 def overrides(data_dir):
@@ -75,20 +57,26 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start_two(workdir, data_dir, wrapper=None, extra_env=None):
-  """Both processes of a run, started at once; stdout and stderr merged, as text."""
+def flags_of_two(workdir, data_dir):
+  """The `imagen-jax train` flags of both processes of a run (a fresh coordinator port)."""
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             **(extra_env or {}))
   args = [f"--workdir={workdir}", "--config=configs/base64.py:tiny",
           *(f"--config.{k}={v}" for k, v in overrides(data_dir).items()),
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
           f"--distributed_heartbeat_timeout={HEARTBEAT_S}"]
-  head = [sys.executable, "-c", wrapper] if wrapper else [sys.executable, "-m", "imagen_jax",
-                                                          "train"]
-  return [subprocess.Popen([*head, *args, f"--process_id={i}"], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-          for i in range(2)]
+  return [[*args, f"--process_id={i}"] for i in range(2)]
+
+
+def env_of_two():
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+
+
+def start_two(workdir, data_dir):
+  """Both processes of a run, started at once; stdout and stderr merged, as text."""
+  return [subprocess.Popen([sys.executable, "-m", "imagen_jax", "train", *flags], cwd=REPO,
+                           env=env_of_two(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+          for flags in flags_of_two(workdir, data_dir)]
 
 
 def finish(procs, timeout=400):
@@ -150,17 +138,10 @@ def test_a_killed_process_stops_the_other_and_both_resume(tmp_path, shapes_data_
                                                           one_process_run):
   config, reference = one_process_run
   workdir = str(tmp_path / "killed")
-  marker = str(tmp_path / "stopped")
-  procs = start_two(workdir, shapes_data_dir, wrapper=STOP_WRAPPER,
-                    extra_env={"STOP_AT_STEP": str(EVERY), "STOP_MARKER": marker})
-  deadline = time.time() + 400
+  # Process 1 stops once its checkpoint at step EVERY is complete, so the kill lands there.
+  procs = start_stopping_after_checkpoint(flags_of_two(workdir, shapes_data_dir), workdir, EVERY,
+                                          env_of_two(), stop_process=1)
   complete = os.path.join(workdir, "checkpoints", str(EVERY))
-  while not (os.path.exists(marker) and os.path.isdir(complete)):
-    if any(p.poll() is not None for p in procs):
-      outs = [p.communicate()[0] for p in procs]
-      raise AssertionError("a process ended early:\n" + "\n\n".join(o[-3000:] for o in outs))
-    assert time.time() < deadline, "the run never reached the checkpoint"
-    time.sleep(0.2)
 
   procs[1].send_signal(signal.SIGKILL)
   killed_at = time.time()

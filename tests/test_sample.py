@@ -159,3 +159,26 @@ def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
   shown = [o for cell in notebook.cells if cell.cell_type == "code"
            for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(shown) == 1
+
+
+def test_notebook_install_cell_installs_this_checkout(tmp_path, monkeypatch):
+  """Where imagen_jax does not import yet, the install cell pip-installs the checkout it sits in
+  (the end-to-end run above has it installed, so that branch never runs there)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import nbformat  # pylint: disable=g-import-not-at-top
+  notebook = nbformat.read(os.path.join(REPO, "notebooks", "sampling.ipynb"), as_version=4)
+  cell = next(c.source for c in notebook.cells
+              if c.cell_type == "code" and "pip" in c.source)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "imagen_jax" else real_find_spec(name, *a))
+  commands = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: commands.append(cmd))
+  monkeypatch.delenv("IMAGEN_JAX_REPO", raising=False)
+  monkeypatch.chdir(os.path.join(REPO, "notebooks"))  # where Jupyter starts the kernel
+  exec(compile(cell, "install cell", "exec"), {})  # pylint: disable=exec-used  (no ! magics)
+  assert commands == [[sys.executable, "-m", "pip", "install", "-q", REPO]]
+  monkeypatch.setenv("IMAGEN_JAX_REPO", str(tmp_path))  # a folder that is no checkout
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    exec(compile(cell, "install cell", "exec"), {})  # pylint: disable=exec-used
+  assert len(commands) == 1

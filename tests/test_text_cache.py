@@ -21,7 +21,7 @@ from imagen_jax import config_lib
 from imagen_jax.data import shapes_grammar
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encode_job
-from imagen_jax.text import files
+from imagen_jax import fileio
 from imagen_jax.text import load_text_encoder
 from imagen_jax.text import tokenizer as tokenizer_lib
 from conftest import _free_port  # pylint: disable=g-bad-import-order
@@ -148,7 +148,7 @@ def test_encode_kill_resume_verify_local(tmp_path):
   _, mask = kill_resume_verify(f"text:{text}", output, captions, env, tmp_path)
 
   # On disk: the real tokens only (bf16, width 64), not max_length rows per caption.
-  data_bytes = files.du(os.path.join(output, "parts")) - sum(
+  data_bytes = fileio.du(os.path.join(output, "parts")) - sum(
       os.path.getsize(cache_lib.record_path(output, p)) for p in range(5))
   assert data_bytes == int(mask.sum()) * 64 * 2
   assert data_bytes < 0.75 * len(captions) * 16 * 64 * 2
@@ -244,12 +244,12 @@ def test_encode_kill_resume_verify_on_gcs(gcs_emulator, tmp_path, monkeypatch):
     monkeypatch.setenv(key, value)
   captions = captions_list()
   # The captions come from the bucket too.
-  files.write_bytes("gs://imagen-test/in/captions.txt", ("\n".join(captions) + "\n").encode())
+  fileio.write_bytes("gs://imagen-test/in/captions.txt", ("\n".join(captions) + "\n").encode())
   output = "gs://imagen-test/cache/run1"
   env = dict(os.environ, JAX_PLATFORMS="cpu", IMAGEN_JAX_CACHE=str(tmp_path / "models"))
   cache, mask = kill_resume_verify("text:gs://imagen-test/in/captions.txt", output, captions,
                                    env, tmp_path)
-  data_bytes = sum(files.size(cache_lib.data_path(output, p)) for p in range(5))
+  data_bytes = sum(fileio.size(cache_lib.data_path(output, p)) for p in range(5))
   assert data_bytes == int(mask.sum()) * 64 * 2
   assert cache.metadata.source["path"] == "gs://imagen-test/in/captions.txt"
 
@@ -309,7 +309,7 @@ def test_weights_on_gcs_hf_and_converted(gcs_emulator, tmp_path, monkeypatch):
   local = builtin.materialize("builtin:shapes-tiny")
   for name in os.listdir(local):
     with open(os.path.join(local, name), "rb") as f:
-      files.write_bytes(f"gs://imagen-test/hf/{name}", f.read())
+      fileio.write_bytes(f"gs://imagen-test/hf/{name}", f.read())
   captions = ["a red circle at the center", "", "a blue square above a white triangle"]
   want, _ = load_text_encoder(local, max_length=16).encode(captions)
   from_hf, _ = load_text_encoder("gs://imagen-test/hf", max_length=16).encode(captions)

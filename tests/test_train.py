@@ -1,6 +1,7 @@
 """Training: sharding-invariance, exact resume, preemption, faults, logging (8 fake CPU devices)."""
 
 import glob
+import logging
 import os
 import signal
 import subprocess
@@ -8,10 +9,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from conftest import start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
 from imagen_jax import config_lib
+from imagen_jax.diffusion import objectives
 from imagen_jax.train import checkpoints
 from imagen_jax.train import train as train_lib
 
@@ -119,13 +124,16 @@ def test_bad_config_fails_before_compiling_naming_the_value(tmp_path, shapes_dat
                                  str(blocker / "sub"))
 
 
-def _train_cmd(workdir, data_dir, *overrides):
-  return [sys.executable, "-m", "imagen_jax", "train", "--config=configs/base64.py:tiny",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.batch_size=8", "--config.sample_every=0", "--config.log_every=1",
-          "--config.optimizer.warmup_steps=2", "--config.image_size=16",
+def _train_flags(workdir, data_dir, *overrides):
+  return ["--config=configs/base64.py:tiny", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.batch_size=8", "--config.sample_every=0",
+          "--config.log_every=1", "--config.optimizer.warmup_steps=2", "--config.image_size=16",
           "--config.model.channel_mult=(1,2)", "--config.model.model_dim=16",
           "--config.model.emb_dim=32", "--config.model.pool_width=32", *overrides]
+
+
+def _train_cmd(workdir, data_dir, *overrides):
+  return [sys.executable, "-m", "imagen_jax", "train", *_train_flags(workdir, data_dir, *overrides)]
 
 
 def _env():
@@ -157,15 +165,18 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, shapes_data_dir):
   subprocess.run(_train_cmd(straight, shapes_data_dir, *args), cwd=REPO, env=_env(), check=True,
                  capture_output=True, timeout=600)
   killed = str(tmp_path / "killed")
-  # Slow the loop down after step n so the kill lands between checkpoints n and 2n.
-  proc = subprocess.Popen(_train_cmd(killed, shapes_data_dir, *args), cwd=REPO, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: n in _complete_checkpoints(killed), proc)
+  # The run stops once its checkpoint at step n is complete: the kill lands between n and 2n.
+  [proc] = start_stopping_after_checkpoint([_train_flags(killed, shapes_data_dir, *args)], killed,
+                                           n, _env())
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert 2 * n not in _complete_checkpoints(killed)
-  subprocess.run(_train_cmd(killed, shapes_data_dir, *args), cwd=REPO, env=_env(), check=True,
-                 capture_output=True, timeout=600)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert _complete_checkpoints(killed) == [n]  # nothing after step n was saved
+  rerun = subprocess.run(_train_cmd(killed, shapes_data_dir, *args), cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  # A rerun that started over would end bitwise equal too: it must have resumed.
+  assert f"Resuming from the checkpoint at step {n}" in rerun.stderr
   state_a, data_a = params_of(straight, 2 * n)
   state_b, data_b = params_of(killed, 2 * n)
   assert_trees_equal(state_a, state_b)  # params, EMA params, optimizer state, step: bitwise
@@ -203,6 +214,126 @@ def test_tiny_stage_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir, stage)
   train_lib.train_and_evaluate(config, workdir)
   loss = read_scalars(workdir, "loss")
   assert loss[200] < 0.6 * loss[25], loss
+
+
+def loss_on_shapes(workdir, data_dir, steps=60, **overrides):
+  """{step: mean loss of the 10 steps up to it} of the tiny stage trained at batch 16 on one
+  device: the objective and the optimizer are under test here, not sharding, and one device
+  compiles and steps fastest."""
+  config = tiny_config(**{"data.data_dir": data_dir, "total_steps": steps, "batch_size": 16,
+                          "log_every": 10, "checkpoint_every": steps,
+                          "optimizer.warmup_steps": 5, **overrides})
+  train_lib.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  return read_scalars(str(workdir), "loss")
+
+
+# optax's Adafactor factors the second moment only of parameters whose two largest dims are
+# >= 128: these widths give the tiny net five (the conditioning's 128x128 kernels, FSDP-sharded),
+# where its widths of 32 would leave Adafactor nothing to factor.
+ADAFACTOR = {"optimizer.name": "adafactor", "model.emb_dim": 128, "model.pool_width": 128}
+
+
+@pytest.mark.slow
+def test_adafactor_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir):
+  # Adafactor scales each update by its parameter's RMS (at least 1e-3), so the zero-initialized
+  # output layers move by lr * 1e-3 a step: at Adam's lr of 1e-3 the loss would not move in 60.
+  loss = loss_on_shapes(tmp_path / "w", shapes_data_dir, **ADAFACTOR, **{"optimizer.lr": 0.1})
+  assert loss[60] < 0.6 * loss[10], loss
+
+
+@pytest.mark.slow
+def test_edm_objective_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir):
+  # The output layer starts at 0, so the first steps' loss is that of the denoiser c_skip * x;
+  # at Adam's lr of 1e-3 the loss gets to 0.56 of it in 60 steps, at 3e-3 to 0.51.
+  loss = loss_on_shapes(tmp_path / "w", shapes_data_dir,
+                        **{"diffusion.formulation": "edm", "optimizer.lr": 3e-3})
+  assert loss[60] < 0.6 * loss[10], loss
+
+
+def adafactor_stats(opt_state):
+  """The FactoredState (count, v_row, v_col, v) in an Adafactor chain's state."""
+  [stats] = [s for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+             if isinstance(s, optax.FactoredState)]
+  return stats
+
+
+def assert_adafactor_stats_follow_their_params(state):
+  """Unfactored second moments (shaped like their parameter) have the parameter's sharding; the
+  factored row and column statistics and the step count are replicated."""
+  stats = adafactor_stats(state.opt_state)
+  assert stats.count.sharding.is_fully_replicated
+  factored = sharded = 0
+  for param, row, col, v in zip(*(jax.tree_util.tree_leaves(t) for t in (
+      state.params, stats.v_row, stats.v_col, stats.v)), strict=True):
+    if v.shape == param.shape:
+      assert v.sharding.is_equivalent_to(param.sharding, param.ndim), (v.sharding, param.sharding)
+      sharded += not param.sharding.is_fully_replicated
+    else:
+      assert row.sharding.is_fully_replicated and col.sharding.is_fully_replicated
+      assert row.size > 1 and col.size > 1  # real statistics, not placeholders
+      factored += 1
+  assert factored and sharded, (factored, sharded)  # both kinds were checked
+
+
+def test_adafactor_on_fsdp_shards_its_stats_and_resumes_exactly(tmp_path, shapes_data_dir,
+                                                                caplog):
+  # A constant schedule after warm-up: a run to step 3 then 6 sees the learning rates of one
+  # run to step 6 (a cosine decays over total_steps).
+  settings = {**ADAFACTOR, "data.data_dir": shapes_data_dir, "mesh.data": 2, "mesh.fsdp": 4,
+              "total_steps": 6, "checkpoint_every": 3, "optimizer.schedule": "constant"}
+  straight = train_lib.train_and_evaluate(tiny_config(**settings), str(tmp_path / "straight"))
+  workdir = str(tmp_path / "resumed")
+  train_lib.train_and_evaluate(tiny_config(**{**settings, "total_steps": 3}), workdir)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    resumed = train_lib.train_and_evaluate(tiny_config(**settings), workdir)
+  # A rerun that started over would end bitwise equal too: it must have resumed.
+  assert "Resuming from the checkpoint at step 3" in caplog.text
+  assert_adafactor_stats_follow_their_params(resumed)
+  assert_adafactor_stats_follow_their_params(
+      train_lib.restore_state(tiny_config(**settings), workdir))
+  assert_trees_equal(jax.device_get(resumed), jax.device_get(straight))
+
+
+def noise_fixed_by_pixels(key, x, log_snr_fn):
+  """objectives.corrupt with t and eps functions of each example's pixels, not draws from `key`.
+
+  Accumulation draws each micro-batch's noise from its own key, so its noise differs from that
+  of one big batch; with the noise fixed per example, both steps take the mean over the same
+  per-example losses, and must agree up to the order of float sums.
+  """
+  del key
+  t = 0.5 + 0.4 * jnp.tanh(4.0 * jnp.mean(x, axis=(1, 2, 3)))
+  eps = jnp.sin(50.0 * x)
+  log_snr = log_snr_fn(t)
+  return objectives.q_sample(x, eps, log_snr), log_snr, eps
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, shapes_data_dir, monkeypatch):
+  monkeypatch.setattr(objectives, "corrupt", noise_fixed_by_pixels)
+  runs = {}
+  for accum in (1, 4):
+    # Batch 8 on 2 devices: 4 micro-batches of 2, one example per device. No condition dropout
+    # (random per micro-batch too). Adam's eps raised as in test_multiprocess.py: parameters
+    # whose true gradient is 0 get rounding noise, which eps=1e-8 would turn into 1e-6 steps.
+    config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 2,
+                            "checkpoint_every": 2, "cond_drop_rate": 0.0, "optimizer.eps": 1e-3,
+                            "optimizer.grad_accum_steps": accum})
+    workdir = str(tmp_path / f"accum{accum}")
+    state = train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+    runs[accum] = (jax.device_get(state), {tag: read_scalars(workdir, tag)
+                                           for tag in ("loss", "grad_norm")})
+  (one, one_scalars), (four, four_scalars) = runs[1], runs[4]
+  # Adam's steps barely depend on the gradient's scale: the loss and the gradient norm catch a
+  # sum where a mean belongs, or a micro-batch counted twice.
+  for tag, by_step in one_scalars.items():
+    for step in (1, 2):
+      assert four_scalars[tag][step] == pytest.approx(by_step[step], rel=1e-5), (tag, step)
+  flat_one, tree_one = jax.tree_util.tree_flatten(one)
+  flat_four, tree_four = jax.tree_util.tree_flatten(four)
+  assert tree_one == tree_four
+  for a, b in zip(flat_one, flat_four):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
 def test_events_hold_scalars_and_a_sample_grid(tmp_path, shapes_data_dir):

@@ -23,53 +23,54 @@ from absl import logging
 import numpy as np
 
 from imagen_jax import config_lib
-from imagen_jax.eval import sample_files
+from imagen_jax import fileio
+from imagen_jax.sample import images as sample_images
 # DrawBench sampling takes `imagen-jax sample`'s flags (--stages, --outdir, --steps, ...).
 from imagen_jax.sample import command as sample_command
 
 METRICS = ["shapes", "fid", "fid-stats", "drawbench", "drawbench-tally"]
 
 _METRIC = flags.DEFINE_enum("metric", "shapes", METRICS, "What to compute.")
-_SAMPLES = flags.DEFINE_string("samples", None, "Directory with samples.jsonl and its images.")
-_OUTPUT = config_lib.define_once("output", lambda: flags.DEFINE_string(
+_SAMPLES = config_lib.DEFINE_path("samples", None, "Directory with samples.jsonl and its images.")
+_OUTPUT = config_lib.DEFINE_path(
     "output", None, "Also write the scores as JSON to this file (fid-stats: the statistics "
-    ".npz; drawbench --compare: the HTML page)."))
+    ".npz; drawbench --compare: the HTML page).")
 # FID.
-_REFERENCE = flags.DEFINE_string("reference", None, "fid: reference statistics .npz.")
-_INCEPTION_WEIGHTS = flags.DEFINE_string(
+_REFERENCE = config_lib.DEFINE_path("reference", None, "fid: reference statistics .npz.")
+_INCEPTION_WEIGHTS = config_lib.DEFINE_path(
     "inception_weights", None, "fid, fid-stats: pytorch-fid's FID Inception weights "
     "(pt_inception-2015-12-05-6726825d.pth, or its .npz export).")
 _INCEPTION_BATCH = flags.DEFINE_integer("inception_batch_size", 50, "Images per Inception call.")
-_SOURCE = config_lib.define_once("source", lambda: flags.DEFINE_string(
+_SOURCE = config_lib.DEFINE_path(
     "source", None, "fid-stats: data source (shapes, tfds:NAME[:CONFIG], folder:PATH, "
-    "wds:PATTERN), as config.data.source."))
+    "wds:PATTERN), as config.data.source.", resolve=fileio.resolve_spec)
 _SPLIT = config_lib.define_once("split", lambda: flags.DEFINE_string(
     "split", "validation", "fid-stats: the source's split."))
-_DATA_DIR = config_lib.define_once("data_dir", lambda: flags.DEFINE_string(
-    "data_dir", "", "fid-stats: TFDS data_dir ('' : TFDS's default)."))
+_DATA_DIR = config_lib.DEFINE_path("data_dir", "",
+                                   "fid-stats: TFDS data_dir ('' : TFDS's default).")
 _IMAGE_KEY = flags.DEFINE_string("image_key", "image", "fid-stats: image feature (tfds: sources).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "fid-stats: a random subset of this many "
                                    "images (by --seed); 0: all.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "fid-stats: resize (shorter side) and "
                                    "centre-crop the references to this size: the samples' size.")
 # DrawBench.
-_PROMPTS_CSV = flags.DEFINE_string("prompts_csv", None, "drawbench: the DrawBench CSV "
+_PROMPTS_CSV = config_lib.DEFINE_path("prompts_csv", None, "drawbench: the DrawBench CSV "
                                    "(columns Prompts, Category).")
-_COMPARE = flags.DEFINE_list("compare", None, "drawbench: OUT_A,OUT_B: write a rating page "
+_COMPARE = config_lib.DEFINE_path_list("compare", None, "drawbench: OUT_A,OUT_B: write a rating page "
                              "(--output) instead of sampling.")
 _LABELS = flags.DEFINE_list("labels", None, "drawbench --compare: the two models' names "
                             "(default: the outdirs' names).")
 _PAGE_IMAGE_SIZE = flags.DEFINE_integer("page_image_size", 0, "drawbench --compare: shrink the "
                                         "embedded images to this size (0: as sampled).")
-_RATINGS = flags.DEFINE_list("ratings", None, "drawbench-tally: ratings JSON files.")
-_PAGE = flags.DEFINE_string("page", None, "drawbench-tally: the rating page, whose embedded "
+_RATINGS = config_lib.DEFINE_path_list("ratings", None, "drawbench-tally: ratings JSON files.")
+_PAGE = config_lib.DEFINE_path("page", None, "drawbench-tally: the rating page, whose embedded "
                             "side mapping is then used (default: the one in the ratings).")
 
 
 def read_samples(samples_dir: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
   """The records of samples.jsonl and their images (uint8 [H, W, 3]), in file order."""
-  records = sample_files.read_records(samples_dir)
-  return records, [sample_files.read_image(samples_dir, r) for r in records]
+  records = sample_images.read_records(samples_dir)
+  return records, [sample_images.read_image(samples_dir, r) for r in records]
 
 
 def shapes_scores(samples_dir: str) -> dict[str, dict[str, float]]:
@@ -148,5 +149,4 @@ def main(argv: Sequence[str]) -> None:
   print(text)
   # fid-stats and the rating page write --output themselves.
   if _OUTPUT.value and not (_METRIC.value == "fid-stats" or _COMPARE.value):
-    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    fileio.write_text(_OUTPUT.value, text + "\n")

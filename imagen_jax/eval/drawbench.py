@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from imagen_jax.eval import sample_files
+from imagen_jax import fileio
+from imagen_jax.sample import images as sample_images
 
 # The paper's DrawBench categories and prompt counts (200 prompts).
 PAPER_CATEGORIES = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20,
@@ -48,9 +49,9 @@ class DrawBenchError(ValueError):
 
 def read_csv(path: str) -> list[dict[str, Any]]:
   """[{"prompt", "category", "prompt_index"}] from a CSV with columns `Prompts` and `Category`."""
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise DrawBenchError(f"--prompts_csv {path!r} does not exist")
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  with io.StringIO(fileio.read_bytes(path).decode("utf-8-sig"), newline="") as f:
     reader = csv.DictReader(f)
     columns = [c.strip() for c in reader.fieldnames or []]
     if "Prompts" not in columns or "Category" not in columns:
@@ -97,7 +98,7 @@ def sample(cascade: Any, prompts: Sequence[dict[str, Any]], outdir: str, *,
 def _grouped(samples_dir: str) -> dict[tuple[Any, str], dict[str, Any]]:
   """{(prompt_index, prompt): {"category", "records" sorted by sample}} in file order."""
   groups: dict[tuple[Any, str], dict[str, Any]] = {}
-  for record in sample_files.read_records(samples_dir):
+  for record in sample_images.read_records(samples_dir):
     # Outdirs sampled from a DrawBench CSV carry prompt_index (a prompt may repeat); others
     # are grouped by prompt text.
     key = (record.get("prompt_index"), record["prompt"])
@@ -109,17 +110,15 @@ def _grouped(samples_dir: str) -> dict[tuple[Any, str], dict[str, Any]]:
 
 
 def _data_uri(samples_dir: str, record: dict[str, Any], image_size: int) -> str:
-  path = os.path.join(samples_dir, record["file"])
   if image_size:
-    image = Image.fromarray(sample_files.read_image(samples_dir, record))
+    image = Image.fromarray(sample_images.read_image(samples_dir, record))
     if image.size != (image_size, image_size):
       image = image.resize((image_size, image_size), Image.BICUBIC, reducing_gap=None)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data = buffer.getvalue()
   else:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = fileio.read_bytes(fileio.join(samples_dir, record["file"]))
   return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
@@ -173,8 +172,8 @@ def write_page(out_a: str, out_b: str, output: str, *, seed: int = 0,
   digest = hashlib.sha256(json.dumps(
       [seed, labels, [(i["prompt"], i["sides"], i["files"]) for i in items]]).encode())
   metadata = {"kind": PAGE_KIND, "version": 1, "page_id": digest.hexdigest()[:16], "seed": seed,
-              "models": [{"label": labels[0], "outdir": os.path.abspath(out_a)},
-                         {"label": labels[1], "outdir": os.path.abspath(out_b)}],
+              "models": [{"label": labels[0], "outdir": fileio.resolve(out_a)},
+                         {"label": labels[1], "outdir": fileio.resolve(out_b)}],
               "questions": QUESTIONS, "choices": list(CHOICES),
               "items": [{k: v for k, v in i.items() if not k.startswith("_")} for i in items]}
   sections = [_item_html(item, len(items), image_size) for item in items]
@@ -182,11 +181,7 @@ def write_page(out_a: str, out_b: str, output: str, *, seed: int = 0,
       count=len(items), sections="\n".join(sections),
       metadata=json.dumps(metadata, indent=1).replace("</", "<\\/"), script=_SCRIPT,
       style=_STYLE)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  tmp = output + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, output)
+  fileio.write_text(output, text)
   return metadata
 
 
@@ -322,8 +317,7 @@ done, press <b>Download ratings</b> and send the JSON file.</p>
 
 def read_page_metadata(page: str) -> dict[str, Any]:
   """The metadata embedded in a rating page written by `write_page`."""
-  with open(page, encoding="utf-8") as f:
-    text = f.read()
+  text = fileio.read_text(page)
   start_tag = '<script type="application/json" id="drawbench-page">'
   start = text.find(start_tag)
   end = text.find("</script>", start)
@@ -350,8 +344,7 @@ def tally(ratings_files: Sequence[str], page: str | None = None) -> dict[str, An
       q: collections.defaultdict(collections.Counter) for q in QUESTIONS}
   raters = []
   for path in ratings_files:
-    with open(path, encoding="utf-8") as f:
-      ratings = json.load(f)
+    ratings = json.loads(fileio.read_text(path))
     if ratings.get("kind") != RATINGS_KIND:
       raise DrawBenchError(f"{path} is not a DrawBench ratings file")
     file_labels = [m["label"] for m in ratings["models"]]

@@ -25,7 +25,7 @@ import numpy as np
 
 from imagen_jax.data import preprocess
 from imagen_jax.eval import inception
-from imagen_jax.eval import sample_files
+from imagen_jax.sample import images as outdir_images
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -88,8 +88,8 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 def sample_images(samples_dir: str) -> tuple[int, Iterator[np.ndarray]]:
   """(count, uint8 [H, W, 3] images) of an `imagen-jax sample` outdir, read one at a time."""
-  records = sample_files.read_records(samples_dir)
-  return len(records), (sample_files.read_image(samples_dir, r) for r in records)
+  records = outdir_images.read_records(samples_dir)
+  return len(records), (outdir_images.read_image(samples_dir, r) for r in records)
 
 
 def source_images(source: str, split: str, image_size: int, *, data_dir: str = "",

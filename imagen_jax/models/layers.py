@@ -17,6 +17,7 @@ import functools
 import math
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -173,10 +174,26 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, key_mask: jax.
     if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
       try:
         return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
-      except Exception:  # pylint: disable=broad-except  (unsupported shape: use XLA's kernel)
-        pass
+      except Exception as e:  # pylint: disable=broad-except  (unsupported shape: use XLA's kernel)
+        _warn_cudnn_fallback(e)
     implementation = None
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+
+
+_cudnn_fallback_warned = False
+
+
+def _warn_cudnn_fallback(error: Exception) -> None:
+  """Says once per process why cuDNN attention was refused: XLA's kernel is slower and needs
+  memory quadratic in the sequence length, so a silent swap would hide the cause of both. Once
+  only: a model traces attention at every level, and again for each new shape."""
+  global _cudnn_fallback_warned
+  if _cudnn_fallback_warned:
+    return
+  _cudnn_fallback_warned = True
+  logging.warning("cuDNN attention is unavailable (%s: %s); using XLA's attention instead "
+                  "(slower, more memory). Further fallbacks are not reported.",
+                  type(error).__name__, error)
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagen_jax import fileio
 from imagen_jax import models
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
@@ -84,6 +85,7 @@ class Cascade:
   def from_workdirs(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None,
                     use_ema: bool = True, text_encoder: Any = None) -> "Cascade":
     """Loads each stage's (EMA) params from its latest or given checkpoint step."""
+    workdirs = [fileio.resolve(str(w)) for w in workdirs]  # the records name them from anywhere
     steps = list(steps) if steps is not None else [None] * len(workdirs)
     if len(steps) != len(workdirs):
       raise ChainError(f"{len(steps)} checkpoint steps given for {len(workdirs)} stages")

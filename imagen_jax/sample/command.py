@@ -14,27 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
 import numpy as np
-from PIL import Image
 import tqdm
 
 from imagen_jax import config_lib
+from imagen_jax import fileio
 from imagen_jax.sample import cascade as cascade_lib
 from imagen_jax.sample import images as images_lib
 from imagen_jax.sample import stage as stage_lib
 
-_STAGES = flags.DEFINE_list("stages", None, "Stage workdirs, base first: DIR[,DIR[,DIR]].")
+_STAGES = config_lib.DEFINE_path_list("stages", None,
+                                      "Stage workdirs, base first: DIR[,DIR[,DIR]].")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). '' is unconditional.")
-_PROMPTS_FILE = flags.DEFINE_string(
+_PROMPTS_FILE = config_lib.DEFINE_path(
     "prompts_file", None, "One prompt per line, or .jsonl with a `prompt` field per line (other "
     "fields, e.g. `split`, are copied to samples.jsonl).")
-_OUTDIR = config_lib.define_once("outdir", lambda: flags.DEFINE_string(
-    "outdir", None, "Where the PNGs, grid.png and samples.jsonl go."))
+_OUTDIR = config_lib.DEFINE_path("outdir", None,
+                                 "Where the PNGs, grid.png and samples.jsonl go (local or gs://).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Images per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Image i is sampled from (seed, i) alone.")
 _STEPS_PER_STAGE = flags.DEFINE_list("ckpt_steps", None, "Checkpoint step per stage (default latest).")
@@ -56,10 +56,9 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[dict[
   if prompts and prompts_file:
     raise SampleError("give --prompt or --prompts_file, not both")
   if prompts_file:
-    if not os.path.exists(prompts_file):
+    if not fileio.exists(prompts_file):
       raise SampleError(f"--prompts_file {prompts_file!r} does not exist")
-    with open(prompts_file, encoding="utf-8") as f:
-      lines = [line.rstrip("\n") for line in f]
+    lines = fileio.read_text(prompts_file).splitlines()
     if prompts_file.endswith(".jsonl"):
       items = [json.loads(line) for line in lines if line.strip()]
       for i, item in enumerate(items):
@@ -112,21 +111,19 @@ def run(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str
         num_samples: int = 1, seed: int = 0, settings: Sequence[stage_lib.StageSettings],
         batch_size: int = 16, save_stages: bool = False, show_progress: bool = True
         ) -> list[dict[str, Any]]:
-  """Samples every (prompt, sample) not yet in OUT/samples.jsonl; returns all records."""
-  os.makedirs(outdir, exist_ok=True)
+  """Samples every (prompt, sample) not yet in OUT/samples.jsonl; returns all records.
+
+  `outdir` is a local path or gs://; each batch's PNGs are written before samples.jsonl is
+  replaced with the longer list, so a listed image is a finished image.
+  """
+  outdir = fileio.resolve(outdir)
+  fileio.makedirs(outdir)
   stage_info = [{"workdir": s.workdir, "checkpoint_step": s.step, "image_size": s.config.image_size,
                  **dataclasses.asdict(st)} for s, st in zip(cascade.stages, settings)]
   plan = [{**item, "file": f"{i * num_samples + j:05d}.png",
            "index": i * num_samples + j, "sample": j, "seed": seed, "stages": stage_info}
           for i, item in enumerate(prompts) for j in range(num_samples)]
-  jsonl = os.path.join(outdir, "samples.jsonl")
-  done = {}
-  if os.path.exists(jsonl):
-    with open(jsonl, encoding="utf-8") as f:
-      for line in f:
-        if line.strip():
-          record = json.loads(line)
-          done[record["index"]] = record
+  done = {r["index"]: r for r in images_lib.read_records(outdir, missing_ok=True)}
   for record in plan:
     old = done.get(record["index"])
     if old is not None and (old["prompt"] != record["prompt"] or old["stages"] != stage_info
@@ -152,27 +149,24 @@ def run(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str
       bars.pop(k)
 
   if save_stages:
-    os.makedirs(os.path.join(outdir, "stages"), exist_ok=True)
-  with open(jsonl, "a", encoding="utf-8") as out:
-    for start in range(0, len(todo), batch_size):
-      chunk = todo[start:start + batch_size]
-      images = cascade.sample([r["prompt"] for r in chunk], seed=seed,
-                              indices=[r["index"] for r in chunk], settings=settings,
-                              progress=progress)
-      for i, record in enumerate(chunk):
-        images_lib.write_png(images[-1][i], os.path.join(outdir, record["file"]))
-        if save_stages:
-          for k, stage_images in enumerate(images):
-            images_lib.write_png(stage_images[i], os.path.join(
-                outdir, "stages", f"{record['index']:05d}_stage{k + 1}.png"))
-        # The record goes in after its PNG is complete: a listed image is a finished image.
-        out.write(json.dumps(record) + "\n")
-        out.flush()
-        done[record["index"]] = record
+    fileio.makedirs(fileio.join(outdir, "stages"))
+  for start in range(0, len(todo), batch_size):
+    chunk = todo[start:start + batch_size]
+    images = cascade.sample([r["prompt"] for r in chunk], seed=seed,
+                            indices=[r["index"] for r in chunk], settings=settings,
+                            progress=progress)
+    for i, record in enumerate(chunk):
+      images_lib.write_png(images[-1][i], fileio.join(outdir, record["file"]))
+      if save_stages:
+        for k, stage_images in enumerate(images):
+          images_lib.write_png(stage_images[i], fileio.join(
+              outdir, "stages", f"{record['index']:05d}_stage{k + 1}.png"))
+      done[record["index"]] = record
+    # The records go in after their PNGs are complete: a listed image is a finished image.
+    images_lib.write_records(outdir, list(done.values()))
   records = [done[r["index"]] for r in plan]
-  grid = np.stack([np.asarray(Image.open(os.path.join(outdir, r["file"])).convert("RGB"))
-                   for r in records])
-  images_lib.write_png(images_lib.image_grid(grid), os.path.join(outdir, "grid.png"))
+  grid = np.stack([images_lib.read_image(outdir, r) for r in records])
+  images_lib.write_png(images_lib.image_grid(grid), fileio.join(outdir, "grid.png"))
   return records
 
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-from imagen_jax.text import files
+from imagen_jax import fileio
 
 FORMAT = "imagen-jax embedding cache"
 VERSION = 1
@@ -94,24 +94,24 @@ def part_name(part: int) -> str:
 
 
 def data_path(root: str, part: int) -> str:
-  return files.join(root, PARTS_DIR, part_name(part) + ".bin")
+  return fileio.join(root, PARTS_DIR, part_name(part) + ".bin")
 
 
 def record_path(root: str, part: int) -> str:
-  return files.join(root, PARTS_DIR, part_name(part) + ".json")
+  return fileio.join(root, PARTS_DIR, part_name(part) + ".json")
 
 
 def read_metadata(root: str) -> Metadata:
-  path = files.join(root, METADATA)
-  if not files.exists(path):
+  path = fileio.join(root, METADATA)
+  if not fileio.exists(path):
     raise FileNotFoundError(f"no embedding cache at {root} ({METADATA} is missing)")
-  return Metadata.from_json(files.read_text(path), path)
+  return Metadata.from_json(fileio.read_text(path), path)
 
 
 def create_or_check(root: str, metadata: Metadata) -> Metadata:
   """Writes cache.json, or checks that the existing one describes the same job (resume)."""
-  path = files.join(root, METADATA)
-  if files.exists(path):
+  path = fileio.join(root, METADATA)
+  if fileio.exists(path):
     existing = read_metadata(root)
     if existing != metadata:
       old, new = dataclasses.asdict(existing), dataclasses.asdict(metadata)
@@ -120,8 +120,8 @@ def create_or_check(root: str, metadata: Metadata) -> Metadata:
           f"{root} holds a cache written with other settings; differences (existing, now): "
           f"{diff}. Use a new output path, or delete the old cache.")
     return existing
-  files.makedirs(files.join(root, PARTS_DIR))
-  files.write_bytes(path, metadata.to_json().encode())
+  fileio.makedirs(fileio.join(root, PARTS_DIR))
+  fileio.write_bytes(path, metadata.to_json().encode())
   return metadata
 
 
@@ -141,8 +141,8 @@ class PartWriter:
     self.keys: list[str] = []
     self.crc = 0
     self.bytes = 0
-    files.remove_stale_temporaries(data_path(root, part))  # from a writer that was killed
-    self._context = files.atomic_writer(data_path(root, part))
+    fileio.remove_stale_temporaries(data_path(root, part))  # from a writer that was killed
+    self._context = fileio.atomic_writer(data_path(root, part))
     self._stream = self._context.__enter__()
 
   def add(self, embeddings: np.ndarray, lengths: Sequence[int], keys: Sequence[Any]) -> None:
@@ -165,7 +165,7 @@ class PartWriter:
     record = {"part": self.part, "start": self.start, "end": self.end,
               "num_tokens": int(sum(self.lengths)), "data_bytes": self.bytes,
               "crc32": self.crc, "lengths": self.lengths, "keys": self.keys}
-    files.write_bytes(record_path(self.root, self.part), json.dumps(record).encode())
+    fileio.write_bytes(record_path(self.root, self.part), json.dumps(record).encode())
     return record
 
   def abort(self) -> None:
@@ -178,7 +178,7 @@ class PartWriter:
 
 def committed_parts(root: str, metadata: Metadata) -> set[int]:
   """The parts whose commit record exists (one directory listing)."""
-  names = set(files.listdir(files.join(root, PARTS_DIR)))
+  names = set(fileio.listdir(fileio.join(root, PARTS_DIR)))
   return {p for p in range(metadata.num_parts) if part_name(p) + ".json" in names}
 
 
@@ -235,7 +235,7 @@ class EmbeddingCache:
         return self._parts[part]
     path = record_path(self.path, part)
     try:
-      record = json.loads(files.read_text(path))
+      record = json.loads(fileio.read_text(path))
     except FileNotFoundError:
       record = None
     if record is None:
@@ -281,7 +281,7 @@ class EmbeddingCache:
     part, row, entry = self._locate(index)
     item = self.storage_dtype.itemsize * self.width
     start, end = int(entry.offsets[row]) * item, int(entry.offsets[row + 1]) * item
-    data = files.read_bytes(data_path(self.path, part), start, end)
+    data = fileio.read_bytes(data_path(self.path, part), start, end)
     if len(data) != end - start:
       raise IOError(f"example {index}: read {len(data)} of {end - start} bytes from part {part}")
     return np.frombuffer(data, self.storage_dtype).reshape(-1, self.width)
@@ -334,7 +334,7 @@ def verify(root: str, checksums: bool = False) -> VerifyReport:
     if part not in done:
       missing.append(part)
       continue
-    record = json.loads(files.read_text(record_path(root, part)))
+    record = json.loads(fileio.read_text(record_path(root, part)))
     start, end = metadata.part_range(part)
     problems = []
     if (record["start"], record["end"]) != (start, end) or len(record["lengths"]) != end - start \
@@ -346,12 +346,12 @@ def verify(root: str, checksums: bool = False) -> VerifyReport:
     if record["data_bytes"] != sum(record["lengths"]) * item:
       problems.append("recorded bytes do not match the lengths")
     try:
-      size = files.size(data_path(root, part))
+      size = fileio.size(data_path(root, part))
     except FileNotFoundError:
       size = -1
     if size != record["data_bytes"]:
       problems.append(f"data file has {size} bytes, record says {record['data_bytes']}")
-    elif checksums and zlib.crc32(files.read_bytes(data_path(root, part))) != record["crc32"]:
+    elif checksums and zlib.crc32(fileio.read_bytes(data_path(root, part))) != record["crc32"]:
       problems.append("crc32 mismatch")
     if problems:
       bad[part] = "; ".join(problems)

@@ -30,15 +30,15 @@ import numpy as np
 
 from imagen_jax import config_lib
 from imagen_jax.text import cache as cache_lib
-from imagen_jax.text import files
+from imagen_jax import fileio
 from imagen_jax.text import tokenizer as tokenizer_lib
 from imagen_jax.train import distributed  # its flags: --coordinator_address, ...
 
 _CONFIG = config_lib.config_flag("configs/encode.py:xxl")
 _VERIFY = flags.DEFINE_bool("verify", False, "Check that the cache at config.output is complete.")
-_CONVERT = flags.DEFINE_string("convert", None, "Convert the T5 weights in this Hugging Face or "
+_CONVERT = config_lib.DEFINE_path("convert", None, "Convert the T5 weights in this Hugging Face or "
                                "t5x directory to an Orbax checkpoint (with --convert_to).")
-_CONVERT_TO = flags.DEFINE_string("convert_to", None, "Output directory of --convert.")
+_CONVERT_TO = config_lib.DEFINE_path("convert_to", None, "Output directory of --convert.")
 _CONVERT_DTYPE = flags.DEFINE_enum("convert_dtype", "float32", ["float32", "bfloat16"],
                                    "Parameter dtype written by --convert.")
 
@@ -60,7 +60,7 @@ class TextFileSource(CaptionSource):
   """One caption per line ("\\n"-separated; a trailing "\\r" is dropped); index = line number."""
 
   def __init__(self, path: str):
-    text = files.read_text(path)
+    text = fileio.read_text(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
       lines.pop()  # the file's final newline ends the last line, it does not start a new one
@@ -285,7 +285,7 @@ def convert(source: str, output: str, dtype: str = "float32") -> dict[str, Any]:
   kind, config, params = encoder_lib.read_weights(source, dtype=np.dtype(
       cache_lib.STORAGE_DTYPES[dtype]))
   vocab_path = encoder_lib._find_vocab(source, None)  # pylint: disable=protected-access
-  weights.save_converted(output, config, params, files.read_bytes(vocab_path), source)
+  weights.save_converted(output, config, params, fileio.read_bytes(vocab_path), source)
   count = sum(int(np.prod(a.shape)) for a in weights.flatten(params).values())
   return {"source": source, "kind": kind, "output": output, "params": count, "dtype": dtype,
           "config": config.to_dict()}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.text import builtin
-from imagen_jax.text import files
+from imagen_jax import fileio
 from imagen_jax.text import t5
 from imagen_jax.text import tokenizer as tokenizer_lib
 from imagen_jax.text import weights
@@ -146,13 +146,13 @@ def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _find_vocab(path: str, vocab: str | None) -> str:
   """`vocab`, else spiece.model in `path`, else (t5x checkpoints carry none) in its parent."""
-  candidates = [vocab] if vocab else [files.join(path, weights.VOCAB_FILE)]
+  candidates = [vocab] if vocab else [fileio.join(path, weights.VOCAB_FILE)]
   if not vocab and weights.is_t5x_dir(path):
-    parent = path.rstrip("/").rsplit("/", 1)[0] if files.is_remote(path) else \
+    parent = path.rstrip("/").rsplit("/", 1)[0] if fileio.is_remote(path) else \
         os.path.dirname(os.path.abspath(path))
-    candidates.append(files.join(parent, weights.VOCAB_FILE))
+    candidates.append(fileio.join(parent, weights.VOCAB_FILE))
   for candidate in candidates:
-    if files.exists(candidate):
+    if fileio.exists(candidate):
       return candidate
   raise FileNotFoundError(f"no SentencePiece vocabulary for {path}: looked for "
                           f"{', '.join(candidates)}. Put T5's spiece.model there or pass vocab=.")
@@ -169,7 +169,7 @@ def read_weights(path: str, dtype: Any = None) -> tuple[str, t5.T5Config, Any]:
 
 def _not_found_message(path: str) -> str:
   hint = ""
-  if "/" not in path and not files.exists(path):
+  if "/" not in path and not fileio.exists(path):
     hint = (f" {path!r} looks like a model name: imagen-jax loads weights offline. Download the "
             "Hugging Face directory (config.json, model.safetensors, spiece.model) or a t5x "
             "checkpoint and give its path, or use builtin:shapes-tiny.")

@@ -21,7 +21,7 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
-from imagen_jax.text import files
+from imagen_jax import fileio
 
 PAD_ID = 0  # T5 pads with id 0 and gives padding a zero mask
 
@@ -77,7 +77,7 @@ class Tokenizer:
 
   @classmethod
   def from_file(cls, path: str, max_length: int = 128, backend: str = "sentencepiece") -> "Tokenizer":
-    return cls(files.read_bytes(path), max_length, backend, model_path=path)
+    return cls(fileio.read_bytes(path), max_length, backend, model_path=path)
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -126,7 +126,7 @@ def _seqio_vocabulary(model_proto: bytes, model_path: str | None):
     import seqio  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("backend='seqio' needs the tf extra: pip install 'imagen-jax[tf]'") from e
-  if model_path is None or files.is_remote(model_path) and not model_path.startswith("gs://"):
+  if model_path is None or fileio.is_remote(model_path) and not model_path.startswith("gs://"):
     fd, model_path = tempfile.mkstemp(suffix=".model")
     with os.fdopen(fd, "wb") as f:
       f.write(model_proto)

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imagen_jax.text import files
+from imagen_jax import fileio
 from imagen_jax.text import t5
 
 CONVERTED_MARKER = "imagen_t5.json"
@@ -206,32 +206,32 @@ def params_to_hf(params: Mapping[str, Any], config: t5.T5Config) -> dict[str, np
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  if files.is_remote(path):
-    return st_numpy.load(files.read_bytes(path))
+  if fileio.is_remote(path):
+    return st_numpy.load(fileio.read_bytes(path))
   return st_numpy.load_file(path)
 
 
 def is_hf_dir(path: str) -> bool:
-  return files.exists(files.join(path, "config.json")) and (
-      files.exists(files.join(path, "model.safetensors"))
-      or files.exists(files.join(path, "model.safetensors.index.json")))
+  return fileio.exists(fileio.join(path, "config.json")) and (
+      fileio.exists(fileio.join(path, "model.safetensors"))
+      or fileio.exists(fileio.join(path, "model.safetensors.index.json")))
 
 
 def load_hf(path: str, dtype: Any = None) -> tuple[t5.T5Config, dict[str, Any]]:
   """Reads a Hugging Face T5 / T5EncoderModel directory (safetensors, single or sharded)."""
-  config_path = files.join(path, "config.json")
-  config = config_from_hf(json.loads(files.read_text(config_path)), config_path)
-  index_path = files.join(path, "model.safetensors.index.json")
+  config_path = fileio.join(path, "config.json")
+  config = config_from_hf(json.loads(fileio.read_text(config_path)), config_path)
+  index_path = fileio.join(path, "model.safetensors.index.json")
   tensors: dict[str, np.ndarray] = {}
-  if files.exists(index_path):
-    weight_map = json.loads(files.read_text(index_path))["weight_map"]
+  if fileio.exists(index_path):
+    weight_map = json.loads(fileio.read_text(index_path))["weight_map"]
     for shard in sorted(set(weight_map.values())):
-      for name, array in _read_safetensors(files.join(path, shard)).items():
+      for name, array in _read_safetensors(fileio.join(path, shard)).items():
         if not _hf_ignored(name) or name == "encoder.embed_tokens.weight":
           tensors[name] = array
   else:
     tensors = {name: array for name, array in
-               _read_safetensors(files.join(path, "model.safetensors")).items()
+               _read_safetensors(fileio.join(path, "model.safetensors")).items()
                if not _hf_ignored(name) or name == "encoder.embed_tokens.weight"}
   return config, hf_to_params(tensors, config, source=path, dtype=dtype)
 
@@ -243,14 +243,14 @@ _T5X_LAYER = re.compile(r"^layers_(\d+)/")
 
 def find_t5x_checkpoint(path: str) -> str:
   """The `checkpoint_N` directory: `path` itself, or the highest step inside it."""
-  if files.exists(files.join(path, "checkpoint")):
+  if fileio.exists(fileio.join(path, "checkpoint")):
     return path
-  steps = [(int(m.group(1)), name) for name in files.listdir(path)
+  steps = [(int(m.group(1)), name) for name in fileio.listdir(path)
            if (m := re.fullmatch(r"checkpoint_(\d+)", name))]
   if not steps:
     raise FileNotFoundError(f"no t5x checkpoint in {path}: expected a 'checkpoint' msgpack file "
                             "or checkpoint_<step> directories")
-  return files.join(path, max(steps)[1])
+  return fileio.join(path, max(steps)[1])
 
 
 def is_t5x_dir(path: str) -> bool:
@@ -267,7 +267,7 @@ def _read_tensorstore(checkpoint_dir: str, spec: Mapping[str, Any]) -> np.ndarra
   spec = json.loads(json.dumps(spec))  # a private, JSON-plain copy
   kvstore = spec.get("kvstore")
   relative = kvstore.get("path") if isinstance(kvstore, dict) and "path" in kvstore else spec.pop("path")
-  spec["kvstore"] = _kvstore_spec(files.join(checkpoint_dir, relative))
+  spec["kvstore"] = _kvstore_spec(fileio.join(checkpoint_dir, relative))
   spec.pop("path", None)
   return ts.open(spec, open=True, read=True).result().read().result()
 
@@ -288,7 +288,7 @@ def read_t5x_target(path: str) -> dict[str, np.ndarray]:
   """Flat `{name: array}` of the model parameters (`target`) of a t5x checkpoint."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
   checkpoint_dir = find_t5x_checkpoint(path)
-  contents = serialization.msgpack_restore(files.read_bytes(files.join(checkpoint_dir, "checkpoint")))
+  contents = serialization.msgpack_restore(fileio.read_bytes(fileio.join(checkpoint_dir, "checkpoint")))
   # Legacy t5x: {"version": 3, "optimizer": {"target": ..., "state": ...}}; later: {"target": ...}.
   node = contents.get("optimizer", contents)
   if "target" not in node:
@@ -363,9 +363,9 @@ def load_t5x(path: str, dtype: Any = None,
   """
   flat = read_t5x_target(path)
   overrides = {}
-  for candidate in (files.join(path, "config.json"),):
-    if files.exists(candidate):
-      overrides = config_from_hf(json.loads(files.read_text(candidate)), candidate).to_dict()
+  for candidate in (fileio.join(path, "config.json"),):
+    if fileio.exists(candidate):
+      overrides = config_from_hf(json.loads(fileio.read_text(candidate)), candidate).to_dict()
   overrides.update(config_overrides or {})
   config = config_from_t5x(flat, overrides)
   return config, t5x_to_params(flat, config, source=path, dtype=dtype)
@@ -374,29 +374,29 @@ def load_t5x(path: str, dtype: Any = None,
 # ------------------------------------------------------------------------ converted (Orbax)
 
 def is_converted_dir(path: str) -> bool:
-  return files.exists(files.join(path, CONVERTED_MARKER))
+  return fileio.exists(fileio.join(path, CONVERTED_MARKER))
 
 
 def save_converted(path: str, config: t5.T5Config, params: Mapping[str, Any], vocab: bytes,
                    source: str) -> None:
   """Writes params as an Orbax checkpoint plus the config and vocabulary; loads shard-wise."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  files.makedirs(path)
-  params_path = files.join(path, ORBAX_PARAMS)
+  fileio.makedirs(path)
+  params_path = fileio.join(path, ORBAX_PARAMS)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(params_path if files.is_remote(path) else os.path.abspath(params_path), params,
+  checkpointer.save(params_path if fileio.is_remote(path) else os.path.abspath(params_path), params,
                     force=True)
   checkpointer.wait_until_finished()
-  files.write_bytes(files.join(path, VOCAB_FILE), vocab)
+  fileio.write_bytes(fileio.join(path, VOCAB_FILE), vocab)
   dtypes = sorted({str(np.asarray(a).dtype) for a in flatten(params).values()})
   marker = {"format": "imagen-jax T5 v1.1 encoder", "version": 1, "config": config.to_dict(),
             "param_dtypes": dtypes, "source": source}
   # The marker goes last: a directory without it is an unfinished conversion.
-  files.write_bytes(files.join(path, CONVERTED_MARKER), json.dumps(marker, indent=2).encode())
+  fileio.write_bytes(fileio.join(path, CONVERTED_MARKER), json.dumps(marker, indent=2).encode())
 
 
 def load_converted_config(path: str) -> t5.T5Config:
-  marker = json.loads(files.read_text(files.join(path, CONVERTED_MARKER)))
+  marker = json.loads(fileio.read_text(fileio.join(path, CONVERTED_MARKER)))
   return t5.T5Config.from_dict(marker["config"])
 
 
@@ -405,8 +405,8 @@ def load_converted(path: str, target: Any = None) -> tuple[t5.T5Config, dict[str
   (each host then reads only its shards); None restores plain arrays on the default device."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = load_converted_config(path)
-  params_path = files.join(path, ORBAX_PARAMS)
-  params_path = params_path if files.is_remote(path) else os.path.abspath(params_path)
+  params_path = fileio.join(path, ORBAX_PARAMS)
+  params_path = params_path if fileio.is_remote(path) else os.path.abspath(params_path)
   checkpointer = ocp.StandardCheckpointer()
   params = checkpointer.restore(params_path, target) if target is not None else \
       checkpointer.restore(params_path)

@@ -8,7 +8,11 @@
 - `config`: the stage's resolved config (JSON), so `sample` can rebuild the stage from its workdir.
 
 Saves are asynchronous. Orbax writes into a temporary directory and renames it when complete,
-so a job killed mid-save leaves no checkpoint that a restore would accept.
+so a job killed mid-save leaves no checkpoint that a restore would accept. A save that fails in
+the background is reported by `check()` (the loop calls it every step) as a CheckpointError
+naming the checkpoint and the cause, and old checkpoints are deleted only after a newer one is
+complete: Orbax's own `max_to_keep` deletes them even when the newer save failed, and its
+finalize thread logs the failure and carries on, so neither is used.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import base64
 import json
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from imagen_jax import config_lib
+from imagen_jax import fileio
 from imagen_jax.train import distributed
 
 ITEMS = ("state", "data", "config")
@@ -30,7 +36,28 @@ PER_PROCESS = "per_process"
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  return epath.Path(fileio.resolve(str(workdir))) / "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that was not written: the message names it, the cause and what is intact."""
+
+
+class _Manager(ocp.CheckpointManager):
+  """Keeps the error of a failed background save for `Checkpointer.check`.
+
+  Orbax's finalize thread calls `check_for_errors()`, which consumes the error, logs it and
+  lets the job go on; this override records it first.
+  """
+
+  save_error: BaseException | None = None
+
+  def check_for_errors(self):
+    try:
+      super().check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self.save_error = e
+      raise
 
 
 class Checkpointer:
@@ -39,7 +66,11 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int | None = None, async_save: bool = True,
                read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(
+    self.keep = keep
+    self._pending: int | None = None    # the step of the last save, until pruned after it
+    self._confirmed: int | None = None  # the last step whose save is known to be complete
+    self._failed = False                # a failed save was reported (Orbax keeps re-raising it)
+    self.manager = _Manager(
         self.directory,
         # PyTree (not Standard) handler for the state: it can also restore a subtree (sampling
         # reads only the EMA params, never the optimizer state).
@@ -47,7 +78,7 @@ class Checkpointer:
                        "data": ocp.JsonCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            enable_async_checkpointing=async_save, create=not read_only,
             read_only=read_only, cleanup_tmp_directories=not read_only))
 
   def latest_step(self) -> int | None:
@@ -57,10 +88,62 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: Any, config: ml_collections.ConfigDict) -> None:
+    """Starts writing checkpoint `step` (in the background when async); `check` reports it."""
+    self.check(wait=True)  # the previous save must have succeeded before this one starts
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(encode_data_state(data_state)),
         config=ocp.args.JsonSave(json.loads(config_lib.to_json(config)))), force=True)
+    self._pending = step
+    if not self.manager.is_saving_in_progress():  # a synchronous save is already done
+      self.check()
+
+  def check(self, wait: bool = False) -> None:
+    """Raises CheckpointError if the last save failed; once it succeeded, prunes old ones.
+
+    Cheap while a save is in flight (returns at once unless `wait`): the loop calls it at
+    every step boundary, so a failed save stops the run at the next step.
+    """
+    if self._pending is None or (not wait and self.manager.is_saving_in_progress()):
+      return
+    step = self._pending
+    if self._confirmed != step:
+      self._verify(step)
+      self._confirmed = step
+    # Deleting synchronizes all processes, so a multi-process job prunes only where every
+    # process stands at the same step (the next save, the end); one process prunes at once.
+    if wait or jax.process_count() == 1:
+      self._pending = None
+      self._prune()
+
+  def _verify(self, step: int) -> None:
+    """Raises CheckpointError unless the save of `step` completed (waits for it)."""
+    try:
+      self.manager.wait_until_finished()  # re-raises what failed in Orbax's finalize thread
+      error = self.manager.save_error     # what that thread caught and only logged
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    self.manager.save_error = None
+    if error is None and not (self.directory / str(step)).exists():
+      error = RuntimeError("the checkpoint directory is missing after the save finished")
+    if error is not None:
+      self._pending, self._failed = None, True
+      self.manager.reload()  # forget the step Orbax listed before the save failed
+      intact = self.manager.latest_step()
+      raise CheckpointError(
+          f"saving the checkpoint at step {step} to {self.directory / str(step)} failed: "
+          f"{type(error).__name__}: {error}. "
+          + (f"The last complete checkpoint is step {intact}; " if intact is not None else
+             "There is no complete checkpoint; ")
+          + "fix the cause and rerun the same command to resume from it.") from error
+
+  def _prune(self) -> None:
+    """Deletes all but the newest `keep` checkpoints (only ever after a save succeeded)."""
+    if not self.keep:
+      return
+    for old in sorted(self.manager.all_steps())[:-self.keep]:
+      logging.info("Deleting the checkpoint at step %d (keep=%d)", old, self.keep)
+      self.manager.delete(old)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """(state, data_state) at `step`; arrays land on the shardings in `abstract_state`."""
@@ -87,10 +170,15 @@ class Checkpointer:
     return restored["state"][which]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for a save in flight; raises CheckpointError if it failed."""
+    self.check(wait=True)
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:  # else: the failure `check` already reported, raised again
+        raise
 
 
 def restore_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:

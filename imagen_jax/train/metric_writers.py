@@ -22,7 +22,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from imagen_jax.text import files
+from imagen_jax import fileio
 
 
 class TensorBoardWriter:
@@ -33,7 +33,7 @@ class TensorBoardWriter:
     # the object with only the newest events. So remote logs are written to a local staging
     # directory and each flush() uploads the whole event file in one atomic write.
     self._logdir = str(logdir)
-    self._staging = tempfile.mkdtemp(prefix="imagen_tb_") if files.is_remote(self._logdir) else None
+    self._staging = tempfile.mkdtemp(prefix="imagen_tb_") if fileio.is_remote(self._logdir) else None
     self._writer = EventFileWriter(self._staging or self._logdir, max_queue_size=100,
                                    flush_secs=30)
 
@@ -81,12 +81,13 @@ class TensorBoardWriter:
       shutil.rmtree(self._staging, ignore_errors=True)
 
   def _upload(self) -> None:
+    """Uploads each staged event file whole; transient errors are retried a bounded number of
+    times (fileio.write_bytes), then a StorageError naming the file stops the run."""
     if not self._staging:
       return
     for name in os.listdir(self._staging):
-      with open(os.path.join(self._staging, name), "rb") as local, \
-          files.atomic_writer(files.join(self._logdir, name)) as remote:
-        shutil.copyfileobj(local, remote)
+      with open(os.path.join(self._staging, name), "rb") as local:
+        fileio.write_bytes(fileio.join(self._logdir, name), local.read())
 
 
 class ConsoleWriter:

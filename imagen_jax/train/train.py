@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from imagen_jax import config_lib
+from imagen_jax import fileio
 from imagen_jax import models
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
@@ -40,8 +41,8 @@ from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
 _CONFIG = config_lib.config_flag()
-_WORKDIR = config_lib.define_once("workdir", lambda: flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs and samples go (local or gs://)."))
+_WORKDIR = config_lib.DEFINE_path(
+    "workdir", None, "Where checkpoints, logs and samples go (local or gs://).")
 
 
 class TrainingError(RuntimeError):
@@ -63,7 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `devices` (default: all) is the mesh's device set; tests use it to compare meshes.
   """
   # --- 1. Check the config and the workdir before anything is compiled ----------------------
-  workdir = str(workdir)
+  workdir = fileio.resolve(str(workdir))  # Orbax refuses relative paths (in a background thread)
   mesh = partitioning.make_mesh(config.mesh, devices)
   check_config(config, mesh)
   check_workdir_writable(workdir)
@@ -116,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not lead)
   progress = metric_writers.ReportProgress(config.total_steps, config.batch_size)
   if lead:
-    epath.Path(workdir, "config.json").write_text(config_lib.to_json(config))
+    fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(config))
     logging.info("Parameters:\n%s\ntotal_params: %d", *models.parameter_table(config))
   logging.info("Compiled the train step in %.1f s; %s FLOPs per step per device", compile_seconds,
                f"{flops_per_step:.3g}" if flops_per_step else "unknown")
@@ -131,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = pipeline_lib.global_batch(device_part(next(data), batch_shapes), mesh)
       state, metrics = compiled_step(state, batch, text_params)
       train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
+      ckpt.check()  # a checkpoint that failed in the background stops the run here
 
       if step % config.log_every == 0 or step == config.total_steps:
         # The host waits for the device only here, for previews and for checkpoints.
@@ -153,17 +155,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if preempted:
         logging.warning("Preempted: saved the checkpoint at step %d; exiting.", step)
         break
-  finally:
+  except BaseException:
     # --- 8. Finish: complete any save in flight, even when stopping on an error ---------------
-    ckpt.wait()
-    ckpt.close()
-    data.close()
-    writer.flush()
-    writer.close()
+    finish(ckpt, data, writer, reraise=False)  # the loop's error is the one to report
+    raise
+  finish(ckpt, data, writer)  # a failed final checkpoint or log upload fails the run
   return state
 
 
 # --- Helpers, in the order the loop uses them ------------------------------------------------
+
+def finish(ckpt: checkpoints.Checkpointer, data: Any, writer: Any, reraise: bool = True) -> None:
+  """Waits for the last checkpoint and closes the input pipeline and the writers, all of them
+  even if one fails; then raises the first failure (or only logs them, `reraise=False`)."""
+  errors = []
+  for close in (ckpt.wait, ckpt.close, data.close, writer.flush, writer.close):
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      logging.error("while finishing the run: %s: %s", type(e).__name__, e)
+  if errors and reraise:
+    raise errors[0]
+
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Fails before compiling, naming the config value that does not fit."""

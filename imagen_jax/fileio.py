@@ -1,8 +1,15 @@
-"""Small file helpers over fsspec: the same calls for local paths and gs:// (gcsfs).
+"""File I/O for every layer: local paths and gs:// (gcsfs) through the same calls.
+
+- `resolve` is applied where a path enters (command-line flags, config fields, library entry
+  points): `~` is expanded and a relative local path becomes absolute, so a path means the same
+  in every process and thread (Orbax and tensorstore refuse relative paths) and a config stored
+  in a workdir means the same from any directory. URLs are left as they are.
+- Writes are atomic: a local file is written under a temporary name and renamed; a GCS object
+  only becomes visible when its upload is finalised. Readers never see half a file.
+- Writes to object stores retry transient errors a bounded number of times, then raise
+  `StorageError` naming the path and the cause.
 
 gcsfs honours `STORAGE_EMULATOR_HOST`, so tests point everything here at a local GCS emulator.
-Writes are atomic: a local file is written under a temporary name and renamed; a GCS object
-only becomes visible when its upload is finalised. Readers therefore never see half a file.
 """
 
 from __future__ import annotations
@@ -11,10 +18,13 @@ import contextlib
 import logging
 import os
 import posixpath
+import time
+from typing import IO, Callable, Iterator, TypeVar
 import uuid
-from typing import IO, Iterator
 
 import fsspec
+
+_T = TypeVar("_T")
 
 # gcsfs probes each bucket's type through an API that emulators lack and logs the failure at
 # WARNING for every call; the fallback is what we want, so the message is only noise.
@@ -23,6 +33,63 @@ logging.getLogger("gcsfs").setLevel(logging.ERROR)
 
 def is_remote(path: str) -> bool:
   return "://" in path and not path.startswith("file://")
+
+
+def resolve(path: str) -> str:
+  """`path` independent of the current directory: absolute, `~` expanded; URLs and '' as given."""
+  if not path or is_remote(path):
+    return path
+  if path.startswith("file://"):
+    path = path[len("file://"):]
+  return os.path.abspath(os.path.expanduser(path))
+
+
+# Spec kinds whose part after "KIND:" is a path (data sources, the encode job's text files).
+# Others name something (shapes:256, tfds:coco_captions, builtin:shapes-tiny) and stay as given.
+PATH_KINDS = ("folder", "wds", "text")
+
+
+def resolve_spec(spec: str) -> str:
+  """`folder:PATH`, `wds:PATTERN`, `text:PATH` with the path resolved; other specs as given."""
+  kind, sep, rest = spec.partition(":")
+  if sep and kind in PATH_KINDS:
+    return f"{kind}:{resolve(rest)}"
+  return spec
+
+
+class StorageError(OSError):
+  """A read or write that failed for good: the message names the path and the cause."""
+
+
+# Errors that no retry mends: the path or the permission is wrong.
+_PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+              FileExistsError)
+REMOTE_ATTEMPTS = 4
+RETRY_DELAY_S = 1.0
+
+
+def with_retries(fn: Callable[[], _T], path: str, what: str = "writing") -> _T:
+  """fn(), retried with exponential back-off when `path` is remote and the error may be transient.
+
+  Object stores fail now and then (HTTP 429/5xx, dropped connections); gcsfs retries some of
+  those itself, and this bounds what is left. Local paths get one attempt: a full disk does not
+  empty itself. The final failure is a StorageError naming the path.
+  """
+  attempts = REMOTE_ATTEMPTS if is_remote(path) else 1
+  for attempt in range(1, attempts + 1):
+    try:
+      return fn()
+    except _PERMANENT as e:
+      raise StorageError(f"{what} {path} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      if attempt == attempts:
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        raise StorageError(f"{what} {path} failed{tries}: {type(e).__name__}: {e}") from e
+      delay = RETRY_DELAY_S * 2 ** (attempt - 1)
+      logging.warning("%s %s failed (%s: %s); retrying in %.0f s (%d/%d)", what, path,
+                      type(e).__name__, e, delay, attempt, attempts - 1)
+      time.sleep(delay)
+  raise AssertionError("unreachable")
 
 
 def join(*parts: str) -> str:
@@ -67,6 +134,7 @@ def read_text(path: str) -> str:
 
 
 def makedirs(path: str) -> None:
+  """Creates a local directory and its parents (object stores have no directories)."""
   if not is_remote(path):
     os.makedirs(path, exist_ok=True)
 
@@ -114,9 +182,17 @@ def remove_stale_temporaries(path: str) -> None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes the whole file atomically."""
-  with atomic_writer(path) as f:
-    f.write(data)
+  """Writes the whole file atomically (retrying transient object-store errors)."""
+
+  def write():
+    with atomic_writer(path) as f:
+      f.write(data)
+
+  with_retries(write, path)
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
 
 
 def listdir(path: str) -> list[str]:

@@ -1,0 +1,55 @@
+"""The README as a newcomer types it: CI runs its Quick start, and its CPU commands run as
+written from a fresh directory with relative paths."""
+
+import json
+import os
+import shlex
+
+import pytest
+
+from conftest import REPO, readme_commands, run_as_typed
+from imagen_jax import config_lib
+
+
+def test_ci_runs_the_quick_start_exactly():
+  install_and_demo, test = readme_commands("Quick start")
+  assert install_and_demo.startswith("pip install -e . && imagen-jax demo --workdir=")
+  assert test.startswith("pip install -e '.[test]' && python -m pytest")
+  with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+    ci = [line.strip() for line in f]
+  # CI types the same lines in a fresh, activated venv; the demo with --quick (the full one is
+  # 15 minutes; tests/test_demo.py runs it the same way in a fresh directory).
+  activate = ci.index("source .venv-ci/bin/activate")
+  assert ci[activate - 1] == "fresh_venv .venv-ci"
+  assert ci[activate + 1:activate + 3] == [install_and_demo + " --quick", test]
+
+
+@pytest.mark.slow
+def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
+  commands = readme_commands("Every command on a CPU, in a minute each")
+  assert [c.split()[:2] for c in commands if c.startswith("imagen-jax")] == [
+      ["imagen-jax", "train"], ["imagen-jax", "train"], ["imagen-jax", "sample"],
+      ["imagen-jax", "eval"], ["imagen-jax", "inspect"], ["imagen-jax", "encode"],
+      ["imagen-jax", "encode"]]
+  outputs = {}
+  for command in commands:
+    out = run_as_typed(command, tmp_path)
+    assert out.returncode == 0, (command, out.stderr[-4000:])
+    outputs[command.split(" ", 2)[1] if command.startswith("imagen-jax") else command] = out
+    # Every path was relative: nothing lands outside the fresh directory.
+    assert all(not os.path.isabs(a.split("=", 1)[-1]) for a in shlex.split(command)
+               if a.startswith(("--workdir=", "--outdir=", "--samples=", "--config.output=")))
+  for stage in ("base", "sr"):
+    total = config_lib.load_config(f"configs/demo_{stage}.py:quick").total_steps
+    assert os.listdir(tmp_path / "runs" / stage / "checkpoints") == [str(total)]
+    stored = json.loads((tmp_path / "runs" / stage / "config.json").read_text())
+    assert stored["data"]["data_dir"] == str(tmp_path / "data")  # resolved, valid from anywhere
+  pngs = sorted(p for p in os.listdir(tmp_path / "samples") if p.endswith(".png"))
+  assert pngs == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
+  records = [json.loads(line) for line in open(tmp_path / "samples" / "samples.jsonl")]
+  assert [r["stages"][0]["workdir"] for r in records] == [str(tmp_path / "runs" / "base")] * 4
+  scores = json.loads((tmp_path / "samples" / "scores.json").read_text())
+  assert scores["all"]["n"] == 4 and 0 <= scores["all"]["all_correct"] <= 1
+  assert '"batch_size": 64' in outputs["inspect"].stdout
+  assert "total_params: " in outputs["inspect"].stdout
+  assert (tmp_path / "cache").is_dir()
