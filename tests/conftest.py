@@ -166,3 +166,14 @@ def start_stopping_after_checkpoint(flag_lists, workdir, step, env, stop_process
                            ":\n" + "\n\n".join(o[-3000:] for o in outs))
     time.sleep(0.2)
   return procs
+
+
+def assert_trees_equal(a, b):
+  """Two pytrees with the same structure and bitwise-equal leaves."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flat_a, tree_a = jax.tree_util.tree_flatten(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

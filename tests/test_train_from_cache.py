@@ -13,12 +13,11 @@ import signal
 import subprocess
 import sys
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
+from conftest import assert_trees_equal, start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
 from imagen_jax import config_lib
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import sources
@@ -73,14 +72,6 @@ def run_until_killed(workdir, config_overrides, env):
 def stored(workdir, step):
   restored = checkpoints.Checkpointer(workdir, read_only=True).restore_as_stored(step)
   return restored["state"], restored["data"]
-
-
-def assert_trees_equal(a, b):
-  flat_a, tree_a = jax.tree_util.tree_flatten(a)
-  flat_b, tree_b = jax.tree_util.tree_flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(flat_a, flat_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def assert_batches_are_the_encoders_output(config, captions):
