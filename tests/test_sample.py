@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagen_jax import fileio
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import schedules
 from imagen_jax.diffusion import thresholding
 from imagen_jax.sample import cascade as cascade_lib
 from imagen_jax.sample import command
+from imagen_jax.sample import images as sample_images
 from imagen_jax.sample import stage as stage_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +89,24 @@ def test_rerun_with_more_prompts_samples_only_new_images(cascade, tmp_path):
   with pytest.raises(command.SampleError, match="new --outdir"):
     command.run(cascade, [{"prompt": "a green circle at the center"}], out, settings=settings,
                 show_progress=False)
+
+
+def test_an_outdir_on_gcs_holds_the_same_images_and_resumes(cascade, tmp_path, gcs_emulator,
+                                                           monkeypatch):
+  for key, value in gcs_emulator.items():
+    monkeypatch.setenv(key, value)
+  settings = command.stage_settings(cascade, steps=["2"])
+  remote = "gs://imagen-test/samples-run"
+  command.run(cascade, [{"prompt": PROMPTS[0]}], remote, settings=settings, show_progress=False)
+  records = command.run(cascade, [{"prompt": p} for p in PROMPTS], remote, settings=settings,
+                        show_progress=False)  # resumes: only the second image is new
+  local = str(tmp_path / "local")
+  command.run(cascade, [{"prompt": p} for p in PROMPTS], local, settings=settings,
+              show_progress=False)
+  assert sample_images.read_records(remote) == sample_images.read_records(local) == records
+  assert fileio.listdir(remote) == ["00000.png", "00001.png", "grid.png", "samples.jsonl"]
+  for name in ("00000.png", "00001.png", "grid.png"):
+    np.testing.assert_array_equal(sample_images.read_png(f"{remote}/{name}"), pixels(local, name))
 
 
 def test_guidance_one_is_the_conditional_sampler(cascade):
