@@ -175,6 +175,18 @@ def initialize_from_flags(force: bool = False) -> bool:
   return running
 
 
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process got here (the coordination service's barrier; no collective).
+
+  Used after compiling: a process that compiled from the persistent cache must not start the
+  first collective long before one still compiling (CPU collectives give up after 30 s).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  jax_distributed.global_state.client.wait_at_barrier(f"imagen_jax:{name}", timeout_s * 1000)
+
+
 def allgather_json(value: Any) -> list[Any]:
   """Every process's JSON-able `value`, in process order (a collective: all must call it)."""
   if jax.process_count() == 1:

@@ -110,6 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ).trace(abstract_state, batch_shapes, text_params)
     compiled_step = traced_step.lower().compile()
   compile_seconds = time.perf_counter() - compile_start
+  distributed.barrier("compiled_train_step")  # hosts compile at different speeds
   flops_per_step = mfu.model_flops(traced_step.jaxpr) / mesh.size  # per device
   peak_flops, _ = mfu.peak_tflops_per_device()
 
