@@ -95,8 +95,7 @@ class Checkpointer:
         data=ocp.args.JsonSave(encode_data_state(data_state)),
         config=ocp.args.JsonSave(json.loads(config_lib.to_json(config)))), force=True)
     self._pending = step
-    if not self.manager.is_saving_in_progress():  # a synchronous save is already done
-      self.check()
+    self.check()  # returns at once while the save runs; a synchronous save is checked now
 
   def check(self, wait: bool = False) -> None:
     """Raises CheckpointError if the last save failed; once it succeeded, prunes old ones.
