@@ -34,7 +34,7 @@ CORE = [
 TEST = [
     "pytest>=8,<10",
     "pytest-xdist>=3.6,<4",
-    # The CPU build of torch 2.13.0 is on this machine's disk; the tests compare our T5 with
+    # torch (its CPU build is enough): the tests compare our T5 with
     # Hugging Face's and our FID math with pytorch-fid's.
     "torch==2.13.0",
     "transformers>=5.0,<6",

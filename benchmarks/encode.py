@@ -111,7 +111,7 @@ def xxl_memory() -> list[dict]:
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import t5  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
   boxed = encoder_lib.boxed_param_shapes(t5.SIZES["xxl"])
   leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   count = sum(int(np.prod(leaf.value.shape)) for leaf in leaves)

@@ -133,7 +133,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
-  from imagen_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
@@ -195,7 +195,7 @@ def main(argv: Sequence[str]) -> None:
       config = config_lib.load_config(name)
       for key, value in overrides.items():
         config_lib.set_by_path(config, key, value)
-      size = config.train_crop or config.image_size
+      _, size, _ = config_lib.stage_sizes(config)
       label = name + "".join(f" --config.{k}={v}" for k, v in overrides.items())
       rows.append({"what": f"network step {label} ({size}x{size})", "decode_in": "batch 16",
                    "images_per_s": round(step_rate(config))})

@@ -5,9 +5,9 @@
         --config.dtype=bfloat16                    # a GPU/TPU figure
     python -m benchmarks.train_step --config=configs/sr256.py:tiny --text=encoder
 
-What is measured is `imagen-jax train`'s own step, built by the same code: `models.build_model`,
-`state.make_optimizer`, `step.make_train_step`, the state and batch shardings of `train/train.py`,
-AOT-compiled with the state donated; only the input pipeline is replaced by one random batch on the
+What is measured is `imagen-jax train`'s own step, built by the same function,
+`train.build_train_step` (model, optimizer, state and batch shardings, AOT-compiled with the state
+donated); only the input pipeline is replaced by one random batch on the
 devices (`benchmarks/input_pipeline.py` measures the pipeline). FLOPs per step are the traced
 step's matmul and convolution FLOPs (`train/mfu.py:model_flops`; XLA's `cost_analysis()` counts a
 loop body once and misses most of the CPU's chunked attention); MFU is against `train/mfu.py`'s
@@ -25,14 +25,13 @@ median and best round's seconds per step.
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 
-from imagen_jax import config_lib
+from imagen_jax.core import config_lib
 
 
 def random_batch(batch_shapes: dict[str, Any], vocab: int = 100, seed: int = 0) -> dict[str, Any]:
@@ -61,12 +60,7 @@ class CompiledStep:
 
   def __init__(self, config: Any, text: str = "embeddings"):
     import jax  # pylint: disable=g-import-not-at-top
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    from imagen_jax import models  # pylint: disable=g-import-not-at-top
-    from imagen_jax.train import mfu  # pylint: disable=g-import-not-at-top
-    from imagen_jax.train import partitioning  # pylint: disable=g-import-not-at-top
-    from imagen_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-    from imagen_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+    from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
     from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
 
     config = config_lib.from_json(config_lib.to_json(config))  # a private, unlocked copy
@@ -76,31 +70,12 @@ class CompiledStep:
     self.config, self.text = config, text
     self.mesh = mesh = partitioning.make_mesh(config.mesh)
     train.check_config(config, mesh)
-    model = models.build_model(config)
-    text_encoder = train.load_text_encoder_if_needed(config)
-    optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
-    param_shapes = jax.eval_shape(functools.partial(train.init_params, config, model),
-                                  jax.random.PRNGKey(config.seed))
-    state_shardings, abstract_state = train.make_state_shardings(param_shapes, optimizer, mesh)
-    with mesh, partitioning.axis_rules_context():
-      self.state = jax.jit(
-          lambda key: state_lib.create(nn.unbox(train.init_params(config, model, key)), optimizer),
-          out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-    self.text_params, text_shardings = train.place_text_params(text_encoder, mesh)
-    batch_shapes = train.batch_spec(config, mesh)
-    self.batch = random_batch(batch_shapes)
-    train_step = step_lib.make_train_step(config, model, optimizer, lr_schedule,
-                                          text_encoder.apply if text_encoder else None)
-    with mesh, partitioning.axis_rules_context():
-      start = time.perf_counter()
-      traced = jax.jit(
-          train_step,
-          in_shardings=(state_shardings, train.batch_shardings(batch_shapes), text_shardings),
-          out_shardings=(state_shardings, None), donate_argnums=(0,)
-      ).trace(abstract_state, batch_shapes, self.text_params)
-      self.compiled = traced.lower().compile()
-      self.compile_s = time.perf_counter() - start
-    self.flops = mfu.model_flops(traced.jaxpr) / mesh.size  # per device
+    setup = train.build_train_step(config, mesh,
+                                   text_encoder=train.load_text_encoder_if_needed(config))
+    self.state, self.text_params, self.compiled = (setup.state, setup.text_params,
+                                                   setup.compiled_step)
+    self.batch = random_batch(setup.batch_shapes)
+    self.compile_s, self.flops = setup.compile_seconds, setup.flops_per_step
     self.params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
     self.metrics = None
     self.run(1)  # warm-up

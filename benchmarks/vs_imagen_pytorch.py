@@ -16,10 +16,11 @@ This script starts `benchmarks/imagen_pytorch_worker.py` in that venv with HF_HU
 talks to it over a pipe, so both frameworks run in one invocation with their models built once,
 and the timed rounds alternate (ours, theirs, ours, ...) on otherwise idle cores.
 
-The shape (the issue's): 64x64 images, base width 64, channel multipliers (1, 2, 4), 2 residual
-blocks per level, attention with text at the two lower resolutions (32 and 16) and in the middle,
-4 heads of 64 channels (at the 256-wide levels; ours has 2 heads at the 128-wide level because it
-fixes the head width), text 256 wide x 32 tokens given as precomputed embeddings, batch 16.
+The shape (a mid-size base U-Net that both frameworks build the same way): 64x64 images, base
+width 64, channel multipliers (1, 2, 4), 2 residual blocks per level, attention with text at the
+two lower resolutions (32 and 16) and in the middle, 4 heads of 64 channels (at the 256-wide
+levels; ours has 2 heads at the 128-wide level because it fixes the head width), text 256 wide x
+32 tokens given as precomputed embeddings, batch 16.
 Conditioning width 256 on both sides (theirs: time_cond_dim = 4 * dim and cond_dim = 256; ours:
 emb_dim = pool_width = text_dim = 256). Both train with Adam, EMA and gradient clipping at 1.0;
 both sample 50 ancestral (DDPM) steps with classifier-free guidance 3 and dynamic thresholding.
@@ -81,7 +82,7 @@ MAX_PARAM_MISMATCH = 0.15
 def our_config(batch_size: int, sample_steps: int, guidance: float, dtype: str = "float32",
                attn_every_block: bool = True) -> Any:
   """configs/base64.py with the matched shape's overrides."""
-  from imagen_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
   size = SHAPE["image_size"]
   attn = tuple(size // 2**i for i, on in enumerate(SHAPE["layer_attns"]) if on)
   return config_lib.load_config("configs/base64.py", {
@@ -140,7 +141,7 @@ def main(argv: Sequence[str]) -> None:
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
   from benchmarks import sample as sample_bench  # pylint: disable=g-import-not-at-top
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import stage as stage_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
 
   batch, rounds, k = _BATCH.value, _ROUNDS.value, _TRAIN_STEPS.value
   config = our_config(batch, _SAMPLE_STEPS.value, _GUIDANCE.value, _DTYPE.value,
@@ -171,7 +172,7 @@ def main(argv: Sequence[str]) -> None:
       from imagen_jax import models  # pylint: disable=g-import-not-at-top
       params = models.parameter_table(config)[1]
     if "sample" in _WHAT.value:
-      settings = stage_lib.StageSettings.from_config(config.sample)
+      settings = sampling.StageSettings.from_config(config.sample)
       sampler = sample_bench.CompiledSampler(config, batch, settings)
       compile_s["sample"], our_flops["sample"] = sampler.compile_s, sampler.flops
       ours, theirs = [], []

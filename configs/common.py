@@ -1,4 +1,4 @@
-"""Fields every stage config shares, with the paper's defaults (../shared/PAPER.md).
+"""Fields every stage config shares, with the paper's defaults (Saharia et al. 2022, appendix F).
 
 Stage files (`base64.py`, `sr256.py`, `sr1024.py`, the demo's) start from `stage_config()` and
 change what differs. Every field is listed here, so `--config.<key>=...` overrides are checked

@@ -19,14 +19,15 @@ def get_config(variant: str = "xxl") -> ml_collections.ConfigDict:
   c.text.max_length = 128
   c.dtype = "bfloat16"          # compute dtype (parameters are held in it too)
 
-  # Captions: "tfds:NAME[:CONFIG]" (read with tfds.data_source, array_record) or "text:PATH"
-  # (one caption per line, local or gs://). The cache index of an example is its position in
-  # the source: data_source order, or the 0-based line number.
+  # Captions: any data source (shapes, tfds:NAME[:CONFIG], folder:PATH, wds:PATTERN; read as
+  # training reads it, data/sources.py) or "text:PATH" (one caption per line, local or gs://).
+  # The cache index of an example is its position in the source: the pipeline's example index,
+  # or the 0-based line number.
   c.source = "tfds:coco_captions"
   c.split = "train"
   c.data_dir = ""               # TFDS data_dir ("": TFDS's default)
-  # Feature path of the caption; "/" descends into nested features. A list-valued feature (e.g.
-  # captions/text with five captions per image) contributes its first element.
+  # Feature path of the caption (tfds: sources); "/" descends into nested features. Several
+  # captions per example (coco: captions/text): the first usable one, as training's default.
   c.caption_key = "caption"
   c.key_feature = ""            # feature stored as the example's key ("": "<split>[<index>]")
 

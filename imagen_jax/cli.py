@@ -1,7 +1,7 @@
 """The `imagen-jax` command: `imagen-jax <subcommand> [--flags]`.
 
-Each subcommand is an absl program in its own module, with a module-level `main(argv)` and its
-own flags; this file only picks the module and parses flags so that a bad `--config` override
+Each subcommand is an absl program in its own module of `imagen_jax.commands`, with a
+module-level `main(argv)` and its flags; this file only picks the module and parses flags so that a bad `--config` override
 stops at once with exit code 2 and a message naming the key (not a traceback).
 
     imagen-jax train --config=configs/base64.py:tiny --config.optimizer.lr=3e-4 --workdir=/tmp/w
@@ -17,16 +17,16 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from imagen_jax import config_lib
+from imagen_jax.core import config_lib
 
 # name -> (module with main(argv), one-line description).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("imagen_jax.train.train", "train one cascade stage from its config"),
-    "encode": ("imagen_jax.text.encode_job", "precompute T5 caption embeddings; convert T5 weights"),
-    "sample": ("imagen_jax.sample.command", "sample a cascade stitched from stage workdirs"),
-    "demo": ("imagen_jax.demo", "train, sample and score a tiny shapes cascade on the CPU"),
-    "eval": ("imagen_jax.eval.command", "score samples: shapes adherence, FID, DrawBench"),
-    "inspect": ("imagen_jax.inspect", "print a resolved config and its model's parameter table"),
+    "train": ("imagen_jax.commands.train", "train one cascade stage from its config"),
+    "encode": ("imagen_jax.commands.encode", "precompute T5 caption embeddings; convert T5 weights"),
+    "sample": ("imagen_jax.commands.sample", "sample a cascade stitched from stage workdirs"),
+    "demo": ("imagen_jax.commands.demo", "train, sample and score a tiny shapes cascade on the CPU"),
+    "eval": ("imagen_jax.commands.eval", "score samples: shapes adherence, FID, DrawBench"),
+    "inspect": ("imagen_jax.commands.inspect", "print a resolved config and its model's parameter table"),
 }
 
 USAGE_ERROR = 2  # bad command line or config: nothing has run
@@ -41,12 +41,9 @@ def usage() -> str:
 
 
 def subcommand_help(name: str, module) -> str:
-  """The subcommand's docstring and the flags it defines (those of the imagen_jax modules it
-  imported: one subcommand's modules are imported per process)."""
-  by_module = flags.FLAGS.flags_by_module_dict()
-  ours = [m for m in sorted(by_module) if m.split(".")[0] in ("imagen_jax", "ml_collections")]
+  """The subcommand's docstring and its flags (its own and the shared ones it declares)."""
   return "\n".join([f"usage: imagen-jax {name} [--flags]", "", (module.__doc__ or "").strip(), "",
-                    "flags:", *(flags.FLAGS.module_help(m) for m in ours)])
+                    "flags:", flags.FLAGS.module_help(module.__name__)])
 
 
 def _fail(message: str) -> None:

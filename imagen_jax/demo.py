@@ -1,15 +1,17 @@
-"""`imagen-jax demo`: train, sample and score a tiny shapes cascade on a CPU (the README's main job).
+"""The shapes demo: train, sample and score a tiny cascade on a CPU (`imagen-jax demo`).
 
-    imagen-jax demo --workdir=demo_run          # 15-31 minutes on 2 cores, by CPU
-    imagen-jax demo --workdir=demo_run --quick  # under 2 minutes; the scores then mean little
+    scores = demo.run("demo_run")              # 15-31 minutes on 2 cores, by CPU
+    scores = demo.run("demo_run", quick=True)  # under 2 minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
 2. trains the base stage, configs/demo_base.py (text -> 32x32), in WORKDIR/base;
 3. trains the SR stage, configs/demo_sr.py (32 -> 64), in WORKDIR/sr;
 4. samples prompts of the `validation` and `heldout` splits through the cascade, with guidance,
    into WORKDIR/samples (an ordinary `imagen-jax sample` output);
-5. judges every image from its pixels (imagen_jax/eval/shapes.py), prints the scores, and writes
-   WORKDIR/scores.json and WORKDIR/report.html (the grids with each prompt under its image).
+5. judges every image from its pixels (imagen_jax/eval/shapes.py): prompt adherence, background
+   cleanliness and edge fidelity, beside the same judge's figures on the dataset's own renders
+   of those prompts; prints them and writes WORKDIR/scores.json and WORKDIR/report.html (every
+   image with its prompt and verdict).
 
 Each step is an ordinary run of the project's commands, and a second run reuses what is done.
 The text encoder is a tiny random T5 v1.1 with a shapes vocabulary: real use loads real T5.
@@ -25,20 +27,13 @@ import os
 import time
 from typing import Any, Sequence
 
-from absl import flags
 from absl import logging
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from imagen_jax import config_lib
-from imagen_jax import fileio
-
-_WORKDIR = config_lib.DEFINE_path(
-    "workdir", None, "Where checkpoints, logs and samples go (local or gs://).")
-_QUICK = flags.DEFINE_bool("quick", False, "A 2-minute run for tests: few steps, few prompts.")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None,
-                                    "Prompts sampled per split (default 100; --quick 8).")
+from imagen_jax.core import config_lib
+from imagen_jax.core import fileio
 
 SPLITS = ("validation", "heldout")
 FULL_SHAPES = None                       # the dataset's own split sizes (110k examples)
@@ -63,7 +58,7 @@ def build_data(workdir: str, quick: bool) -> str:
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
   """An ordinary training run; skipped when its final checkpoint exists."""
-  from imagen_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from imagen_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
   if os.path.isdir(workdir):
     if checkpoints.Checkpointer(workdir, read_only=True).latest_step() == config.total_steps:
@@ -77,41 +72,67 @@ def eval_prompts(data_dir: str, num_prompts: int) -> list[dict[str, str]]:
   from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
   prompts = []
   for split in SPLITS:
-    data_config = ml_collections.ConfigDict({"source": "shapes", "data_dir": data_dir,
-                                             "image_key": "image", "caption_key": "caption"})
-    captions = sources.get_captions(data_config, split)
+    captions = sources.get_captions(sources.source_config("shapes", split, data_dir))
     prompts += [{"prompt": captions[i], "split": split}
                 for i in range(min(num_prompts, len(captions)))]
   return prompts
 
 
+def dataset_scores(data_dir: str, num_prompts: int) -> dict[str, dict[str, float]]:
+  """The judge's scores on the dataset's own renders of the same prompts: the ceiling the
+  samples are compared with (all-correct near 100%, background 0, the renders' edge IoU)."""
+  from imagen_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
+  records, images = [], []
+  for split in SPLITS:
+    source, info = sources.get_data_source(sources.source_config("shapes", split, data_dir))
+    for i in range(min(num_prompts, len(source))):
+      example = source[i]
+      records.append({"prompt": sources.first_caption(example, info.caption_key)[0],
+                      "split": split})
+      images.append(preprocess.image_to_rgb(sources.lookup(example, info.image_key))[0])
+  return judge.score_by_split(records, images)
+
+
 def sample(stage_dirs: Sequence[str], prompts: list[dict[str, str]], outdir: str) -> list[dict]:
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import command  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   cascade = cascade_lib.Cascade.from_workdirs(stage_dirs)
-  return command.run(cascade, prompts, outdir, settings=cascade.default_settings(),
-                     batch_size=64, show_progress=False)
+  return outdir_lib.sample_to_outdir(cascade, prompts, outdir,
+                                     settings=cascade.default_settings(), batch_size=64,
+                                     show_progress=False)
 
 
 def score(outdir: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[np.ndarray]]:
   """(scores per split, records, images) of the samples in `outdir`."""
-  from imagen_jax.eval import command as eval_command  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
-  records, images = eval_command.read_samples(outdir)
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
+  records, images = outdir_lib.read_samples(outdir)
   return judge.score_by_split(records, images), records, images
 
 
-def score_table(scores: dict[str, dict[str, float]]) -> str:
+def score_table(scores: dict[str, dict[str, float]],
+                dataset: dict[str, dict[str, float]] | None = None) -> str:
+  """The verdicts (percent) and picture measures per split; `dataset` rows (the renders'
+  own scores) follow as `<split> (data)`."""
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
-  header = f"{'split':<11}{'n':>5}" + "".join(f"{a:>13}" for a in judge.ATTRIBUTES)
-  rows = [f"{split:<11}{s['n']:>5}" + "".join(f"{s[a]:>13.1%}" for a in judge.ATTRIBUTES)
-          for split, s in scores.items()]
+  header = (f"{'split':<18}{'n':>5}" + "".join(f"{a:>13}" for a in judge.ATTRIBUTES)
+            + f"{'background':>12}{'bg_p99':>8}{'edge_iou':>10}")
+  rows = []
+  for suffix, table in (("", scores), (" (data)", dataset or {})):
+    for split, s in table.items():
+      rows.append(f"{split + suffix:<18}{s['n']:>5}"
+                  + "".join(f"{s[a]:>13.1%}" for a in judge.ATTRIBUTES)
+                  + f"{s['background']:>12.1f}{s['background_p99']:>8.1f}{s['edge_iou']:>10.3f}")
   return "\n".join([header, *rows])
 
 
 def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]],
-                 images: list[np.ndarray], timings: dict[str, float]) -> None:
-  """A self-contained HTML page: the scores, then per split every image over its prompt."""
+                 images: list[np.ndarray], timings: dict[str, float],
+                 dataset: dict[str, Any] | None = None) -> None:
+  """A self-contained HTML page: the scores (beside the dataset renders' own), then per split
+  every image over its prompt and verdict."""
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
 
   def data_uri(image):
@@ -125,7 +146,10 @@ def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]
            "figcaption{font-size:11px}.ok{color:#6c6}.bad{color:#e66}"
            "td,th{padding:2px 10px;text-align:right}</style>",
            "<h1>imagen-jax shapes demo</h1>",
-           f"<pre>{html.escape(score_table(scores))}</pre>",
+           f"<pre>{html.escape(score_table(scores, dataset))}</pre>",
+           "<p>background: mean brightness (0-255) of the pixels away from every object, and "
+           "its 99th percentile (bg_p99), per image; the renders' background is exactly 0. "
+           "edge_iou: median over objects of the IoU with the best-fitting ideal shape.</p>",
            "<p>" + ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()) + "</p>"]
   for split in SPLITS:
     parts.append(f"<h2>{split}</h2>")
@@ -136,6 +160,8 @@ def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]
       mark = ("<span class=ok>correct</span>" if verdict["all_correct"] else
               "<span class=bad>wrong: " + ", ".join(
                   a for a in judge.ATTRIBUTES[:-1] if not verdict[a]) + "</span>")
+      mark += (f"<br>background {verdict['background']:.1f}, edge IoU "
+               + ", ".join(f"{iou:.2f}" for iou in verdict["edge_ious"]))
       parts.append(f"<figure><img src='{data_uri(image)}' width=128 height=128>"
                    f"<figcaption>{html.escape(record['prompt'])}<br>{mark}</figcaption></figure>")
   fileio.write_text(path, "\n".join(parts))
@@ -166,18 +192,12 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
   sample(stage_dirs, eval_prompts(data_dir, num_prompts), outdir)
   lap("sample")
   scores, records, images = score(outdir)
+  dataset = dataset_scores(data_dir, num_prompts)
   lap("score")
   fileio.write_text(os.path.join(workdir, "scores.json"), json.dumps(
-      {"scores": scores, "seconds": timings, "quick": quick}, indent=2))
-  write_report(os.path.join(workdir, "report.html"), scores, records, images, timings)
-  print(score_table(scores))
+      {"scores": scores, "dataset": dataset, "seconds": timings, "quick": quick}, indent=2))
+  write_report(os.path.join(workdir, "report.html"), scores, records, images, timings, dataset)
+  print(score_table(scores, dataset))
   print(f"report: {os.path.join(workdir, 'report.html')}  ({sum(timings.values()):.0f} s: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
   return scores
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  if not _WORKDIR.value:
-    raise flags.ValidationError("--workdir is required, e.g. --workdir=demo_run")
-  run(_WORKDIR.value, _QUICK.value, _NUM_PROMPTS.value)

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `xmanager launch launch/xm_launch.py` runs this file as a script
   sys.path.insert(0, REPO)
 
-from imagen_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:  # xmanager's own flags (--xm_*) must be known before ours are parsed, or they pass through
   from xmanager import xm_flags  # pylint: disable=g-import-not-at-top,unused-import

@@ -1,5 +1,8 @@
-"""Test setup: 8 fake CPU devices for sharding tests (set before JAX is imported)."""
+"""Test setup: 8 fake CPU devices for sharding tests (set before JAX is imported), and what the
+test files share: the small shapes datasets, tiny stage configs, a trained cascade, the command
+line in a subprocess, a GCS emulator, the README's commands."""
 
+import json
 import os
 import re
 import signal
@@ -8,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Mapping, Sequence
 
 # Appended, not set by default: a user's own XLA_FLAGS must not silently drop the 8 fake devices
 # (the sharding tests would then have fewer devices than they need and fail, not skip).
@@ -24,7 +28,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_SHAPES = {"train": 512, "validation": 64, "heldout": 64}
 
@@ -38,29 +45,113 @@ def shapes_data_dir(tmp_path_factory):
   return data_dir
 
 
-def train_tiny_stage(workdir, stage_config, data_dir, **overrides):
-  """Trains `configs/<stage_config>` for a few steps into `workdir` (a stage for sampling tests)."""
-  from imagen_jax import config_lib  # pylint: disable=g-import-not-at-top
+# --- Tiny stage configs ------------------------------------------------------------------------
+
+# A run of a few steps: no preview samples, a log line and a scalar every step.
+SHORT_RUN = {"batch_size": 8, "total_steps": 4, "checkpoint_every": 2, "log_every": 1,
+             "sample_every": 0, "optimizer.warmup_steps": 2}
+# base64:tiny at 16x16 with a narrower U-Net: it compiles twice as fast; the loop is the same.
+SMALL_BASE_NET = {"image_size": 16, "model.channel_mult": (1, 2), "model.model_dim": 16,
+                  "model.emb_dim": 32, "model.pool_width": 32}
+
+
+def tiny_config(stage: str = "base64", **settings: Any) -> ml_collections.ConfigDict:
+  """`configs/<stage>.py:tiny` with `settings` ({"optimizer.lr": 3e-4, ...}) applied by the CLI's
+  rules: one loader for every test, so a renamed config field is fixed in one place."""
+  from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_config(f"configs/{stage}.py:tiny", settings)
+
+
+def short_run_settings(data_dir: str | None = None, *, small_net: bool = True,
+                       **overrides: Any) -> dict[str, Any]:
+  """Settings of base64:tiny for a short training run (SHORT_RUN, and SMALL_BASE_NET unless
+  `small_net` is False) reading `data_dir`, then `overrides`: for tiny_config or config_flags."""
+  settings = {**SHORT_RUN, **(SMALL_BASE_NET if small_net else {})}
+  if data_dir is not None:
+    settings["data.data_dir"] = data_dir
+  return {**settings, **overrides}
+
+
+def short_run_config(data_dir: str | None = None, *, small_net: bool = True,
+                     **overrides: Any) -> ml_collections.ConfigDict:
+  """The config of short_run_settings: a tiny base stage that trains a few steps in seconds."""
+  return tiny_config("base64", **short_run_settings(data_dir, small_net=small_net, **overrides))
+
+
+def config_flags(settings: Mapping[str, Any]) -> list[str]:
+  """The `--config.KEY=VALUE` flags that apply `settings` on the command line."""
+  return [f"--config.{key}={value}" for key, value in settings.items()]
+
+
+# --- A trained cascade, for the sampling tests -------------------------------------------------
+
+def train_tiny_stage(workdir: str | os.PathLike, stage: str, data_dir: str,
+                     **overrides: Any) -> str:
+  """Trains `configs/<stage>.py:tiny` a few steps into `workdir` (a stage for sampling tests)."""
   from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
   settings = {"data.data_dir": data_dir, "batch_size": 8, "total_steps": 2, "log_every": 2,
               "checkpoint_every": 2, "sample_every": 0, **overrides}
-  train.train_and_evaluate(config_lib.load_config(stage_config, settings), str(workdir))
+  train.train_and_evaluate(tiny_config(stage, **settings), str(workdir))
   return str(workdir)
 
 
 @pytest.fixture(scope="session")
 def tiny_cascade(tmp_path_factory, shapes_data_dir):
-  """Workdirs of a two-stage cascade, 16x16 base -> 32x32 SR, trained for 2 steps each."""
+  """Workdirs of a two-stage cascade, 16x16 base -> 32x32 SR, trained for 2 steps each.
+
+  Shared by every test that samples: they only read it (checkpoints restore read-only). A test
+  that writes into a stage's workdir must copy it first (shutil.copytree to its tmp_path).
+  """
   root = tmp_path_factory.mktemp("cascade")
-  base = train_tiny_stage(root / "base", "configs/base64.py:tiny", shapes_data_dir,
-                          image_size=16)
-  sr = train_tiny_stage(root / "sr", "configs/sr256.py:tiny", shapes_data_dir)
+  base = train_tiny_stage(root / "base", "base64", shapes_data_dir, image_size=16)
+  sr = train_tiny_stage(root / "sr", "sr256", shapes_data_dir)
   return [base, sr]
 
 
-# --- A GCS emulator on loopback, for gs:// workdirs and caches ------------------------------
+# --- The data tests' shapes set, configs and tokenizer -----------------------------------------
 
-def _free_port():
+SHAPES_DIR_SIZES = {"train": 200, "validation": 60, "heldout": 60}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  """A `shapes` dataset (64x64) of SHAPES_DIR_SIZES, built once: its TFDS data_dir."""
+  from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("shapes"))
+  shapes.build(data_dir, 64, num_examples=SHAPES_DIR_SIZES)
+  return data_dir
+
+
+def stage_config(name: str = "base64", **overrides: Any) -> ml_collections.ConfigDict:
+  """A tiny stage as the data tests read it: batches of 16, 2 prefetched (pinned here, so that a
+  change to the tiny configs does not move what these tests count)."""
+  return tiny_config(name, **{"batch_size": 16, "data.prefetch": 2, **overrides})
+
+
+def data_config(source: str, data_dir: str, **fields: Any) -> ml_collections.ConfigDict:
+  """The `data` part of stage_config() reading `source`, set as given (not resolved: the source
+  tests pass malformed strings)."""
+  config = stage_config()
+  config.data.source, config.data.data_dir = source, data_dir
+  for key, value in fields.items():
+    config.data[key] = value
+  return config.data
+
+
+def fake_tokenize(captions: Sequence[str], length: int = 16):
+  """A tokenizer without a vocabulary: the caption's UTF-8 bytes as ids, 0 for padding."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ids = np.zeros((len(captions), length), np.int32)
+  for i, caption in enumerate(captions):
+    codes = np.frombuffer(caption.encode()[:length], np.uint8)
+    ids[i, :len(codes)] = codes
+  return ids, ids > 0
+
+
+# --- A free port; a GCS emulator on loopback, for gs:// workdirs and caches ----------------
+
+def free_port() -> int:
+  """A TCP port on loopback that nothing listens on (for a server or a JAX coordinator)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -71,7 +162,7 @@ def gcs_emulator():
   """A gcp-storage-emulator on loopback with one bucket; yields the env that points at it."""
   pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is in the test extra")
   launcher = os.path.join(os.path.dirname(__file__), "gcs_emulator.py")
-  port = _free_port()
+  port = free_port()
   host = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen([sys.executable, launcher, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
                            "--default-bucket=imagen-test", "-q"],
@@ -90,10 +181,38 @@ def gcs_emulator():
   proc.wait(timeout=10)
 
 
+# --- The command line in a subprocess ----------------------------------------------------------
+
+def cli_argv(*args: str) -> list[str]:
+  """The argv of `imagen-jax ARGS` on this interpreter (`-m`: no installed entry point needed)."""
+  return [sys.executable, "-m", "imagen_jax", *args]
+
+
+def _run(argv: list[str], cwd: str | os.PathLike, env: Mapping[str, str], timeout: float,
+         check: bool = False) -> subprocess.CompletedProcess:
+  """How the tests run a command: in `cwd`, output captured as text, within `timeout` seconds."""
+  return subprocess.run(argv, cwd=str(cwd), env=dict(env), capture_output=True, text=True,
+                        timeout=timeout, check=check)
+
+
+def run_cli(*args: str, cwd: str | os.PathLike = REPO, env: Mapping[str, str] | None = None,
+            timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+  """Runs `imagen-jax ARGS` in `cwd` and returns it, stdout and stderr captured as text.
+
+  `env`: variables set over this process's environment (its 8 fake CPU devices included), which
+  the command inherits.
+  """
+  return _run(cli_argv(*args), cwd, {**os.environ, **(env or {})}, timeout, check)
+
+
+def run_cli_json(*args: str, **kwargs: Any) -> Any:
+  """run_cli that must exit 0; its stdout parsed as JSON (what `imagen-jax eval` reports)."""
+  out = run_cli(*args, **kwargs)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
 # --- The README as written ---------------------------------------------------------------------
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def readme_commands(section: str) -> list[str]:
   """The shell commands of the README section `## <section>`: its ```bash blocks, continuation
@@ -113,8 +232,7 @@ def run_as_typed(command: str, cwd, timeout: int = 900) -> subprocess.CompletedP
   """Runs a README command line in bash, in `cwd`, with this environment's `imagen-jax` first
   on PATH (as in an activated virtual environment)."""
   env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-  return subprocess.run(["bash", "-c", command], cwd=str(cwd), env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return _run(["bash", "-c", command], cwd, env, timeout)
 
 
 # --- A training run stopped right after one of its checkpoints, to be killed there -----------
@@ -126,7 +244,7 @@ def run_as_typed(command: str, cwd, timeout: int = 900) -> subprocess.CompletedP
 STOP_AFTER_CHECKPOINT = """
 import os, sys, time
 import jax
-from imagen_jax.train import checkpoints
+from imagen_jax.core import checkpoints
 stop_at, marker = int(os.environ["STOP_AT_STEP"]), os.environ["STOP_MARKER"]
 stop_process = int(os.environ.get("STOP_PROCESS", "0"))
 original_save = checkpoints.Checkpointer.save

@@ -1,22 +1,15 @@
 """The `imagen-jax` command line: subcommands, config loading and override errors."""
 
+import functools
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 
+import conftest  # pylint: disable=g-bad-import-order
 from imagen_jax import cli
-from imagen_jax import config_lib
+from imagen_jax.core import config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "imagen_jax", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+run_cli = functools.partial(conftest.run_cli, env={"JAX_PLATFORMS": "cpu"}, timeout=300)
 
 
 def test_help_lists_every_subcommand():

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import readme_commands, run_as_typed
 from imagen_jax.eval import shapes as judge
-from imagen_jax.sample import images as sample_images
+from imagen_jax.sample import outdir as outdir_lib
 
 
 def main_command() -> tuple[str, str]:
@@ -45,8 +45,8 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   assert "all_correct" in first.stdout and "heldout" in first.stdout
 
   # scores.json is the judge's verdict on the images the demo wrote.
-  records = sample_images.read_records(str(workdir / "samples"))
-  images = [sample_images.read_image(str(workdir / "samples"), r) for r in records]
+  records = outdir_lib.read_records(str(workdir / "samples"))
+  images = [outdir_lib.read_image(str(workdir / "samples"), r) for r in records]
   assert sorted({r["split"] for r in records}) == ["heldout", "validation"]
   assert [sum(r["split"] == s for r in records) for s in ("validation", "heldout")] == [8, 8]
   scores = json.loads((workdir / "scores.json").read_text())

@@ -6,16 +6,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax import config_lib
+from conftest import run_cli_json  # pylint: disable=g-bad-import-order
 from imagen_jax.eval import drawbench
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's CSV format (a prompt may hold commas and quotes).
 CSV = ('Prompts,Category\n'
@@ -305,38 +302,19 @@ def test_page_script_saves_ratings_that_the_tally_reads(tmp_path):
   assert result["questions"]["fidelity"]["overall"]["unrated"] == 1
 
 
-def _run_eval(*flags):
-  out = subprocess.run([sys.executable, "-m", "imagen_jax", "eval", *flags], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout)
-
-
-@pytest.fixture(scope="module")
-def tiny_base_stage(tmp_path_factory, shapes_data_dir):
-  """A base stage trained for 2 steps: enough for a cascade to sample from."""
-  from imagen_jax.train import train as train_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config("configs/base64.py:tiny", {
-      "batch_size": 8, "total_steps": 2, "sample_every": 0, "log_every": 1,
-      "checkpoint_every": 2, "optimizer.warmup_steps": 1, "data.data_dir": shapes_data_dir})
-  workdir = str(tmp_path_factory.mktemp("drawbench") / "base")
-  train_lib.train_and_evaluate(config, workdir)
-  return workdir
-
-
 @pytest.mark.slow
-def test_drawbench_samples_compares_and_tallies(tmp_path, tiny_base_stage):
+def test_drawbench_samples_compares_and_tallies(tmp_path, tiny_cascade):
   out_a = str(tmp_path / "OUT_A")
-  sample = ["--metric=drawbench", f"--stages={tiny_base_stage}", f"--outdir={out_a}",
+  sample = ["--metric=drawbench", f"--stages={','.join(tiny_cascade)}", f"--outdir={out_a}",
             "--steps=2", "--batch_size=32"]
   # Half the CSV first (an interrupted run), then all of it: only the rest is sampled.
   half = write_csv(tmp_path / "half.csv", CSV[:CSV.index("Three")])
-  first = _run_eval(*sample, f"--prompts_csv={half}")
+  first = run_cli_json("eval", *sample, f"--prompts_csv={half}")
   assert first == {"outdir": out_a, "prompts": 2, "images": 16, "samples_per_prompt": 8}
   before = {name: os.stat(os.path.join(out_a, name)).st_mtime_ns for name in os.listdir(out_a)
             if name.endswith(".png") and name != "grid.png"}
   assert len(before) == 16
-  done = _run_eval(*sample, f"--prompts_csv={write_csv(tmp_path / 'd.csv')}")
+  done = run_cli_json("eval", *sample, f"--prompts_csv={write_csv(tmp_path / 'd.csv')}")
   assert done["images"] == 32
   for name, mtime in before.items():
     assert os.stat(os.path.join(out_a, name)).st_mtime_ns == mtime, name
@@ -354,12 +332,13 @@ def test_drawbench_samples_compares_and_tallies(tmp_path, tiny_base_stage):
     path = os.path.join(out_b, record["file"])
     Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
   page = str(tmp_path / "rate.html")
-  made = _run_eval("--metric=drawbench", f"--compare={out_a},{out_b}", f"--output={page}",
-                   "--seed=3")
+  made = run_cli_json("eval", "--metric=drawbench", f"--compare={out_a},{out_b}",
+                      f"--output={page}", "--seed=3")
   assert made["prompts"] == 4
   metadata = check_page(page, [out_a, out_b], ["OUT_A", "OUT_B"], PROMPTS)
   ratings = ratings_file(tmp_path / "r.json", metadata, {
       i: ("OUT_A", "OUT_B") for i in range(4)})
-  result = _run_eval("--metric=drawbench-tally", f"--ratings={ratings}", f"--page={page}")
+  result = run_cli_json("eval", "--metric=drawbench-tally", f"--ratings={ratings}",
+                        f"--page={page}")
   assert result["questions"]["fidelity"]["overall"]["rates"]["OUT_A"] == 1.0
   assert result["questions"]["alignment"]["by_category"]["Colors"]["rates"]["OUT_B"] == 1.0

@@ -7,7 +7,6 @@ it uses (torchvision's registry wheels do not import beside torch 2.13.0; see th
 import contextlib
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -16,12 +15,12 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
+from conftest import REPO, run_cli_json  # pylint: disable=g-bad-import-order
 from imagen_jax.eval import fid
 from imagen_jax.eval import inception
 
 torch = pytest.importorskip("torch")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIRD_PARTY = os.path.join(REPO, "tests", "third_party")
 
 
@@ -141,6 +140,7 @@ def test_resize_matches_torch_bilinear():
                                want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_features_match_pytorch_fid_inception(weights):
   state, pth, npz, reference = weights
   from_pth = inception.load_weights(pth)
@@ -178,20 +178,14 @@ def test_weight_errors_list_every_mismatch(weights):
     inception.load_weights("/nonexistent/" + inception.FID_WEIGHTS_FILE)
 
 
-def _run_eval(*flags):
-  out = subprocess.run([sys.executable, "-m", "imagen_jax", "eval", *flags], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout)
-
-
+@pytest.mark.slow
 def test_fid_stats_and_fid_commands(tmp_path, weights, shapes_data_dir):
   npz = weights[2]
   stats = str(tmp_path / "shapes.npz")
   common = [f"--inception_weights={npz}", "--inception_batch_size=8"]
-  made = _run_eval("--metric=fid-stats", "--source=shapes", f"--data_dir={shapes_data_dir}",
-                   "--split=validation", "--num_images=12", "--image_size=64", "--seed=3",
-                   f"--output={stats}", *common)
+  made = run_cli_json("eval", "--metric=fid-stats", "--source=shapes",
+                      f"--data_dir={shapes_data_dir}", "--split=validation", "--num_images=12",
+                      "--image_size=64", "--seed=3", f"--output={stats}", *common, timeout=300)
   assert made["num_images"] == 12 and made["image_size"] == 64
   # The same 12 images, shuffled and written as samples: the FID is 0.
   _, images = fid.source_images("shapes", "validation", 64, data_dir=shapes_data_dir,
@@ -205,7 +199,8 @@ def test_fid_stats_and_fid_commands(tmp_path, weights, shapes_data_dir):
     Image.fromarray(images[k]).save(samples / f"{i:05d}.png")
     records.append({"file": f"{i:05d}.png", "prompt": "", "index": i})
   (samples / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-  scores = _run_eval("--metric=fid", f"--samples={samples}", f"--reference={stats}", *common)
+  scores = run_cli_json("eval", "--metric=fid", f"--samples={samples}", f"--reference={stats}",
+                        *common, timeout=300)
   assert scores["fid"] == pytest.approx(0, abs=1e-6)
   assert scores["num_samples"] == 12 and scores["reference_source"] == "shapes"
   # Against other images, the FID is the distance between the two sets' statistics.

@@ -1,20 +1,16 @@
 """The shapes judge on the dataset's own renders, and on images that break the prompt."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli_json  # pylint: disable=g-bad-import-order
 from imagen_jax.data import preprocess
 from imagen_jax.data import shapes as shapes_data
 from imagen_jax.data import shapes_grammar as grammar
 from imagen_jax.eval import shapes as judge
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("split", ["validation", "heldout"])
@@ -80,10 +76,43 @@ def test_eval_command_reports_scores_per_split(tmp_path):
     Image.fromarray(image).save(tmp_path / f"{i:05d}.png")
     records.append({"file": f"{i:05d}.png", "prompt": ex.caption, "split": split})
   (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-  out = subprocess.run([sys.executable, "-m", "imagen_jax", "eval", "--metric=shapes",
-                        f"--samples={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 0, out.stderr
-  scores = json.loads(out.stdout)
+  scores = run_cli_json("eval", "--metric=shapes", f"--samples={tmp_path}", timeout=120)
   assert scores["validation"]["all_correct"] == 1.0 and scores["validation"]["n"] == 3
   assert scores["heldout"]["all_correct"] == pytest.approx(2 / 3)
+
+
+# --- Picture measures: background cleanliness and edge fidelity -----------------------------
+
+def test_renders_have_a_black_background_and_crisp_edges():
+  verdicts = [judge.judge(shapes_data.render(ex.placed, 64), ex.caption)
+              for ex in (shapes_data.example("validation", i) for i in range(100))]
+  scores = judge.score(verdicts)
+  assert scores["background"] == 0.0 and scores["background_p99"] == 0.0
+  # Edges are antialiased (partial pixels), so even a perfect render fits its template < 1.
+  assert 0.9 < scores["edge_iou"] < 1.0, scores
+
+
+def test_speckle_raises_the_background_measure_by_what_was_added():
+  ex = shapes_data.example("validation", 3)
+  clean = shapes_data.render(ex.placed, 64)
+  rng = np.random.default_rng(0)
+  speckle = rng.integers(0, 41, clean.shape[:2])  # uniform 0..40: mean 20, p99 ~40
+  noisy = clean.copy()
+  background = clean.max(axis=-1) == 0
+  noisy[background] = speckle[background, None]
+  verdict = judge.judge(noisy, ex.caption)
+  assert 17.0 < verdict["background"] < 23.0, verdict
+  assert 37.0 <= verdict["background_p99"] <= 40.0, verdict
+  assert verdict["all_correct"]  # the judge still reads the object
+
+
+def test_blurred_edges_lower_the_edge_iou():
+  ex = shapes_data.example("validation", 5)
+  clean = shapes_data.render(ex.placed, 64)
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  blurred = np.stack([ndimage.gaussian_filter(clean[..., c].astype(np.float32), 2.0)
+                      for c in range(3)], axis=-1).round().astype(np.uint8)
+  sharp = judge.judge(clean, ex.caption)["edge_ious"]
+  soft = judge.judge(blurred, ex.caption)["edge_ious"]
+  assert len(sharp) == len(soft) == len(ex.placed)
+  assert max(soft) < min(sharp) - 0.05, (sharp, soft)

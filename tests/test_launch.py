@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from imagen_jax import config_lib
+from conftest import REPO  # pylint: disable=g-bad-import-order
+from imagen_jax.core import config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 
 

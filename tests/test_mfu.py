@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax import config_lib
 from imagen_jax import models
+from imagen_jax.core import config_lib
 from imagen_jax.models import chunked_attention
 from imagen_jax.models import layers
 from imagen_jax.train import mfu

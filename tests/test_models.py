@@ -15,15 +15,13 @@ import numpy as np
 import optax
 import pytest
 
-from imagen_jax import config_lib
 from imagen_jax import models
-from imagen_jax.diffusion import augmentation
+from imagen_jax.core import config_lib
+from imagen_jax.core import partitioning
 from imagen_jax.diffusion import guidance
-from imagen_jax.diffusion import objectives
-from imagen_jax.diffusion import schedules
 from imagen_jax.models import chunked_attention
 from imagen_jax.models import layers
-from imagen_jax.train import partitioning
+from imagen_jax.train import step as step_lib
 
 TINY = ("configs/base64.py:tiny", "configs/sr256.py:tiny", "configs/sr1024.py:tiny")
 PAPER = (("configs/base64.py:paper", 2.0e9), ("configs/base64.py:500m", 0.5e9),
@@ -53,7 +51,7 @@ def random_inputs(config, batch=2, seed=0, size=None):
   """Inputs with real tokens of different lengths per example (the rest padding)."""
   inputs = models.init_inputs(config, batch)
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-  train_size, lowres_size = models.train_sizes(config)
+  _, train_size, lowres_size = config_lib.stage_sizes(config)
   size = size or train_size
   length = config.text.max_length
   inputs["x"] = jax.random.normal(keys[0], (batch, size, size, 3))
@@ -73,6 +71,7 @@ def max_diff(a, b):
 
 # --- Sizes and parameter names (eval_shape only: no memory) ------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,paper_count", PAPER)
 def test_paper_variants_are_within_10_percent_of_the_paper(spec, paper_count):
   config = config_lib.load_config(spec)
@@ -115,7 +114,7 @@ def test_every_parameter_carries_logical_axis_names(spec):
 def test_output_shape_and_dtype(spec):
   config, _, _, apply = tiny_net(spec)
   out = apply(**random_inputs(config))
-  size = models.train_sizes(config)[0]
+  size = config_lib.stage_sizes(config)[1]
   assert out.shape == (2, size, size, 3) and out.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
 
@@ -132,7 +131,7 @@ def test_a_fresh_network_predicts_zero():
 
 def test_sr_network_is_convolutional_trains_on_crops_and_samples_at_full_size():
   # SR 2 trains on 256 crops of 1024 images with the matching 64 crops of the 256 low-res input.
-  assert models.train_sizes(config_lib.load_config("configs/sr1024.py:paper")) == (256, 64)
+  assert config_lib.stage_sizes(config_lib.load_config("configs/sr1024.py:paper")) == (1024, 256, 64)
   config, _, _, apply = tiny_net("configs/sr1024.py:tiny")
   assert config.train_crop == 32 and config.image_size == 64
   crop = apply(**random_inputs(config, size=32))
@@ -377,32 +376,38 @@ def shapes_images(size):
   return jnp.asarray(images)
 
 
+def to_pixels(images):
+  """[-1, 1] -> uint8-valued float32 [0, 255], unrounded: the step's to_model_range inverts it."""
+  return (images + 1.0) * 127.5
+
+
 def overfit(spec, steps):
   """(eval loss before, after) `steps` Adam steps on one fixed batch of 4, with fresh t, eps and
-  aug noise every step; the eval loss averages 32 fixed draws of them."""
-  config = config_lib.load_config(spec)
+  aug noise every step; the eval loss averages 32 fixed draws of them.
+
+  The loss is the training step's own (train/step.py): the eps objective with plain weighting,
+  the text always kept, aug levels U(0, 0.5) under the diffusion schedule.
+  """
+  config = config_lib.load_config(spec, {
+      "diffusion.formulation": "vp", "diffusion.parameterization": "eps",
+      "diffusion.loss_weighting": "plain", "cond_drop_rate": 0.0, "lowres.aug_max": 0.5})
+  config.lowres.aug_schedule = config.diffusion.schedule
   model = models.build_model(config)
-  size, lowres_size = models.train_sizes(config)
+  _, size, lowres_size = config_lib.stage_sizes(config)
   x = shapes_images(size)
   text_shape = (4, config.text.max_length, config.text.width)
-  text_emb = jax.random.normal(jax.random.PRNGKey(0), text_shape)
   text_mask = jnp.arange(config.text.max_length)[None, :] < jnp.array([[5], [7], [6], [8]])
-  lowres = jax.image.resize(x, (4, lowres_size, lowres_size, 3), "linear") if lowres_size else None
-  log_snr_fn = schedules.get_log_snr_fn(config.diffusion.schedule)
+  batch = {"image": to_pixels(x), "text_mask": text_mask,
+           "text_emb": jax.random.normal(jax.random.PRNGKey(0), text_shape)}
+  if lowres_size:
+    batch["lowres"] = to_pixels(jax.image.resize(x, (4, lowres_size, lowres_size, 3), "linear"))
   params = model.init(jax.random.PRNGKey(1), **models.init_inputs(config))["params"]
   optimizer = optax.adam(1e-3)
   opt_state = optimizer.init(params)
+  step_loss = step_lib.make_loss_fn(config, model, text_apply=None)
 
   def loss_fn(params, key):
-    diffusion_key, aug_key, level_key = jax.random.split(key, 3)
-    z, log_snr, eps = objectives.corrupt(diffusion_key, x, log_snr_fn)
-    extra = {}
-    if lowres is not None:
-      levels = augmentation.random_aug_levels(level_key, 4, 0.5)
-      extra["lowres"], extra["aug_log_snr"] = augmentation.noise_augment(
-          aug_key, lowres, levels, log_snr_fn)
-    out = model.apply({"params": params}, z, log_snr, text_emb, text_mask, **extra)
-    return jnp.mean(objectives.diffusion_loss(out, x, eps, log_snr, parameterization="eps"))
+    return step_loss(params, batch, None, key)[0]  # the mean over the batch
 
   @jax.jit
   def train_step(params, opt_state, key):
@@ -421,6 +426,7 @@ def overfit(spec, steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,steps", [("configs/base64.py:tiny", 150),
                                         ("configs/sr256.py:tiny", 300)])
+@pytest.mark.slow
 def test_tiny_model_overfits_a_fixed_batch(spec, steps):
   before, after = overfit(spec, steps)
   assert before > 0.9  # zero output at init: the eps loss is E[eps^2] = 1

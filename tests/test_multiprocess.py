@@ -11,23 +11,21 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
-from imagen_jax import config_lib
+from conftest import (  # pylint: disable=g-bad-import-order
+    REPO, cli_argv, config_flags, free_port, short_run_settings, start_stopping_after_checkpoint,
+    tiny_config)
+from imagen_jax.core import checkpoints
+from imagen_jax.core import distributed
 from imagen_jax.data import pipeline as pipeline_lib
-from imagen_jax.train import checkpoints
-from imagen_jax.train import distributed
 from imagen_jax.train import train as train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 6, 3
 HEARTBEAT_S = 10
 
@@ -38,30 +36,16 @@ def overrides(data_dir):
   # (~1e-11) that depends on the order of the cross-device sums (XLA's in-process collectives
   # vs gloo); eps=1e-8 would blow that noise up to 1e-6-sized steps, eps=1e-3 keeps it ~1e-11
   # and leaves the real updates (gradients ~1e-3) of the same order.
-  return {"batch_size": 8, "total_steps": STEPS, "checkpoint_every": EVERY, "log_every": 1,
-          "sample_every": 0, "optimizer.warmup_steps": 2, "optimizer.eps": 1e-3,
-          "model.channel_mult": (1, 2), "model.attn_resolutions": (16,),
-          "data.data_dir": data_dir}
-
-
-def tiny_config(data_dir):
-  config = config_lib.load_config("configs/base64.py:tiny")
-  for key, value in overrides(data_dir).items():
-    config_lib.set_by_path(config, key, value)
-  return config
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return short_run_settings(data_dir, small_net=False, **{
+      "total_steps": STEPS, "checkpoint_every": EVERY, "optimizer.eps": 1e-3,
+      "model.channel_mult": (1, 2), "model.attn_resolutions": (16,)})
 
 
 def flags_of_two(workdir, data_dir):
   """The `imagen-jax train` flags of both processes of a run (a fresh coordinator port)."""
   port = free_port()
   args = [f"--workdir={workdir}", "--config=configs/base64.py:tiny",
-          *(f"--config.{k}={v}" for k, v in overrides(data_dir).items()),
+          *config_flags(overrides(data_dir)),
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
           f"--distributed_heartbeat_timeout={HEARTBEAT_S}"]
   return [[*args, f"--process_id={i}"] for i in range(2)]
@@ -73,9 +57,8 @@ def env_of_two():
 
 def start_two(workdir, data_dir):
   """Both processes of a run, started at once; stdout and stderr merged, as text."""
-  return [subprocess.Popen([sys.executable, "-m", "imagen_jax", "train", *flags], cwd=REPO,
-                           env=env_of_two(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+  return [subprocess.Popen(cli_argv("train", *flags), cwd=REPO, env=env_of_two(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for flags in flags_of_two(workdir, data_dir)]
 
 
@@ -103,7 +86,7 @@ def one_process_run(tmp_path_factory, shapes_data_dir):
   base = tmp_path_factory.getbasetemp()
   root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   workdir = root / "multiprocess_reference"
-  config = tiny_config(shapes_data_dir)
+  config = tiny_config(**overrides(shapes_data_dir))
   with open(str(workdir) + ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (workdir / "done").exists():
@@ -163,7 +146,7 @@ def test_a_killed_process_stops_the_other_and_both_resume(tmp_path, shapes_data_
 
 def test_process_blocks_make_the_one_process_batch(shapes_data_dir):
   """Process p's batch is the p-th block of the one-process batch, random crops included."""
-  config = tiny_config(shapes_data_dir)
+  config = tiny_config(**overrides(shapes_data_dir))
   config.data.random_crop = True
   one = pipeline_lib.make_pipeline(config)
   two = [pipeline_lib.make_pipeline(config, process_index=p, process_count=2) for p in (0, 1)]

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 # Hides TensorFlow from every import finder: `import tensorflow` raises ModuleNotFoundError and
 # importlib.util.find_spec("tensorflow") is None, exactly as on a machine without it.

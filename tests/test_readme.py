@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from conftest import REPO, readme_commands, run_as_typed
-from imagen_jax import config_lib
+from imagen_jax.core import config_lib
 
 
 def test_ci_runs_the_quick_start_exactly():
@@ -22,6 +22,8 @@ def test_ci_runs_the_quick_start_exactly():
   activate = ci.index("source .venv-ci/bin/activate")
   assert ci[activate - 1] == "fresh_venv .venv-ci"
   assert ci[activate + 1:activate + 3] == [install_and_demo + " --quick", test]
+  # The slow tests, which the default run deselects (pytest.ini), run in a step of their own.
+  assert test.split(" && ")[1] + " -m slow -p no:cacheprovider" in ci[activate + 3:]
 
 
 @pytest.mark.slow

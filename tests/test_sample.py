@@ -11,24 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax import fileio
+from conftest import REPO, run_cli  # pylint: disable=g-bad-import-order
+from imagen_jax.core import fileio
+from imagen_jax.core import images as images_lib
 from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import sampling
 from imagen_jax.diffusion import schedules
 from imagen_jax.diffusion import thresholding
 from imagen_jax.sample import cascade as cascade_lib
-from imagen_jax.sample import command
-from imagen_jax.sample import images as sample_images
-from imagen_jax.sample import stage as stage_lib
+from imagen_jax.sample import outdir as outdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle at the top left corner", "a blue square above a white triangle"]
 
 
 def sample_cli(stages, outdir, *args):
-  cmd = [sys.executable, "-m", "imagen_jax", "sample", f"--stages={','.join(stages)}",
-         f"--outdir={outdir}", "--steps=3", "--guidance=3,2", *args]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return run_cli("sample", f"--stages={','.join(stages)}", f"--outdir={outdir}", "--steps=3",
+                 "--guidance=3,2", *args, env={"JAX_PLATFORMS": "cpu"})
 
 
 def pixels(outdir, name):
@@ -40,6 +38,7 @@ def cascade(tiny_cascade):
   return cascade_lib.Cascade.from_workdirs(tiny_cascade)
 
 
+@pytest.mark.slow
 def test_command_writes_pngs_grid_and_jsonl(tiny_cascade, tmp_path):
   out = tmp_path / "out"
   result = sample_cli(tiny_cascade, out, *[f"--prompt={p}" for p in PROMPTS],
@@ -57,25 +56,27 @@ def test_command_writes_pngs_grid_and_jsonl(tiny_cascade, tmp_path):
   assert pixels(out, "grid.png").shape == (64, 64, 3)  # 4 images, 2 x 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_pixels_other_seed_other_pixels(cascade, tmp_path):
-  settings = command.stage_settings(cascade, steps=["3"], guidance=["3"])
+  settings = outdir_lib.stage_settings(cascade, steps=["3"], guidance=["3"])
   prompts = [{"prompt": p} for p in PROMPTS]
-  command.run(cascade, prompts, str(tmp_path / "a"), seed=1, settings=settings, show_progress=False)
-  command.run(cascade, prompts, str(tmp_path / "b"), seed=1, settings=settings, show_progress=False)
-  command.run(cascade, prompts, str(tmp_path / "c"), seed=2, settings=settings, show_progress=False)
+  outdir_lib.sample_to_outdir(cascade, prompts, str(tmp_path / "a"), seed=1, settings=settings, show_progress=False)
+  outdir_lib.sample_to_outdir(cascade, prompts, str(tmp_path / "b"), seed=1, settings=settings, show_progress=False)
+  outdir_lib.sample_to_outdir(cascade, prompts, str(tmp_path / "c"), seed=2, settings=settings, show_progress=False)
   for name in ("00000.png", "00001.png"):
     np.testing.assert_array_equal(pixels(tmp_path / "a", name), pixels(tmp_path / "b", name))
     assert np.abs(pixels(tmp_path / "a", name).astype(int)
                   - pixels(tmp_path / "c", name).astype(int)).max() > 0
 
 
+@pytest.mark.slow
 def test_rerun_with_more_prompts_samples_only_new_images(cascade, tmp_path):
-  settings = command.stage_settings(cascade, steps=["2"])
+  settings = outdir_lib.stage_settings(cascade, steps=["2"])
   out = str(tmp_path / "out")
-  command.run(cascade, [{"prompt": PROMPTS[0]}], out, settings=settings, show_progress=False)
+  outdir_lib.sample_to_outdir(cascade, [{"prompt": PROMPTS[0]}], out, settings=settings, show_progress=False)
   first = os.path.getmtime(os.path.join(out, "00000.png"))
   before = pixels(out, "00000.png")
-  records = command.run(cascade, [{"prompt": p} for p in PROMPTS], out, settings=settings,
+  records = outdir_lib.sample_to_outdir(cascade, [{"prompt": p} for p in PROMPTS], out, settings=settings,
                         show_progress=False)
   assert len(records) == 2
   assert os.path.getmtime(os.path.join(out, "00000.png")) == first
@@ -83,40 +84,43 @@ def test_rerun_with_more_prompts_samples_only_new_images(cascade, tmp_path):
   assert len(open(os.path.join(out, "samples.jsonl")).readlines()) == 2
   # An image sampled alone equals the same index sampled in a batch (per-image keys).
   alone = str(tmp_path / "alone")
-  command.run(cascade, [{"prompt": p} for p in PROMPTS], alone, settings=settings,
+  outdir_lib.sample_to_outdir(cascade, [{"prompt": p} for p in PROMPTS], alone, settings=settings,
               batch_size=1, show_progress=False)
   np.testing.assert_array_equal(pixels(alone, "00001.png"), pixels(out, "00001.png"))
-  with pytest.raises(command.SampleError, match="new --outdir"):
-    command.run(cascade, [{"prompt": "a green circle at the center"}], out, settings=settings,
+  with pytest.raises(outdir_lib.SampleError, match="new --outdir"):
+    outdir_lib.sample_to_outdir(cascade, [{"prompt": "a green circle at the center"}], out, settings=settings,
                 show_progress=False)
 
 
+@pytest.mark.slow
 def test_an_outdir_on_gcs_holds_the_same_images_and_resumes(cascade, tmp_path, gcs_emulator,
                                                            monkeypatch):
   for key, value in gcs_emulator.items():
     monkeypatch.setenv(key, value)
-  settings = command.stage_settings(cascade, steps=["2"])
+  settings = outdir_lib.stage_settings(cascade, steps=["2"])
   remote = "gs://imagen-test/samples-run"
-  command.run(cascade, [{"prompt": PROMPTS[0]}], remote, settings=settings, show_progress=False)
-  records = command.run(cascade, [{"prompt": p} for p in PROMPTS], remote, settings=settings,
+  outdir_lib.sample_to_outdir(cascade, [{"prompt": PROMPTS[0]}], remote, settings=settings, show_progress=False)
+  records = outdir_lib.sample_to_outdir(cascade, [{"prompt": p} for p in PROMPTS], remote, settings=settings,
                         show_progress=False)  # resumes: only the second image is new
   local = str(tmp_path / "local")
-  command.run(cascade, [{"prompt": p} for p in PROMPTS], local, settings=settings,
+  outdir_lib.sample_to_outdir(cascade, [{"prompt": p} for p in PROMPTS], local, settings=settings,
               show_progress=False)
-  assert sample_images.read_records(remote) == sample_images.read_records(local) == records
+  assert outdir_lib.read_records(remote) == outdir_lib.read_records(local) == records
   assert fileio.listdir(remote) == ["00000.png", "00001.png", "grid.png", "samples.jsonl"]
   for name in ("00000.png", "00001.png", "grid.png"):
-    np.testing.assert_array_equal(sample_images.read_png(f"{remote}/{name}"), pixels(local, name))
+    np.testing.assert_array_equal(images_lib.read_png(f"{remote}/{name}"), pixels(local, name))
 
 
+@pytest.mark.slow
 def test_guidance_one_is_the_conditional_sampler(cascade):
   base = cascade.stages[0]
-  settings = [stage_lib.StageSettings(sampler="ddim", steps=4, guidance=1.0, threshold="static")]
+  settings = [sampling.StageSettings.from_config(base.config.sample, sampler="ddim", steps=4,
+                                                guidance=1.0, threshold="static", eta=0.0)]
   one_stage = cascade_lib.Cascade(cascade.stages[:1], cascade.text_encoder, cascade.mesh)
   got = one_stage.sample(PROMPTS, seed=3, settings=settings)[0]
   # The conditional sampler written out by hand: model -> eps -> x0, no unconditional pass.
   emb, mask = cascade.text_encoder.encode(PROMPTS)
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(stage_lib.image_keys(3, np.arange(2)))
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(sampling.image_keys(3, np.arange(2)))
   noise_key, _, sample_key = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
                               for i in range(3))
   noise = jax.vmap(lambda k: jax.random.normal(k, (16, 16, 3)))(noise_key)
@@ -129,6 +133,7 @@ def test_guidance_one_is_the_conditional_sampler(cascade):
   assert 0 < got.mean() < 255  # not a blank image: the comparison has something to compare
 
 
+@pytest.mark.slow
 def test_chain_check_rejects_mismatches(tiny_cascade, tmp_path):
   base, sr = tiny_cascade
   with pytest.raises(cascade_lib.ChainError, match="wrong order"):
@@ -144,24 +149,26 @@ def test_chain_check_rejects_mismatches(tiny_cascade, tmp_path):
     (["--prompt=x", "--guidance=1,2,3"], "--guidance has 3 values for 2 stages"),
     (["--prompt=x", "--steps=1,2,3"], "--steps has 3 values"),
 ])
+@pytest.mark.slow
 def test_bad_input_fails_before_compute(tiny_cascade, tmp_path, args, message):
-  cmd = [sys.executable, "-m", "imagen_jax", "sample", f"--stages={','.join(tiny_cascade)}",
-         f"--outdir={tmp_path}", *args]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = run_cli("sample", f"--stages={','.join(tiny_cascade)}", f"--outdir={tmp_path}", *args,
+                timeout=300)
   assert out.returncode != 0
   assert message in out.stderr
   assert not os.path.exists(tmp_path / "samples.jsonl")
 
 
+@pytest.mark.slow
 def test_empty_and_overlong_prompts(cascade, tmp_path):
   long_prompt = " ".join(["a red circle"] * 20)  # far past max_length 16: truncated with a warning
-  settings = command.stage_settings(cascade, steps=["2"])
-  records = command.run(cascade, [{"prompt": ""}, {"prompt": long_prompt}], str(tmp_path),
+  settings = outdir_lib.stage_settings(cascade, steps=["2"])
+  records = outdir_lib.sample_to_outdir(cascade, [{"prompt": ""}, {"prompt": long_prompt}], str(tmp_path),
                         settings=settings, show_progress=False)
   assert [r["prompt"] for r in records] == ["", long_prompt]
   assert pixels(tmp_path, "00001.png").shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top

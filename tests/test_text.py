@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
+from imagen_jax.core import partitioning
 from imagen_jax.text import builtin
 from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.text import load_text_encoder
 from imagen_jax.text import t5
 from imagen_jax.text import tokenizer as tokenizer_lib
 from imagen_jax.text import weights
-from imagen_jax.train import partitioning
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -90,6 +90,7 @@ def reference(hf_dir, texts, max_length):
           out.last_hidden_state.numpy())
 
 
+@pytest.mark.slow
 def test_parity_with_transformers(hf_dir):
   ref_ids, ref_mask, ref_emb = reference(hf_dir, TEXTS, MAX_LENGTH)
   encoder = load_text_encoder(hf_dir, max_length=MAX_LENGTH, dtype="float32")

@@ -17,16 +17,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from imagen_jax import config_lib
+from imagen_jax.core import config_lib
+from imagen_jax.core import fileio
 from imagen_jax.data import shapes_grammar
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encode_job
-from imagen_jax import fileio
 from imagen_jax.text import load_text_encoder
 from imagen_jax.text import tokenizer as tokenizer_lib
-from conftest import _free_port  # pylint: disable=g-bad-import-order
+from conftest import REPO, free_port, run_cli  # pylint: disable=g-bad-import-order
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PART_SIZE, BATCH = 64, 16
 LONG = " ".join(["a red circle to the left of a blue triangle"] * 4)  # > 16 tokens
 
@@ -63,11 +62,6 @@ def job_args(source, output, *extra):
   return ["--config=configs/encode.py:tiny", f"--config.source={source}",
           f"--config.output={output}", f"--config.part_size={PART_SIZE}",
           f"--config.batch_size={BATCH}", "--config.progress=False", *extra]
-
-
-def run_cli(args, env, timeout=240):
-  return subprocess.run([sys.executable, "-m", "imagen_jax", "encode", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
 
 
 def run_until_killed(args, env, tmp_path, kill_part=2):
@@ -122,23 +116,25 @@ def kill_resume_verify(source, output, captions, env, tmp_path):
     cache[2 * PART_SIZE + 2]
   assert not cache.has(2 * PART_SIZE) and cache.has(0)
 
-  out = run_cli(job_args(source, output, "--verify"), env)
+  out = run_cli("encode", *job_args(source, output, "--verify"), env=env, timeout=240)
   assert out.returncode == 1, out.stdout + out.stderr
   assert "INCOMPLETE: 2/5 parts" in out.stdout and "missing parts: 2, 3, 4" in out.stdout
 
-  out = run_cli(job_args(source, output), env)
+  out = run_cli("encode", *job_args(source, output), env=env, timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]
   stats = summary(out.stdout)
   assert stats["skipped_parts"] == 2 and stats["parts"] == 3
   assert stats["captions"] == len(captions) - 2 * PART_SIZE
   assert stats["truncated"] == 1
 
-  out = run_cli(job_args(source, output, "--verify", "--config.verify_checksums=True"), env)
+  out = run_cli("encode", *job_args(source, output, "--verify", "--config.verify_checksums=True"),
+                env=env, timeout=240)
   assert out.returncode == 0, out.stdout + out.stderr
   assert "complete: 5/5 parts" in out.stdout
   return check_against_fresh_encode(output, captions, keys)
 
 
+@pytest.mark.slow
 def test_encode_kill_resume_verify_local(tmp_path):
   captions = captions_list()
   text = tmp_path / "captions.txt"
@@ -239,6 +235,7 @@ def test_non_string_caption_names_the_key(tfds_dir, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- GCS emulator
 
+@pytest.mark.slow
 def test_encode_kill_resume_verify_on_gcs(gcs_emulator, tmp_path, monkeypatch):
   for key, value in gcs_emulator.items():
     monkeypatch.setenv(key, value)
@@ -265,6 +262,7 @@ cli.main(["imagen-jax", "encode"] + sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_write_their_own_parts(tmp_path):
   """Two JAX processes (2 CPU devices each, gloo collectives) share one mesh and one cache.
 
@@ -277,7 +275,7 @@ def test_two_processes_write_their_own_parts(tmp_path):
   output = str(tmp_path / "cache")
   env = dict(os.environ, JAX_PLATFORMS="cpu", IMAGEN_JAX_CACHE=str(tmp_path / "models"),
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             COORDINATOR=f"127.0.0.1:{_free_port()}")
+             COORDINATOR=f"127.0.0.1:{free_port()}")
   args = ["--config=configs/encode.py:tiny", f"--config.source=text:{text}",
           f"--config.output={output}", "--config.part_size=32", "--config.batch_size=16",
           "--config.progress=False"]
@@ -302,7 +300,7 @@ def test_two_processes_write_their_own_parts(tmp_path):
 def test_weights_on_gcs_hf_and_converted(gcs_emulator, tmp_path, monkeypatch):
   """A Hugging Face directory read from gs://, converted to Orbax on gs://, loaded sharded."""
   from imagen_jax.text import builtin  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
   for key, value in gcs_emulator.items():
     monkeypatch.setenv(key, value)
   monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "models"))
@@ -318,3 +316,46 @@ def test_weights_on_gcs_hf_and_converted(gcs_emulator, tmp_path, monkeypatch):
   mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "model": 2})
   encoder = load_text_encoder("gs://imagen-test/orbax", max_length=16, mesh=mesh)
   np.testing.assert_allclose(encoder.encode(captions)[0], want, atol=1e-5)
+
+
+def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_dir, tmp_path,
+                                                                        monkeypatch):
+  # One caption reader (data/sources.py) feeds the cache and the pipeline: every source kind.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from conftest import stage_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "models"))
+  encoder = load_text_encoder("builtin:shapes-tiny", max_length=16)
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for i, caption in enumerate(["a red circle at the top", "a blue  square\nat the center",
+                               "a green triangle to the left of a red circle"]):
+    Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / f"{i}.txt").write_text(caption)
+  caches = {}
+  for source, data_dir in (("shapes", shapes_dir), (f"folder:{folder}", str(tmp_path / "tfds"))):
+    output = caches[source] = str(tmp_path / f"cache-{len(caches)}")
+    config = config_lib.load_config("configs/encode.py:tiny", {
+        "source": source, "split": "train", "data_dir": data_dir, "output": output,
+        "batch_size": 8, "part_size": 64, "progress": False})
+    stats = encode_job.run(config)
+    captions = sources.get_captions(sources.source_config(source, "train", data_dir))
+    assert stats["captions"] == len(captions) == {"shapes": 200}.get(source, 3)
+    cache = cache_lib.EmbeddingCache(output)
+    fresh, _ = encoder.encode(list(captions))
+    for i in range(len(captions)):
+      assert cache.key(i) == f"train[{i}]"
+      np.testing.assert_allclose(cache[i][0], fresh[i], rtol=2 ** -7, atol=1e-6)
+  # Whitespace is normalized as training normalizes it.
+  assert sources.get_captions(sources.source_config(
+      f"folder:{folder}", "train", str(tmp_path / "tfds")))[1] == "a blue square at the center"
+  # The training pipeline pairs each example with the cache row of its index: its own caption.
+  config = stage_config(**{"data.data_dir": shapes_dir, "data.embed_cache": caches["shapes"],
+                           "text.width": encoder.width, "text.max_length": 16})
+  batch = next(pipeline_lib.make_pipeline(
+      config, embedding_lookup=cache_lib.EmbeddingCache(caches["shapes"]).__getitem__))
+  source, info = sources.get_data_source(config.data)
+  expected, _ = encoder.encode([sources.first_caption(source[int(i)], info.caption_key)[0]
+                                for i in batch["index"]])
+  np.testing.assert_allclose(batch["text_emb"], expected, rtol=2 ** -7, atol=1e-6)

@@ -1,12 +1,12 @@
 """Training: sharding-invariance, exact resume, preemption, faults, logging (8 fake CPU devices)."""
 
+import functools
 import glob
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,26 +15,16 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_trees_equal, start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
-from imagen_jax import config_lib
+from conftest import (  # pylint: disable=g-bad-import-order
+    REPO, assert_trees_equal, cli_argv, config_flags, run_cli, short_run_config,
+    short_run_settings, start_stopping_after_checkpoint)
+from imagen_jax.core import checkpoints
+from imagen_jax.core import config_lib
 from imagen_jax.diffusion import objectives
-from imagen_jax.train import checkpoints
 from imagen_jax.train import train as train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(stage="base64", **overrides):
-  """A tiny stage trained on a small shapes split built once per session (see conftest)."""
-  config = config_lib.load_config(f"configs/{stage}.py:tiny")
-  defaults = {"batch_size": 8, "total_steps": 6, "log_every": 1, "checkpoint_every": 3,
-              "sample_every": 0, "optimizer.warmup_steps": 2}
-  if stage == "base64":  # a smaller net than :tiny compiles twice as fast; the loop is the same
-    defaults.update({"image_size": 16, "model.channel_mult": (1, 2), "model.model_dim": 16,
-                     "model.emb_dim": 32, "model.pool_width": 32})
-  for key, value in {**defaults, **overrides}.items():
-    config_lib.set_by_path(config, key, value)
-  return config
+# conftest's short run of a small base stage, 6 steps with checkpoints at 3 and 6 by default.
+tiny_config = functools.partial(short_run_config, total_steps=6, checkpoint_every=3)
 
 
 def read_scalars(workdir, tag):
@@ -80,6 +70,7 @@ def test_loss_trajectory_is_the_same_on_every_mesh(tmp_path, shapes_data_dir):
       assert trajectory[step] == pytest.approx(value, rel=1e-5), (name, step)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_2(tmp_path, shapes_data_dir):
   config = tiny_config(**{"data.data_dir": shapes_data_dir, "mesh.data": 2, "mesh.fsdp": 4,
                           "total_steps": 2, "checkpoint_every": 2})
@@ -93,6 +84,7 @@ def test_checkpoint_from_8_devices_restores_on_2(tmp_path, shapes_data_dir):
   assert len(leaf.sharding.device_set) == 2
 
 
+@pytest.mark.slow
 def test_injected_nan_stops_naming_the_step(tmp_path, shapes_data_dir):
   config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 8,
                           "checkpoint_every": 2, "log_every": 4, "debug.nan_at_step": 4})
@@ -105,6 +97,7 @@ def test_injected_nan_stops_naming_the_step(tmp_path, shapes_data_dir):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_mode_counts_and_continues(tmp_path, shapes_data_dir):
   config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 4,
                           "debug.nan_at_step": 1, "nonfinite": "skip"})
@@ -125,16 +118,10 @@ def test_bad_config_fails_before_compiling_naming_the_value(tmp_path, shapes_dat
                                  str(blocker / "sub"))
 
 
-def _train_flags(workdir, data_dir, *overrides):
+def _train_flags(workdir, data_dir, **overrides):
+  """`imagen-jax train` flags of conftest's short run, with `overrides`."""
   return ["--config=configs/base64.py:tiny", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", "--config.batch_size=8", "--config.sample_every=0",
-          "--config.log_every=1", "--config.optimizer.warmup_steps=2", "--config.image_size=16",
-          "--config.model.channel_mult=(1,2)", "--config.model.model_dim=16",
-          "--config.model.emb_dim=32", "--config.model.pool_width=32", *overrides]
-
-
-def _train_cmd(workdir, data_dir, *overrides):
-  return [sys.executable, "-m", "imagen_jax", "train", *_train_flags(workdir, data_dir, *overrides)]
+          *config_flags(short_run_settings(data_dir, **overrides))]
 
 
 def _env():
@@ -162,19 +149,17 @@ def _complete_checkpoints(workdir):
 def test_sigkill_then_rerun_resumes_exactly(tmp_path, shapes_data_dir):
   n = 3
   straight = str(tmp_path / "straight")
-  args = ["--config.total_steps=6", f"--config.checkpoint_every={n}"]
-  subprocess.run(_train_cmd(straight, shapes_data_dir, *args), cwd=REPO, env=_env(), check=True,
-                 capture_output=True, timeout=600)
+  args = {"total_steps": 6, "checkpoint_every": n}
+  run_cli("train", *_train_flags(straight, shapes_data_dir, **args), env=_env(), check=True)
   killed = str(tmp_path / "killed")
   # The run stops once its checkpoint at step n is complete: the kill lands between n and 2n.
-  [proc] = start_stopping_after_checkpoint([_train_flags(killed, shapes_data_dir, *args)], killed,
-                                           n, _env())
+  [proc] = start_stopping_after_checkpoint([_train_flags(killed, shapes_data_dir, **args)],
+                                           killed, n, _env())
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   assert _complete_checkpoints(killed) == [n]  # nothing after step n was saved
-  rerun = subprocess.run(_train_cmd(killed, shapes_data_dir, *args), cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+  rerun = run_cli("train", *_train_flags(killed, shapes_data_dir, **args), env=_env())
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   # A rerun that started over would end bitwise equal too: it must have resumed.
   assert f"Resuming from the checkpoint at step {n}" in rerun.stderr
@@ -187,9 +172,10 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, shapes_data_dir):
 @pytest.mark.slow
 def test_sigterm_saves_exits_0_and_rerun_continues(tmp_path, shapes_data_dir):
   workdir = str(tmp_path / "w")
-  args = ["--config.total_steps=1000", "--config.checkpoint_every=1000"]
-  proc = subprocess.Popen(_train_cmd(workdir, shapes_data_dir, *args), cwd=REPO, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      cli_argv("train", *_train_flags(workdir, shapes_data_dir, total_steps=1000,
+                                      checkpoint_every=1000)),
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _wait_for(lambda: os.path.exists(os.path.join(workdir, "tb")) and
             len(glob.glob(os.path.join(workdir, "tb", "*"))) > 0, proc)
   time.sleep(3)
@@ -197,9 +183,8 @@ def test_sigterm_saves_exits_0_and_rerun_continues(tmp_path, shapes_data_dir):
   assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
   saved = _complete_checkpoints(workdir)
   assert len(saved) == 1 and 0 < saved[0] < 1000
-  out = subprocess.run(_train_cmd(workdir, shapes_data_dir, "--config.total_steps=" +
-                                  str(saved[0] + 2), "--config.checkpoint_every=1000"),
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  out = run_cli("train", *_train_flags(workdir, shapes_data_dir, total_steps=saved[0] + 2,
+                                       checkpoint_every=1000), env=_env())
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"Resuming from the checkpoint at step {saved[0]}" in out.stderr
   assert _complete_checkpoints(workdir)[-1] == saved[0] + 2
@@ -334,6 +319,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, shapes_data_dir, monk
   assert_trees_close(four, one)  # params, EMA params, optimizer state
 
 
+@pytest.mark.slow
 def test_events_hold_scalars_and_a_sample_grid(tmp_path, shapes_data_dir):
   config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 2, "log_every": 2,
                           "sample_every": 2, "sample.steps": 3, "sample.num_images": 2})
@@ -353,6 +339,7 @@ def test_events_hold_scalars_and_a_sample_grid(tmp_path, shapes_data_dir):
   assert os.path.exists(os.path.join(workdir, "config.json"))
 
 
+@pytest.mark.slow
 def test_gcs_workdir_trains_checkpoints_resumes_and_logs(gcs_emulator, shapes_data_dir,
                                                         monkeypatch):
   for key, value in gcs_emulator.items():

@@ -6,20 +6,12 @@ import json
 import orbax.checkpoint as ocp
 import pytest
 
-from imagen_jax import config_lib
-from imagen_jax import fileio
-from imagen_jax.train import checkpoints
+from conftest import short_run_config  # pylint: disable=g-bad-import-order
+from imagen_jax.core import checkpoints
+from imagen_jax.core import config_lib
+from imagen_jax.core import fileio
 from imagen_jax.train import metric_writers
 from imagen_jax.train import train as train_lib
-
-
-def tiny_config(data_dir, **overrides):
-  """A tiny base stage (smaller than base64:tiny: it compiles in seconds)."""
-  settings = {"data.data_dir": data_dir, "batch_size": 8, "total_steps": 4, "log_every": 1,
-              "checkpoint_every": 2, "sample_every": 0, "optimizer.warmup_steps": 2,
-              "image_size": 16, "model.channel_mult": (1, 2), "model.model_dim": 16,
-              "model.emb_dim": 32, "model.pool_width": 32, **overrides}
-  return config_lib.load_config("configs/base64.py:tiny", settings)
 
 
 def test_paths_resolve_against_the_current_directory_and_home(tmp_path, monkeypatch):
@@ -45,10 +37,11 @@ def test_paths_resolve_against_the_current_directory_and_home(tmp_path, monkeypa
   assert encode.source == f"text:{tmp_path}/captions.txt"
 
 
+@pytest.mark.slow
 def test_a_relative_workdir_trains_checkpoints_and_resumes(tmp_path, monkeypatch,
                                                            shapes_data_dir):
   monkeypatch.chdir(tmp_path)
-  config = tiny_config(shapes_data_dir, total_steps=2)
+  config = short_run_config(shapes_data_dir, total_steps=2)
   train_lib.train_and_evaluate(config, "run")  # Orbax alone would refuse this path
   assert checkpoints.Checkpointer(str(tmp_path / "run"), read_only=True).all_steps() == [2]
   config.total_steps = 4
@@ -78,11 +71,12 @@ def fail_state_saves_at(monkeypatch, step):
   monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", async_save)
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_stops_the_run_and_keeps_the_last_complete_one(
     tmp_path, monkeypatch, shapes_data_dir):
   fail_state_saves_at(monkeypatch, 4)
   workdir = str(tmp_path / "run")
-  config = tiny_config(shapes_data_dir, total_steps=12, keep_checkpoints=1)
+  config = short_run_config(shapes_data_dir, total_steps=12, keep_checkpoints=1)
   steps_run = []
   original_check = checkpoints.Checkpointer.check
 
@@ -105,8 +99,8 @@ def test_a_failed_checkpoint_stops_the_run_and_keeps_the_last_complete_one(
   assert int(ckpt.restore_as_stored(2)["state"]["step"]) == 2
   # The next run resumes from it once the cause is gone.
   monkeypatch.undo()
-  state = train_lib.train_and_evaluate(tiny_config(shapes_data_dir, total_steps=6,
-                                                   keep_checkpoints=1), workdir)
+  state = train_lib.train_and_evaluate(short_run_config(shapes_data_dir, total_steps=6,
+                                                        keep_checkpoints=1), workdir)
   assert int(state.step) == 6
   assert checkpoints.Checkpointer(workdir, read_only=True).all_steps() == [6]
 
@@ -150,6 +144,7 @@ def test_object_store_writes_retry_transient_errors_a_bounded_number_of_times(
   assert len(calls) == 1
 
 
+@pytest.mark.slow
 def test_a_tensorboard_upload_that_keeps_failing_stops_the_run_naming_the_file(
     gcs_emulator, monkeypatch, shapes_data_dir):
   for key, value in gcs_emulator.items():
@@ -169,4 +164,4 @@ def test_a_tensorboard_upload_that_keeps_failing_stops_the_run_naming_the_file(
   workdir = "gs://imagen-test/tb-fails"
   with pytest.raises(fileio.StorageError, match=f"writing {workdir}/tb/events.out.tfevents.* "
                      "failed after 4 attempts: ConnectionError"):
-    train_lib.train_and_evaluate(tiny_config(shapes_data_dir, total_steps=2), workdir)
+    train_lib.train_and_evaluate(short_run_config(shapes_data_dir, total_steps=2), workdir)

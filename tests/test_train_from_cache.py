@@ -10,34 +10,29 @@ output for their own captions and that a resumed run is bitwise the uninterrupte
 import logging
 import os
 import signal
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import assert_trees_equal, start_stopping_after_checkpoint  # pylint: disable=g-bad-import-order
-from imagen_jax import config_lib
+from conftest import (  # pylint: disable=g-bad-import-order
+    assert_trees_equal, config_flags, run_cli, short_run_settings, start_stopping_after_checkpoint)
+from imagen_jax.core import checkpoints
+from imagen_jax.core import config_lib
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import sources
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import load_text_encoder
-from imagen_jax.train import checkpoints
 from imagen_jax.train import train as train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, STOP_AT = 4, 2
 MAX_LENGTH = 16  # configs/encode.py:tiny and configs/base64.py:tiny agree on it
 
 
 def overrides(data_dir, cache):
-  """base64:tiny shrunk as in test_train.py's tiny_config, reading text from `cache`."""
-  return {"data.data_dir": data_dir, "data.embed_cache": cache, "text.max_length": MAX_LENGTH,
-          "batch_size": 8, "total_steps": STEPS, "checkpoint_every": STOP_AT, "log_every": 1,
-          "sample_every": 0, "optimizer.warmup_steps": 2, "image_size": 16,
-          "model.channel_mult": (1, 2), "model.model_dim": 16, "model.emb_dim": 32,
-          "model.pool_width": 32}
+  """base64:tiny for a short run (conftest's short_run_settings), reading text from `cache`."""
+  return short_run_settings(data_dir, **{"data.embed_cache": cache, "text.max_length": MAX_LENGTH,
+                                         "total_steps": STEPS, "checkpoint_every": STOP_AT})
 
 
 def encode_split_captions(data_dir, tmp_path, env):
@@ -49,11 +44,9 @@ def encode_split_captions(data_dir, tmp_path, env):
   text = tmp_path / "captions.txt"
   text.write_text("\n".join(captions) + "\n")
   cache = str(tmp_path / "cache")
-  out = subprocess.run(
-      [sys.executable, "-m", "imagen_jax", "encode", "--config=configs/encode.py:tiny",
-       f"--config.source=text:{text}", f"--config.output={cache}",
-       f"--config.text.max_length={MAX_LENGTH}", "--config.progress=False"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  out = run_cli("encode", "--config=configs/encode.py:tiny", f"--config.source=text:{text}",
+                f"--config.output={cache}", f"--config.text.max_length={MAX_LENGTH}",
+                "--config.progress=False", env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert cache_lib.verify(cache).ok
   return captions, cache
@@ -62,7 +55,7 @@ def encode_split_captions(data_dir, tmp_path, env):
 def run_until_killed(workdir, config_overrides, env):
   """Trains in a subprocess; SIGKILLs it once its step-STOP_AT checkpoint is complete."""
   flags = [f"--workdir={workdir}", "--config=configs/base64.py:tiny",
-           *(f"--config.{k}={v}" for k, v in config_overrides.items())]
+           *config_flags(config_overrides)]
   proc, = start_stopping_after_checkpoint([flags], workdir, STOP_AT, env)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)

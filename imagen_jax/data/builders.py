@@ -33,10 +33,10 @@ import tarfile
 from typing import Any, Iterator
 
 from absl import logging
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from imagen_jax.core import fileio
 from imagen_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -152,16 +152,17 @@ class ImageTextFolder(_ImageCaptionBuilder):
   _location_kind = "folder"
 
   def _candidates(self):
-    root = epath.Path(self._location)
-    if not root.is_dir():
+    root = self._location.rstrip("/")
+    if not fileio.isdir(root):
       raise FileNotFoundError(f"folder:{self._location}: no such directory")
-    relative = {str(p.relative_to(root)): p for p in sorted(_files_under(root))
-                if p.suffix.lower() in IMAGE_EXTENSIONS}
-    table = next((root / name for name in CAPTION_FILES if (root / name).exists()), None)
+    relative = {p[len(root) + 1:]: _File(p) for p in fileio.files_under(root)
+                if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS}
+    table = next((fileio.join(root, name) for name in CAPTION_FILES
+                  if fileio.exists(fileio.join(root, name))), None)
     if table is None:
       for rel, path in relative.items():
         # Read in the validating threads: a missing .txt fails there as missing_caption.
-        yield rel, path, path.with_suffix(".txt")
+        yield rel, path, _File(os.path.splitext(path)[0] + ".txt")
       return
     listed = set()
     for rel, caption in _caption_table(table):
@@ -177,27 +178,16 @@ class ImageTextFolder(_ImageCaptionBuilder):
         yield rel, b"", preprocess.BadInput("missing_caption", rel)
 
 
-def _files_under(root: epath.Path) -> Iterator[epath.Path]:
-  """Every file below `root` (epath has no recursive glob: it would be one request per level
-  on GCS anyway)."""
-  if "://" not in str(root):
-    for directory, _, names in os.walk(root):
-      for name in names:
-        yield epath.Path(directory) / name
-    return
-  for child in root.iterdir():
-    if child.is_dir():
-      yield from _files_under(child)
-    else:
-      yield child
+class _File(str):
+  """A path whose contents are read in the validating threads (see `_load`)."""
 
 
 def _load(item: Any, kind: str) -> Any:
   """File contents for a path (a BadInput of `kind` if it cannot be read); other items as is."""
-  if not isinstance(item, epath.Path):
+  if not isinstance(item, _File):
     return item
   try:
-    return item.read_bytes()
+    return fileio.read_bytes(item)
   except OSError as e:
     return preprocess.BadInput(kind, f"{item}: {e}")
 
@@ -206,15 +196,15 @@ def _pick(row: dict[str, Any], names: tuple[str, ...]) -> Any:
   return next((row[n] for n in names if n in row), None)
 
 
-def _caption_table(path: epath.Path) -> Iterator[tuple[Any, Any]]:
+def _caption_table(path: str) -> Iterator[tuple[Any, Any]]:
   """(relative file, raw caption) rows of captions.jsonl or captions.csv.
 
   Lines are decoded one by one (a non-UTF-8 line must not lose the rest of the file); a row
   that cannot be read yields a BadInput in place of the file name.
   """
-  raw = path.read_bytes()
+  raw = fileio.read_bytes(path)
   lines = raw.splitlines()
-  if path.name.endswith(".jsonl"):
+  if path.endswith(".jsonl"):
     for line in lines:
       if not line.strip():
         continue
@@ -286,9 +276,8 @@ def expand_pattern(pattern: str) -> list[str]:
   parts = pattern.split("/")
   wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
   if wild is None:
-    return [pattern] if epath.Path(pattern).exists() else []
-  base = "/".join(parts[:wild]) or "/"
-  return sorted(str(p) for p in epath.Path(base).glob("/".join(parts[wild:])))
+    return [pattern] if fileio.exists(pattern) else []
+  return fileio.glob(pattern)
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -309,7 +298,7 @@ def _tar_samples(shard: str) -> Iterator[tuple[str, Any, Any]]:
             image if image is not None else preprocess.BadInput("missing_image", full_key),
             caption if caption is not None else preprocess.BadInput("missing_caption", full_key))
 
-  with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+  with fileio.open_read(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
     key, files = None, {}
     for member in tar:
       if not member.isfile():

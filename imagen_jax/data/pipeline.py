@@ -38,9 +38,10 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from imagen_jax.core import config_lib
+from imagen_jax.core import partitioning
 from imagen_jax.data import preprocess
 from imagen_jax.data import sources
-from imagen_jax.train import partitioning
 
 TokenizeFn = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 EmbeddingLookup = Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -54,20 +55,6 @@ class MissingEmbeddingError(KeyError):
     return str(self.args[0])
 
 
-def stage_sizes(config: Any) -> tuple[int, int, int]:
-  """(image_size, crop, lowres) in pixels; lowres is 0 for the base stage."""
-  image_size = int(config.image_size)
-  crop = int(config.train_crop) or image_size
-  if crop > image_size:
-    raise ValueError(f"config.train_crop={crop} exceeds config.image_size={image_size}")
-  if config.stage != "sr":
-    return image_size, crop, 0
-  if config.lowres.size <= 0 or (config.lowres.size * crop) % image_size:
-    raise ValueError(f"config.lowres.size={config.lowres.size} must be > 0 and scale the crop "
-                     f"{crop} of config.image_size={image_size} to whole pixels")
-  return image_size, crop, config.lowres.size * crop // image_size
-
-
 class ReadAndPreprocess:
   """(source index, rng) -> a preprocessed example, or a marker {"skipped": kind, "index"}.
 
@@ -79,7 +66,7 @@ class ReadAndPreprocess:
                random_caption: bool):
     self.source = data_source
     self.image_key, self.caption_key = info.image_key, info.caption_key
-    self.image_size, self.crop, self.lowres = stage_sizes(config)
+    self.image_size, self.crop, self.lowres = config_lib.stage_sizes(config)
     self.min_resolution = int(config.data.min_resolution)
     self.random_crop = bool(config.data.random_crop)
     self.random_caption = random_caption
@@ -109,12 +96,9 @@ class ReadAndPreprocess:
     caption, caption_kind = self._caption(record, rng)
     if "width" in record and "height" in record:  # converted folders store it: skip early
       self._check_resolution(int(record["height"]), int(record["width"]))
-    raw = sources.lookup(record, self.image_key)
-    if isinstance(raw, np.ndarray) and raw.dtype != object:
-      pixels, image_kind = _array_to_rgb(raw)
-    else:
-      # Large JPEGs decode at a reduced scale, still >= 2x the stage's size before the resize.
-      pixels, image_kind = preprocess.decode_image(bytes(raw), reduce_to=2 * self.image_size)
+    # Large JPEGs decode at a reduced scale, still >= 2x the stage's size before the resize.
+    pixels, image_kind = preprocess.image_to_rgb(sources.lookup(record, self.image_key),
+                                                 reduce_to=2 * self.image_size)
     height, width = pixels.shape[:2]
     self._check_resolution(height, width)
     out_h, out_w = preprocess.resized_extent(height, width, self.image_size)
@@ -136,20 +120,6 @@ class ReadAndPreprocess:
   def _check_resolution(self, height: int, width: int) -> None:
     if min(height, width) < self.min_resolution:
       raise preprocess.BadInput("too_small", f"{width}x{height} < {self.min_resolution}")
-
-
-def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, str | None]:
-  """A TFDS-decoded image array (uint8 [H, W, C] or [H, W]) -> uint8 RGB and conversion kind."""
-  if array.ndim == 2:
-    array = array[..., None]
-  if array.ndim != 3 or array.dtype != np.uint8 or array.shape[-1] not in (1, 3, 4):
-    raise preprocess.BadInput("unsupported_image", f"array {array.dtype}{list(array.shape)}")
-  if array.shape[-1] == 1:
-    return np.repeat(array, 3, axis=-1), "grayscale"
-  if array.shape[-1] == 4:
-    alpha = array[..., 3:].astype(np.float32) / 255.0
-    return np.round(array[..., :3] * alpha).astype(np.uint8), "rgba"
-  return array, None
 
 
 class LookUpEmbedding:
@@ -286,7 +256,6 @@ class Pipeline:
     self.process_count = process_count
     self._seed = seed
     self._iterator = iter(dataset)
-    self._captions = sources.CaptionSource(data_source, info)
 
   def __iter__(self) -> "Pipeline":
     return self
@@ -326,10 +295,6 @@ class Pipeline:
   def convert_counts(self) -> dict[str, int]:
     """Examples used after a conversion (grayscale, rgba, cmyk, ...), by kind, this stream."""
     return dict(sorted(self._counts("converted").items()))
-
-  def caption(self, index: int) -> str:
-    """The caption of source record `index` (the first usable one; "" if it has none)."""
-    return self._captions[index]
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)

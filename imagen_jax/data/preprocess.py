@@ -34,8 +34,8 @@ MIN_SIDE = 8
 _EXIF_ORIENTATION = 0x0112
 
 SKIP_KINDS = ("corrupt_image", "too_small", "too_large", "unsupported_image", "empty_caption",
-              "missing_caption", "undecodable_caption", "missing_embedding", "missing_image",
-              "corrupt_shard")
+              "missing_caption", "undecodable_caption", "unsupported_caption",
+              "missing_embedding", "missing_image", "corrupt_shard")
 CONVERT_KINDS = ("grayscale", "palette", "rgba", "cmyk", "16bit", "non_utf8_caption")
 
 
@@ -45,6 +45,7 @@ class BadInput(ValueError):
   def __init__(self, kind: str, detail: str = ""):
     super().__init__(f"{kind}: {detail}" if detail else kind)
     self.kind = kind
+    self.detail = detail
 
 
 def _alpha_on_black(image: Image.Image) -> np.ndarray:
@@ -129,6 +130,30 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = M
     return _to_rgb(image, rawmode)
 
 
+def image_to_rgb(value: Any, reduce_to: int = 0) -> tuple[np.ndarray, str | None]:
+  """A source's image feature -> (uint8 [H, W, 3] RGB, conversion kind or None); raises BadInput.
+
+  Encoded bytes go through `decode_image`; arrays (TFDS decodes images itself) are uint8
+  [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], converted by the same rules: grayscale repeated,
+  RGBA composited on black. Training, FID references and the encode job all read images here.
+  """
+  if not (isinstance(value, np.ndarray) and value.dtype != object):
+    return decode_image(bytes(value), reduce_to=reduce_to)
+  array = value[..., None] if value.ndim == 2 else value
+  if array.ndim != 3 or array.dtype != np.uint8 or array.shape[-1] not in (1, 3, 4):
+    raise BadInput("unsupported_image", f"array {value.dtype}{list(value.shape)}")
+  if array.shape[-1] == 1:
+    return np.repeat(array, 3, axis=-1), "grayscale"
+  if array.shape[-1] == 4:
+    alpha = array[..., 3:].astype(np.float32) / 255.0
+    return np.round(array[..., :3] * alpha).astype(np.uint8), "rgba"
+  return array, None
+
+
+class CaptionError(TypeError):
+  """A caption that is not text (the caption key names another feature): a config error."""
+
+
 def decode_caption(data: Any) -> tuple[str, str | None]:
   """bytes or str -> (caption with whitespace normalized, conversion kind or None).
 
@@ -148,8 +173,10 @@ def decode_caption(data: Any) -> tuple[str, str | None]:
         kind = "non_utf8_caption"
       except UnicodeDecodeError as e:
         raise BadInput("undecodable_caption", str(e)) from e
-  else:
-    text = str(data)
+  elif isinstance(data, str):
+    text = data
+  else:  # a number or a structure: the caption key points at the wrong feature
+    raise BadInput("unsupported_caption", f"{type(data).__name__} {data!r:.80}")
   text = " ".join(text.split())
   if not text:
     raise BadInput("empty_caption")

@@ -58,7 +58,7 @@ class Placed:
   @property
   def cell(self) -> tuple[int, int]:
     """(row, col) of the centre in the 3x3 grid."""
-    return min(int(self.cy * 3), 2), min(int(self.cx * 3), 2)
+    return grammar.grid_cell(self.cx, self.cy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,12 @@ POSITIONS: dict[tuple[int, int], str] = {
 }
 CELL_OF_PHRASE = {phrase: cell for cell, phrase in POSITIONS.items()}
 
+
+def grid_cell(cx: float, cy: float) -> tuple[int, int]:
+  """(row, col) of the 3x3 grid cell holding a point given as fractions of the image."""
+  return min(int(cy * 3), 2), min(int(cx * 3), 2)
+
+
 # Relations between two objects: first object relative to the second.
 LEFT_OF = "to the left of"   # same row, first column < second column
 ABOVE = "above"              # same column, first row < second row

@@ -7,7 +7,7 @@
 
     source, info = get_data_source(config.data, "train")
     record = source[i]      # {image_key: encoded bytes (or uint8 array), caption_key: ..., ...}
-    captions = CaptionSource(source, info); captions[i]   # the caption text of record i
+    captions = get_captions(config.data, "train"); captions[i]   # the caption of record i
 
 Images come back undecoded (TFDS's `Image` features are read with SkipDecoding), so that the
 pipeline decodes them itself, in its workers, counting what it cannot use.
@@ -20,9 +20,11 @@ import dataclasses
 import os
 from typing import Any, Iterator, Sequence
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from imagen_jax.core import fileio
 from imagen_jax.data import builders
 from imagen_jax.data import preprocess
 from imagen_jax.data import shapes
@@ -132,9 +134,11 @@ def _feature(features: Any, key: str) -> Any:
   return node
 
 
-def get_data_source(data_config: Any, split: str | None = None) -> tuple[Any, SourceInfo]:
+def get_data_source(data_config: Any, split: str | None = None, need_image: bool = True
+                    ) -> tuple[Any, SourceInfo]:
   """(random-access source, SourceInfo) for `split` (default: data_config.split).
 
+  `need_image=False` (captions only) does not require the image feature.
   Builds the TFDS dataset in `data_config.data_dir` on first use (shapes generates itself,
   folder:/wds: convert once). Raises SourceError naming the source string when the source is
   malformed, missing, not random-access (not array_record), or lacks the split or feature keys.
@@ -158,6 +162,8 @@ def get_data_source(data_config: Any, split: str | None = None) -> tuple[Any, So
     try:
       feature = _feature(info.features, key)
     except KeyError as e:
+      if key == image_key and not need_image:
+        continue
       raise SourceError(f"config.data.source={source!r} has no feature {key!r} "
                         f"(config.data.{name}); its features: {list(info.features)}") from e
     if key == image_key and isinstance(feature, tfds.features.Image):
@@ -217,31 +223,79 @@ def first_caption(record: Any, caption_key: str) -> tuple[str, str | None]:
 
 
 class CaptionSource(Sequence[str]):
-  """Random access to the caption of each record: `captions[i]` (str).
+  """Random access to the caption of each example: `captions[i]` (str), and its key.
 
-  The caption the embedding cache encodes and the pipeline pairs with cached embeddings: the
-  first usable one of the record ("" when it has none; the pipeline skips such records).
+  The one caption reader: training pairs the pipeline's examples with what the embedding cache
+  holds at the same index, and the encode job fills that cache from this reader, so both see
+  the same caption: the first usable one of the record ("" when it has none; the pipeline skips
+  such records). A caption that is not text at all raises CaptionError naming the example. `key(i)` names example i in the cache ("<split>[<i>]", a key feature's value,
+  or "<file>:<line>"); `description` records where the captions came from.
   """
 
-  def __init__(self, data_source: Any, info: SourceInfo):
-    self._source = data_source
-    self._key = info.caption_key
+  def __init__(self, records: Any, caption_key: str, key: Any, description: dict[str, Any]):
+    self._records = records
+    self._caption_key = caption_key
+    self._key = key
+    self.description = description
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._records)
 
   def __getitem__(self, index):  # pytype: disable=signature-mismatch
     if isinstance(index, slice):
       return [self[i] for i in range(*index.indices(len(self)))]
     try:
-      return first_caption(self._source[int(index)], self._key)[0]
-    except preprocess.BadInput:
+      return first_caption(self._records[int(index)], self._caption_key)[0]
+    except preprocess.BadInput as e:
+      if e.kind == "unsupported_caption":
+        raise preprocess.CaptionError(f"caption of example {self.key(index)!r} is not text: "
+                                      f"{e.detail}") from e
       return ""
 
   def __iter__(self) -> Iterator[str]:
     return (self[i] for i in range(len(self)))
 
+  def key(self, index: int) -> str:
+    return self._key(int(index))
 
-def get_captions(data_config: Any, split: str | None = None) -> CaptionSource:
-  """The captions of `data_config.source`'s split, by index (for the embedding cache)."""
-  return CaptionSource(*get_data_source(data_config, split))
+
+def source_config(source: str, split: str = "train", data_dir: str = "",
+                  image_key: str = "image", caption_key: str = "caption") -> Any:
+  """A `config.data`-like config naming one source, for readers outside a stage config."""
+  return ml_collections.ConfigDict({"source": source, "split": split, "data_dir": data_dir,
+                                    "image_key": image_key, "caption_key": caption_key})
+
+
+def get_captions(data_config: Any, split: str | None = None, key_feature: str = ""
+                 ) -> CaptionSource:
+  """The captions of `data_config.source`'s split, by index, for every source kind.
+
+  Besides the image sources (shapes, tfds:, folder:, wds:), `text:PATH` reads one caption per
+  line ("\\n"-separated, a trailing "\\r" dropped; local or gs://). `key_feature` (tfds:) names
+  the feature whose value keys each example; default "<split>[<index>]".
+  """
+  split = split or data_config.split
+  if data_config.source.startswith("text:"):
+    return _text_captions(data_config.source[len("text:"):])
+  records, info = get_data_source(data_config, split, need_image=False)
+  description = {"kind": parse_source(info.source).kind, "source": info.source, "split": split,
+                 "data_dir": data_config.data_dir, "caption_key": info.caption_key,
+                 "key_feature": key_feature, "num_examples": info.num_examples}
+
+  def key(index: int) -> str:
+    if not key_feature:
+      return f"{split}[{index}]"
+    value = caption_candidates(lookup(records[index], key_feature))[0]
+    return bytes(value).decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+  return CaptionSource(records, info.caption_key, key, description)
+
+
+def _text_captions(path: str) -> CaptionSource:
+  lines = fileio.read_text(path).split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()  # the file's final newline ends the last line, it does not start a new one
+  records = [{"caption": line[:-1] if line.endswith("\r") else line} for line in lines]
+  name = os.path.basename(path.rstrip("/"))
+  return CaptionSource(records, "caption", lambda i: f"{name}:{i + 1}",
+                       {"kind": "text", "path": path, "num_lines": len(records)})

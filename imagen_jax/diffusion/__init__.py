@@ -8,6 +8,7 @@
 - `augmentation`: noise conditioning augmentation of the low-res input of SR stages.
 - `edm`: the EDM formulation (preconditioning, noise distribution, loss).
 - `noise`: Gaussian noise from one key or one key per example.
+- `sampling`: one stage's sampling loop (network + guidance + thresholding + sampler).
 """
 
 from imagen_jax.diffusion import augmentation
@@ -16,5 +17,6 @@ from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import noise
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import sampling
 from imagen_jax.diffusion import schedules
 from imagen_jax.diffusion import thresholding

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from imagen_jax import fileio
-from imagen_jax.sample import images as sample_images
+from imagen_jax.core import fileio
+from imagen_jax.sample import outdir as outdir_lib
 
 # The paper's DrawBench categories and prompt counts (200 prompts).
 PAPER_CATEGORIES = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20,
@@ -84,12 +84,11 @@ def differences_from_paper(prompts: Sequence[dict[str, Any]]) -> list[str]:
 def sample(cascade: Any, prompts: Sequence[dict[str, Any]], outdir: str, *,
            settings: Sequence[Any], num_samples: int = SAMPLES_PER_PROMPT, seed: int = 0,
            batch_size: int = 16, show_progress: bool = True) -> list[dict[str, Any]]:
-  """Samples `num_samples` images per prompt into `outdir` with `imagen-jax sample`'s `run`
+  """Samples `num_samples` images per prompt into `outdir` as `imagen-jax sample` does
   (resumable); the category and prompt index go into samples.jsonl with each image."""
-  from imagen_jax.sample import command as sample_command  # pylint: disable=g-import-not-at-top
-  return sample_command.run(cascade, list(prompts), outdir, num_samples=num_samples, seed=seed,
-                            settings=settings, batch_size=batch_size,
-                            show_progress=show_progress)
+  return outdir_lib.sample_to_outdir(cascade, list(prompts), outdir, num_samples=num_samples,
+                                     seed=seed, settings=settings, batch_size=batch_size,
+                                     show_progress=show_progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def sample(cascade: Any, prompts: Sequence[dict[str, Any]], outdir: str, *,
 def _grouped(samples_dir: str) -> dict[tuple[Any, str], dict[str, Any]]:
   """{(prompt_index, prompt): {"category", "records" sorted by sample}} in file order."""
   groups: dict[tuple[Any, str], dict[str, Any]] = {}
-  for record in sample_images.read_records(samples_dir):
+  for record in outdir_lib.read_records(samples_dir):
     # Outdirs sampled from a DrawBench CSV carry prompt_index (a prompt may repeat); others
     # are grouped by prompt text.
     key = (record.get("prompt_index"), record["prompt"])
@@ -111,7 +110,7 @@ def _grouped(samples_dir: str) -> dict[tuple[Any, str], dict[str, Any]]:
 
 def _data_uri(samples_dir: str, record: dict[str, Any], image_size: int) -> str:
   if image_size:
-    image = Image.fromarray(sample_images.read_image(samples_dir, record))
+    image = Image.fromarray(outdir_lib.read_image(samples_dir, record))
     if image.size != (image_size, image_size):
       image = image.resize((image_size, image_size), Image.BICUBIC, reducing_gap=None)
     buffer = io.BytesIO()

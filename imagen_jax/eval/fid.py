@@ -20,12 +20,12 @@ import json
 from typing import Any, Iterator
 
 from absl import logging
-from etils import epath
 import numpy as np
 
+from imagen_jax.core import fileio
 from imagen_jax.data import preprocess
 from imagen_jax.eval import inception
-from imagen_jax.sample import images as outdir_images
+from imagen_jax.sample import outdir as outdir_lib
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -70,16 +70,15 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, **metadata: Any) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, mu=mu, sigma=sigma, metadata=json.dumps(metadata, sort_keys=True))
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_bytes(buffer.getvalue())
+  fileio.write_bytes(path, buffer.getvalue())
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """(mu, sigma, metadata) of a statistics .npz (ours, or pytorch-fid's without metadata)."""
-  if not epath.Path(path).exists():
+  if not fileio.exists(path):
     raise FileNotFoundError(f"reference statistics {path!r} not found: make them with "
                             "`imagen-jax eval --metric=fid-stats ... --output=STATS.npz`")
-  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as npz:
+  with np.load(io.BytesIO(fileio.read_bytes(path))) as npz:
     if "mu" not in npz.files or "sigma" not in npz.files:
       raise ValueError(f"{path} is not a statistics file: it has {npz.files}, not mu and sigma")
     metadata = json.loads(str(npz["metadata"])) if "metadata" in npz.files else {}
@@ -88,8 +87,8 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 def sample_images(samples_dir: str) -> tuple[int, Iterator[np.ndarray]]:
   """(count, uint8 [H, W, 3] images) of an `imagen-jax sample` outdir, read one at a time."""
-  records = outdir_images.read_records(samples_dir)
-  return len(records), (outdir_images.read_image(samples_dir, r) for r in records)
+  records = outdir_lib.read_records(samples_dir)
+  return len(records), (outdir_lib.read_image(samples_dir, r) for r in records)
 
 
 def source_images(source: str, split: str, image_size: int, *, data_dir: str = "",
@@ -101,15 +100,12 @@ def source_images(source: str, split: str, image_size: int, *, data_dir: str = "
   `num_images` > 0 takes a random subset (by `seed`). Undecodable images are skipped and
   counted by kind in `skipped`, as the training pipeline does.
   """
-  from imagen_jax import data  # pylint: disable=g-import-not-at-top
-  from imagen_jax.configs import common  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
-  data_config = common.stage_config().data
-  data_config.source, data_config.split, data_config.data_dir = source, split, data_dir
   # FID reads images only: the caption check of get_data_source is pointed at the image
   # feature, so that sources whose captions live elsewhere (coco: captions/text) need no flag.
-  data_config.image_key = data_config.caption_key = image_key
-  source_data, info = data.get_data_source(data_config, split)
+  data_config = sources.source_config(source, split, data_dir, image_key=image_key,
+                                      caption_key=image_key)
+  source_data, info = sources.get_data_source(data_config, split)
   indices = np.arange(len(source_data))
   if 0 < num_images < len(indices):
     indices = np.sort(np.random.default_rng(seed).choice(indices, num_images, replace=False))
@@ -122,21 +118,12 @@ def source_images(source: str, split: str, image_size: int, *, data_dir: str = "
     for index in indices:
       value = sources.lookup(source_data[int(index)], info.image_key)
       try:
-        image = _as_rgb(value)
+        image, _ = preprocess.image_to_rgb(value)
       except preprocess.BadInput as e:
         skipped[e.kind] += 1
         continue
       yield preprocess.resize_and_crop(image, image_size)
   return len(indices), images()
-
-
-def _as_rgb(value: Any) -> np.ndarray:
-  if isinstance(value, (bytes, np.bytes_)):
-    return preprocess.decode_image(bytes(value))[0]
-  image = np.asarray(value)
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise preprocess.BadInput("unsupported_image", f"{image.dtype} {image.shape}")
-  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
 def _checked_same_size(images: Iterator[np.ndarray], sizes: set) -> Iterator[np.ndarray]:

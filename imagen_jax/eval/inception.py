@@ -26,11 +26,12 @@ from __future__ import annotations
 import io
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from imagen_jax.core import fileio
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INPUT_SIZE = 299
@@ -277,7 +278,7 @@ def variables_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """The tensors of a .pth (torch pickle; needs torch) or .npz file, as numpy arrays."""
-  data = epath.Path(path).read_bytes()
+  data = fileio.read_bytes(path)
   if str(path).endswith(".npz"):
     with np.load(io.BytesIO(data)) as npz:
       return {name: npz[name] for name in npz.files}
@@ -301,12 +302,12 @@ def pth_to_npz(pth_path: str, npz_path: str) -> None:
   variables_from_state_dict(state)
   buffer = io.BytesIO()
   np.savez(buffer, **state)
-  epath.Path(npz_path).write_bytes(buffer.getvalue())
+  fileio.write_bytes(npz_path, buffer.getvalue())
 
 
 def load_weights(path: str) -> dict[str, Any]:
   """The FID Inception's variables from the .pth weight file or its .npz export."""
-  if not epath.Path(path).exists():
+  if not fileio.exists(path):
     raise FileNotFoundError(
         f"Inception weights {path!r} not found. FID needs pytorch-fid's {FID_WEIGHTS_FILE} "
         "(released with pytorch-fid; nothing downloads here), as .pth or converted to .npz")

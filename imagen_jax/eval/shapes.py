@@ -7,6 +7,14 @@ template, placed with the object's area and centroid, overlaps its soft coverage
 3x3 cell of the fitted shape's bounding-box centre (the dataset's definition of a centre).
 Two-object prompts are judged on the relation (first left of / above second) instead of cells.
 
+Two measures of picture quality go beside the verdicts (the dataset's renders are flat shapes
+on an exactly black background):
+- `background`: mean brightness (max over RGB, 0-255) of the pixels farther than 1/32 of the
+  image from every object; `background_p99` its 99th percentile per image. Speckle shows here.
+- `edge_iou`: per object, the IoU of its soft coverage with the best-fitting ideal template
+  (placed by area and centroid); ragged or blurred edges lower it. Compare with the same figure
+  on the dataset's own renders (the demo's report does).
+
     imagen-jax eval --metric=shapes --samples=OUT     # reads OUT/samples.jsonl and the PNGs
 """
 
@@ -22,6 +30,7 @@ from scipy import ndimage
 from imagen_jax.data import shapes_grammar as grammar
 
 ATTRIBUTES = ("objects", "color", "shape", "position", "all_correct")
+MEASURES = ("background", "background_p99", "edge_iou")
 _PALETTE_NAMES = tuple(grammar.COLORS)
 _PALETTE = np.array([grammar.COLORS[c] for c in _PALETTE_NAMES], np.float32)
 # An object covers at least a triangle of side 0.28 (about 0.039 of the image); components
@@ -37,28 +46,46 @@ class Found:
   cx: float
   cy: float
   area: float
+  fit_iou: float  # soft coverage vs the fitted template of `shape`: edge fidelity
 
   @property
   def cell(self) -> tuple[int, int]:
-    return min(int(self.cy * 3), 2), min(int(self.cx * 3), 2)
+    return grammar.grid_cell(self.cx, self.cy)
 
 
 def find_objects(image: np.ndarray) -> list[Found]:
   """Objects in uint8 [S, S, 3], largest first."""
+  return _analyze(image)[0]
+
+
+def cleanliness(image: np.ndarray, background: np.ndarray | None = None) -> dict[str, float]:
+  """{background, background_p99}: brightness (0-255) of the pixels away from every object
+  (`background`: their bool [S, S] mask, found here when not given)."""
+  if background is None:
+    background = _analyze(image)[1]
+  value = image.max(axis=-1)[background]
+  if not value.size:
+    return {"background": 0.0, "background_p99": 0.0}
+  return {"background": float(value.mean()), "background_p99": float(np.percentile(value, 99))}
+
+
+def _analyze(image: np.ndarray) -> tuple[list[Found], np.ndarray]:
+  """(objects largest first, bool [S, S] background mask) of uint8 [S, S, 3]."""
   size = image.shape[0]
   pixels = image.astype(np.float32)
   value = pixels.max(axis=-1)
   brightness = ndimage.gaussian_filter(value, sigma=max(size / 64.0, 0.5))
   peak = np.percentile(brightness, 99.5)
   if peak < 40.0:  # nothing brighter than dark noise
-    return []
+    return [], np.ones((size, size), bool)
   labels, count = ndimage.label(brightness > max(0.45 * peak, 30.0), structure=np.ones((3, 3)))
-  found = []
+  found, objects = [], np.zeros((size, size), bool)
   for index in range(1, count + 1):
     component = labels == index
     area = component.sum() / size ** 2
     if area < MIN_OBJECT_AREA:
       continue
+    objects |= component
     region = ndimage.binary_dilation(component, iterations=2)
     # Soft coverage of each pixel by the object, relative to the object's own interior level
     # (an image-wide level would shrink dark objects next to bright ones).
@@ -67,15 +94,19 @@ def find_objects(image: np.ndarray) -> list[Found]:
     core = component & (value > 0.6 * level)
     rgb = np.median(pixels[core if core.any() else component], axis=0)
     color = _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(axis=1)))]
-    shape, (cx, cy) = _best_shape(coverage)
-    found.append(Found(color, shape, cx / size, cy / size, float(area)))
-  return sorted(found, key=lambda f: -f.area)
+    shape, (cx, cy), iou = _best_shape(coverage)
+    found.append(Found(color, shape, cx / size, cy / size, float(area), iou))
+  margin = max(1, size // 32)  # edge halo from resampling is not background speckle
+  background = ~ndimage.binary_dilation(objects, iterations=margin) if objects.any() else (
+      np.ones((size, size), bool))
+  return sorted(found, key=lambda f: -f.area), background
 
 
-def _best_shape(coverage: np.ndarray) -> tuple[str, tuple[float, float]]:
+def _best_shape(coverage: np.ndarray) -> tuple[str, tuple[float, float], float]:
   """The shape whose template, with the object's area and centroid, overlaps `coverage` best.
 
-  coverage: float [S, S] in [0, 1]. Returns the shape and its bounding-box centre in pixels.
+  coverage: float [S, S] in [0, 1]. Returns the shape, its bounding-box centre in pixels and the
+  soft IoU of the fit.
   Matching area and centroid (not the bounding box) makes the fit robust to the halo pixels
   that resampling and noise add around edges.
   """
@@ -91,7 +122,7 @@ def _best_shape(coverage: np.ndarray) -> tuple[str, tuple[float, float]]:
     iou = np.minimum(coverage, template).sum() / np.maximum(coverage, template).sum()
     fits[shape] = (float(iou), (float(mx), float(cy)))
   best = max(fits, key=lambda k: fits[k][0])
-  return best, fits[best][1]
+  return best, fits[best][1], fits[best][0]
 
 
 def _template(shape: str, size: int, cx: float, cy: float, side: float, sub: int = 4
@@ -110,15 +141,17 @@ def _template(shape: str, size: int, cx: float, cy: float, side: float, sub: int
   return inside.reshape(size, sub, size, sub).mean(axis=(1, 3))
 
 
-def judge(image: np.ndarray, caption: str) -> dict[str, bool]:
-  """{objects, color, shape, position, all_correct} for one image and its caption.
+def judge(image: np.ndarray, caption: str) -> dict[str, Any]:
+  """{objects, color, shape, position, all_correct} (bools) for one image and its caption, and
+  the picture measures {background, background_p99} (0-255), `edge_ious` (one per object).
 
   `objects`: exactly as many objects as the prompt names. The other attributes are judged on the
   largest objects even when the count is wrong; `all_correct` needs everything right.
   `position` is the cell (one object) or the relation (two objects).
   """
   prompt = grammar.parse(caption)
-  found = find_objects(image)
+  found, background = _analyze(image)
+  measures = {**cleanliness(image, background), "edge_ious": [f.fit_iou for f in found]}
   wanted = prompt.objects
   verdict = {"objects": len(found) == len(wanted)}
   if len(found) < len(wanted):
@@ -137,7 +170,7 @@ def judge(image: np.ndarray, caption: str) -> dict[str, bool]:
                    shape=all(f.shape == w.shape for f, w in zip(best, wanted)),
                    position=_relation_holds(first, second, prompt.relation))
   verdict["all_correct"] = all(verdict[a] for a in ATTRIBUTES[:-1])
-  return verdict
+  return {**verdict, **measures}
 
 
 def _relation_holds(first: Found, second: Found, relation: str) -> bool:
@@ -147,12 +180,17 @@ def _relation_holds(first: Found, second: Found, relation: str) -> bool:
   return dy > 0 and abs(dy) > abs(dx)
 
 
-def score(verdicts: Iterable[dict[str, bool]]) -> dict[str, float]:
-  """Accuracy per attribute and the all-correct rate over verdicts; `n` the count."""
+def score(verdicts: Iterable[dict[str, Any]]) -> dict[str, float]:
+  """Accuracy per attribute and the all-correct rate over verdicts; `n` the count; the picture
+  measures: mean `background` and `background_p99` over images, median `edge_iou` over objects."""
   verdicts = list(verdicts)
   out: dict[str, Any] = {"n": len(verdicts)}
   for attribute in ATTRIBUTES:
     out[attribute] = float(np.mean([v[attribute] for v in verdicts])) if verdicts else 0.0
+  for measure in MEASURES[:2]:
+    out[measure] = float(np.mean([v[measure] for v in verdicts])) if verdicts else 0.0
+  ious = [iou for v in verdicts for iou in v["edge_ious"]]
+  out["edge_iou"] = float(np.median(ious)) if ious else 0.0
   return out
 
 
@@ -163,3 +201,9 @@ def score_by_split(records: Sequence[dict[str, Any]], images: Sequence[np.ndarra
   for record, image in zip(records, images):
     by_split.setdefault(record.get("split", "all"), []).append(judge(image, record["prompt"]))
   return {split: score(v) for split, v in sorted(by_split.items())}
+
+
+def score_outdir(samples_dir: str) -> dict[str, dict[str, float]]:
+  """The scores per split of an `imagen-jax sample` outdir (see score_by_split)."""
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
+  return score_by_split(*outdir_lib.read_samples(samples_dir))

@@ -9,7 +9,7 @@ Inputs: x [B, H, W, 3] the noisy image z_t; log_snr [B] its noise level as log-S
 [B, L, D] and text_mask [B, L] bool (True = real token); for SR stages lowres [B, h, w, 3] (the
 noise-augmented low-res image) and aug_log_snr [B] its augmentation level. The output is the
 network's prediction in the configured parameterization. Parameters are float32 and boxed in
-`nn.Partitioned` with logical axis names (see imagen_jax/train/partitioning.py); the compute
+`nn.Partitioned` with logical axis names (see imagen_jax/core/partitioning.py); the compute
 dtype is `config.dtype`. Pass `train=True` (and a "dropout" rng) to apply `config.model.dropout`.
 """
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagen_jax.core import config_lib
 from imagen_jax.models.efficient_unet import EfficientUNet
 from imagen_jax.models.unet import UNet
 
@@ -56,17 +57,9 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   raise ValueError(f"unknown config.model.name {m.name!r}: use 'unet' or 'efficient_unet'")
 
 
-def train_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(image side, low-res side) of a training example: SR 2 trains on `train_crop` crops of the
-  image with the matching crop of the low-res image. Low-res side 0 for the base stage."""
-  size = config.train_crop or config.image_size
-  lowres = config.lowres.size * size // config.image_size if config.stage == "sr" else 0
-  return size, lowres
-
-
 def init_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, Any]:
   """Dummy inputs (float32 zeros, an all-True mask) at training size: kwargs for init/apply."""
-  size, lowres_size = train_sizes(config)
+  _, size, lowres_size = config_lib.stage_sizes(config)
   inputs = dict(
       x=jnp.zeros((batch_size, size, size, 3), jnp.float32),
       log_snr=jnp.zeros((batch_size,), jnp.float32),

@@ -3,7 +3,7 @@
 Conventions
 - Images are NHWC. Parameters are float32; `dtype` is the compute dtype (bfloat16 on
   accelerators). Norms and softmax run in float32.
-- Every parameter carries logical axis names from `imagen_jax/train/partitioning.py`: conv kernels
+- Every parameter carries logical axis names from `imagen_jax/core/partitioning.py`: conv kernels
   [kh, kw, in, out] are ("conv_h", "conv_w", "embed", "mlp"), dense kernels [in, out] name their
   axes at the call site, norm scales and biases are ("norm",). Large activations are constrained
   to ("batch", "height", "width", "act_embed") or ("batch", "length", "act_heads", None).
@@ -91,7 +91,7 @@ def layer_norm(x: jax.Array, name: str | None = None) -> jax.Array:
 # --- Parameter-free helpers ---------------------------------------------------------------------
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Logical sharding constraint (a no-op outside `partitioning.axis_rules_context()` + mesh)."""
+  """Logical sharding constraint (a no-op outside `partitioning.mesh_context`)."""
   return nn.with_logical_constraint(x, tuple(axes))
 
 

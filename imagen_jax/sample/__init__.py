@@ -1,1 +1,1 @@
-"""Cascade sampling from stage workdirs."""
+"""Cascade sampling: stages stitched from workdirs (`cascade`), sampled into an outdir (`outdir`)."""

@@ -2,8 +2,8 @@
 
     cascade = Cascade.from_workdirs(["gs://b/base64", "gs://b/sr256", "gs://b/sr1024"])
     images = cascade.sample(["a corgi in a red bow tie"], seed=0,
-                            settings=[StageSettings(guidance=5.0), StageSettings(guidance=8.0),
-                                      StageSettings(guidance=8.0)])[-1]   # uint8 [1, 1024, 1024, 3]
+                            settings=cascade.default_settings(guidance=8.0))[-1]
+    # uint8 [1, 1024, 1024, 3]: the last stage's images
 
 Each workdir's checkpoint carries its resolved config, so nothing but the workdirs is needed.
 The chain is checked before any parameter is loaded: the first stage is a base stage, each SR
@@ -20,17 +20,16 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imagen_jax import fileio
 from imagen_jax import models
+from imagen_jax.core import checkpoints
+from imagen_jax.core import fileio
+from imagen_jax.core import partitioning
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
-from imagen_jax.sample import stage as stage_lib
-from imagen_jax.train import checkpoints
-from imagen_jax.train import partitioning
+from imagen_jax.diffusion import sampling
 
 
 class ChainError(ValueError):
@@ -71,6 +70,12 @@ def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
                          f"uses {configs[0].text[key]!r}: every stage needs the same encoder")
 
 
+def sampling_mesh() -> jax.sharding.Mesh:
+  """Every device on the batch axis: each device samples its share of the images, with every
+  stage's parameters replicated (sampling has no optimizer state to shard)."""
+  return partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+
+
 class Cascade:
   """Stages plus the base stage's text encoder; samples batches sharded over all devices."""
 
@@ -78,7 +83,7 @@ class Cascade:
                mesh: jax.sharding.Mesh | None = None):
     self.stages = list(stages)
     self.text_encoder = text_encoder
-    self.mesh = mesh or partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    self.mesh = mesh or sampling_mesh()
     self._compiled: dict[Any, Callable[..., jax.Array]] = {}
 
   @classmethod
@@ -99,7 +104,7 @@ class Cascade:
       configs.append(config)
       found_steps.append(step)
     check_chain(configs, list(workdirs))
-    mesh = partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    mesh = sampling_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     stages = []
     for workdir, step, config in zip(workdirs, found_steps, configs):
@@ -117,13 +122,13 @@ class Cascade:
       text_encoder = text.load_text_encoder(base.text.encoder, max_length=base.text.max_length)
     return cls(stages, text_encoder, mesh)
 
-  def default_settings(self, **overrides) -> list[stage_lib.StageSettings]:
+  def default_settings(self, **overrides) -> list[sampling.StageSettings]:
     """Each stage's `config.sample` settings, with per-run overrides."""
-    return [stage_lib.StageSettings.from_config(s.config.sample, **overrides) for s in self.stages]
+    return [sampling.StageSettings.from_config(s.config.sample, **overrides) for s in self.stages]
 
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              indices: Sequence[int] | None = None,
-             settings: Sequence[stage_lib.StageSettings] | None = None,
+             settings: Sequence[sampling.StageSettings] | None = None,
              progress: Callable[[int, int, int], None] | None = None) -> list[np.ndarray]:
     """uint8 images of every stage, [N, S_k, S_k, 3] for stage k, for N prompts.
 
@@ -141,7 +146,7 @@ class Cascade:
     multiple = self.mesh.size
     padded = -(-n // multiple) * multiple
     emb, mask = self.text_encoder.encode(list(prompts) + [""] * (padded - n))
-    keys = stage_lib.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
+    keys = sampling.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
     batch_sharding = lambda ndim: partitioning.batch_sharding(self.mesh, ndim)
     emb = jax.device_put(emb, batch_sharding(3))
     mask = jax.device_put(mask, batch_sharding(2))
@@ -149,13 +154,13 @@ class Cascade:
     for k, (stage, stage_settings) in enumerate(zip(self.stages, settings)):
       fn = self._stage_fn(k, stage_settings, progress)
       stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
-      with self.mesh, partitioning.axis_rules_context():
+      with partitioning.mesh_context(self.mesh):
         images = fn(stage.params, stage_keys, emb, mask, lowres=lowres)
       lowres = images
       outputs.append(np.asarray(preprocess.to_uint8(images))[:n])
     return outputs
 
-  def _stage_fn(self, k: int, settings: stage_lib.StageSettings,
+  def _stage_fn(self, k: int, settings: sampling.StageSettings,
                 progress: Callable[[int, int, int], None] | None):
     cache_key = (k, settings, progress)
     if cache_key not in self._compiled:
@@ -164,5 +169,5 @@ class Cascade:
       if progress is not None:
         on_step = lambda i: progress(k, int(i) + 1, settings.steps)
       self._compiled[cache_key] = jax.jit(functools.partial(
-          stage_lib.sample, stage.config, stage.model, settings=settings, on_step=on_step))
+          sampling.sample, stage.config, stage.model, settings=settings, on_step=on_step))
     return self._compiled[cache_key]

@@ -6,7 +6,8 @@
 
 Modules: `t5` (the Flax encoder), `tokenizer`, `weights` (Hugging Face, t5x, Orbax),
 `encoder` (`load_text_encoder`, `TextEncoder`), `builtin` (builtin:shapes-tiny), `cache` (the
-embedding cache and its reader), `encode_job` (`imagen-jax encode`).
+embedding cache and its reader), `encode_job` (encode a caption source into a cache: the
+library behind `imagen-jax encode`).
 """
 
 from imagen_jax.text.encoder import load_text_encoder

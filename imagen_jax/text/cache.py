@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-from imagen_jax import fileio
+from imagen_jax.core import fileio
 
 FORMAT = "imagen-jax embedding cache"
 VERSION = 1

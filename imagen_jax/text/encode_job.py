@@ -1,12 +1,10 @@
-"""`imagen-jax encode`: precompute T5 caption embeddings into a cache; verify it; convert weights.
+"""Precomputing T5 caption embeddings into a cache (`imagen-jax encode`); converting weights.
 
-    # once: T5 weights (Hugging Face or t5x directory) -> Orbax, for fast sharded loading
-    imagen-jax encode --convert=/ckpt/t5-v1_1-xxl --convert_to=gs://b/t5-v1_1-xxl-orbax
-    # encode a split (rerunning the same command resumes; every host runs it on a pod)
-    imagen-jax encode --config=configs/encode.py:xxl --config.text.encoder=gs://b/t5-v1_1-xxl-orbax \
-        --config.source=tfds:coco_captions --config.output=gs://b/cache/coco-train
-    # check that every part is there
-    imagen-jax encode --config=configs/encode.py:xxl --config.output=gs://b/cache/coco-train --verify
+    stats = run(config_lib.load_config("configs/encode.py:tiny", {"output": "cache"}))
+    convert("/ckpt/t5-v1_1-xxl", "gs://b/t5-v1_1-xxl-orbax")
+
+The captions come from `data.sources.get_captions`, the reader training uses: any source kind
+(shapes, tfds:, folder:, wds:, or text: files), the first usable caption of each example.
 
 The captions are split into parts of `part_size` examples; process i of n encodes parts
 i, i + n, ... and skips parts already committed, so a rerun after a crash redoes only the
@@ -17,116 +15,30 @@ encoder is one SPMD program.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Sequence
 
-from absl import flags
 from absl import logging
 import numpy as np
 
-from imagen_jax import config_lib
+from imagen_jax.core import distributed
+from imagen_jax.core import fileio
 from imagen_jax.text import cache as cache_lib
-from imagen_jax import fileio
-from imagen_jax.text import tokenizer as tokenizer_lib
-from imagen_jax.train import distributed  # its flags: --coordinator_address, ...
-
-_CONFIG = config_lib.config_flag("configs/encode.py:xxl")
-_VERIFY = flags.DEFINE_bool("verify", False, "Check that the cache at config.output is complete.")
-_CONVERT = config_lib.DEFINE_path("convert", None, "Convert the T5 weights in this Hugging Face or "
-                               "t5x directory to an Orbax checkpoint (with --convert_to).")
-_CONVERT_TO = config_lib.DEFINE_path("convert_to", None, "Output directory of --convert.")
-_CONVERT_DTYPE = flags.DEFINE_enum("convert_dtype", "float32", ["float32", "bfloat16"],
-                                   "Parameter dtype written by --convert.")
 
 
-# ------------------------------------------------------------------------------ sources
+# ------------------------------------------------------------------------------- sources
 
-class CaptionSource:
-  """Random access to (key, caption) by example index."""
-  description: dict[str, Any]
-
-  def __len__(self) -> int:
-    raise NotImplementedError
-
-  def read(self, start: int, end: int) -> tuple[list[str], list[Any]]:
-    raise NotImplementedError
-
-
-class TextFileSource(CaptionSource):
-  """One caption per line ("\\n"-separated; a trailing "\\r" is dropped); index = line number."""
-
-  def __init__(self, path: str):
-    text = fileio.read_text(path)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-      lines.pop()  # the file's final newline ends the last line, it does not start a new one
-    self.lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    self.name = os.path.basename(path.rstrip("/"))
-    self.description = {"kind": "text", "path": path, "num_lines": len(self.lines)}
-
-  def __len__(self) -> int:
-    return len(self.lines)
-
-  def read(self, start, end):
-    return [f"{self.name}:{i + 1}" for i in range(start, end)], self.lines[start:end]
-
-
-def _feature(example: Any, path: str, key_for_errors: str) -> Any:
-  value = example
-  for part in path.split("/"):
-    if not isinstance(value, dict) or part not in value:
-      have = sorted(value) if isinstance(value, dict) else type(value).__name__
-      raise KeyError(f"example {key_for_errors!r} has no feature {path!r} (at {part!r}; "
-                     f"available: {have})")
-    value = value[part]
-  if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
-    if len(value) == 0:
-      raise ValueError(f"example {key_for_errors!r}: feature {path!r} is an empty list")
-    value = value[0]  # several captions per example: the first one is cached
-  return value
-
-
-class TfdsSource(CaptionSource):
-  """A TFDS split through `tfds.data_source` (array_record; no TensorFlow needed for text)."""
-
-  def __init__(self, name: str, split: str, data_dir: str, caption_key: str, key_feature: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-    self.split, self.caption_key, self.key_feature = split, caption_key, key_feature
-    self.description = {"kind": "tfds", "name": name, "split": split, "data_dir": data_dir,
-                        "caption_key": caption_key, "key_feature": key_feature,
-                        "num_examples": len(self.source)}
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def read(self, start, end):
-    indices = list(range(start, end))
-    getitems = getattr(self.source, "__getitems__", None)
-    examples = getitems(indices) if getitems else [self.source[i] for i in indices]
-    keys, captions = [], []
-    for index, example in zip(indices, examples):
-      key = f"{self.split}[{index}]"
-      if self.key_feature:
-        key = tokenizer_lib.caption_text(_feature(example, self.key_feature, key), key)
-      keys.append(key)
-      captions.append(_feature(example, self.caption_key, key))
-    return keys, captions
-
-
-def open_source(config) -> CaptionSource:
-  source = config.source
-  if source.startswith("text:"):
-    return TextFileSource(source[len("text:"):])
-  if source.startswith("tfds:"):
-    name, _, builder_config = source[len("tfds:"):].partition(":")
-    name = f"{name}/{builder_config}" if builder_config else name
-    return TfdsSource(name, config.split, config.data_dir, config.caption_key, config.key_feature)
-  raise ValueError(f"config.source must be 'tfds:NAME[:CONFIG]' or 'text:PATH', got {source!r}")
+def open_source(config: Any) -> Any:
+  """The captions of config.source's split, read as training reads them (data/sources.py)."""
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  data_config = sources.source_config(config.source, config.split, config.data_dir,
+                                      caption_key=config.caption_key)
+  try:
+    return sources.get_captions(data_config, key_feature=config.key_feature)
+  except sources.SourceError as e:
+    raise ValueError(str(e).replace("config.data.source", "config.source")) from e
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -148,7 +60,7 @@ def run(config) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
 
   if not config.output:
     raise ValueError("config.output is empty: give the cache directory (local or gs://)")
@@ -237,7 +149,7 @@ def run(config) -> dict[str, Any]:
           to_host(dispatch(np.zeros((0, max_length), np.int32), np.zeros((0, max_length), bool)))
           continue
         part, lo, hi, last = item
-        keys, captions = source.read(lo, hi)
+        keys, captions = [source.key(i) for i in range(lo, hi)], source[lo:hi]
         tokens = encoder.tokenizer(captions, keys)
         stats["truncated"] += tokens.truncated
         stats["tokens"] += int(tokens.lengths.sum())
@@ -289,30 +201,3 @@ def convert(source: str, output: str, dtype: str = "float32") -> dict[str, Any]:
   count = sum(int(np.prod(a.shape)) for a in weights.flatten(params).values())
   return {"source": source, "kind": kind, "output": output, "params": count, "dtype": dtype,
           "config": config.to_dict()}
-
-
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise SystemExit(f"imagen-jax encode: unexpected arguments {list(argv[1:])}")
-  if _CONVERT.value:
-    if not _CONVERT_TO.value:
-      raise SystemExit("imagen-jax encode: --convert needs --convert_to=DIR")
-    summary = convert(_CONVERT.value, _CONVERT_TO.value, _CONVERT_DTYPE.value)
-    print("CONVERT_SUMMARY " + json.dumps(summary))
-    return
-  config = _CONFIG.value
-  if config is None:
-    raise SystemExit("imagen-jax encode: --config is required (e.g. configs/encode.py:xxl)")
-  if _VERIFY.value:
-    if not config.output:
-      raise SystemExit("imagen-jax encode --verify: set --config.output to the cache directory")
-    report = cache_lib.verify(config.output, checksums=config.verify_checksums)
-    print(report.summary())
-    sys.exit(0 if report.ok else 1)
-  distributed.initialize_from_flags(force=bool(config.distributed))  # before any device is used
-  stats = run(config)
-  print(f"encoded {stats['captions']} captions in {stats['seconds']:.1f}s "
-        f"({stats['captions_per_s']:.1f} captions/s), {stats['bytes_per_caption']:.0f} bytes "
-        f"per caption ({stats['tokens_per_caption']:.1f} tokens), {stats['truncated']} "
-        f"truncated, {stats['skipped_parts']} parts already done")
-  print("ENCODE_SUMMARY " + json.dumps(stats))

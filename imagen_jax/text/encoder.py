@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.core import fileio
+from imagen_jax.core import partitioning
 from imagen_jax.text import builtin
-from imagen_jax import fileio
 from imagen_jax.text import t5
 from imagen_jax.text import tokenizer as tokenizer_lib
 from imagen_jax.text import weights
-from imagen_jax.train import partitioning
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -65,7 +65,7 @@ class TextEncoder:
     """Pure encoder: ids int32 [B, L], mask bool [B, L] -> float32 [B, L, d_model].
 
     Zero at masked positions. Jit-able; under a mesh context (`jax.set_mesh`) activations get
-    the logical sharding constraints of `train/partitioning.py`.
+    the logical sharding constraints of `core/partitioning.py`.
     """
     with partitioning.axis_rules_context():
       return self.module.apply({"params": params}, ids, mask)

@@ -2,7 +2,7 @@
 
 Parameter names follow t5x (`token_embedder/embedding`, `layers_3/attention/query/kernel`, ...), so
 t5x checkpoints map one to one and Hugging Face ones by a fixed rename and transpose
-(`weights.py`). Every parameter carries logical axis names from `train/partitioning.py`, so the
+(`weights.py`). Every parameter carries logical axis names from `core/partitioning.py`, so the
 4.6B-parameter XXL encoder is sharded over the mesh ('embed' over fsdp; heads, d_ff and vocab over
 model) by the same rules as the U-Nets.
 
@@ -152,6 +152,12 @@ class Dense(nn.Module):
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
 
 
+def _dense_maker(module: nn.Module):
+  """dense(name, features, axis names, init stddev) with `module`'s dtypes and precision."""
+  return lambda name, n, names, std: Dense(n, names, std, module.dtype, module.param_dtype,
+                                           module.precision, name=name)
+
+
 class Attention(nn.Module):
   """Bidirectional multi-head self-attention with an additive [B or 1, H, L, L] bias."""
   config: T5Config
@@ -163,8 +169,7 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
     c = self.config
     inner = c.num_heads * c.d_kv
-    dense = lambda name, n, names, std: Dense(n, names, std, self.dtype, self.param_dtype,
-                                              self.precision, name=name)
+    dense = _dense_maker(self)
     # T5's initialisation carries the 1/sqrt(d_kv) attention scale in the query.
     q = dense("query", inner, ("embed", "joined_kv"), (c.d_model * c.d_kv) ** -0.5)(x)
     k = dense("key", inner, ("embed", "joined_kv"), c.d_model ** -0.5)(x)
@@ -189,8 +194,7 @@ class GatedGeluMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    dense = lambda name, n, names, std: Dense(n, names, std, self.dtype, self.param_dtype,
-                                              self.precision, name=name)
+    dense = _dense_maker(self)
     gate = jax.nn.gelu(dense("wi_0", c.d_ff, ("embed", "mlp"), c.d_model ** -0.5)(x),
                        approximate=True)
     hidden = gate * dense("wi_1", c.d_ff, ("embed", "mlp"), c.d_model ** -0.5)(x)

@@ -21,13 +21,10 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
-from imagen_jax import fileio
+from imagen_jax.core import fileio
+from imagen_jax.data.preprocess import CaptionError
 
 PAD_ID = 0  # T5 pads with id 0 and gives padding a zero mask
-
-
-class CaptionError(TypeError):
-  """A caption that is not text; the message names the example's key."""
 
 
 @dataclasses.dataclass

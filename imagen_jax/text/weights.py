@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imagen_jax import fileio
+from imagen_jax.core import fileio
 from imagen_jax.text import t5
 
 CONVERTED_MARKER = "imagen_t5.json"

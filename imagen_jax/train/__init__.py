@@ -1,1 +1,1 @@
-"""The training loop and what it needs: state, partitioning, checkpoints, metrics."""
+"""The training loop (`train.py`) and what only it needs: state, the step, metrics, MFU."""

@@ -22,7 +22,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from imagen_jax import fileio
+from imagen_jax.core import fileio
 
 
 class TensorBoardWriter:

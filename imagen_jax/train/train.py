@@ -1,22 +1,21 @@
-"""`imagen-jax train`: train one cascade stage, sharded over a device mesh, resumable.
+"""Training one cascade stage, sharded over a device mesh, resumable (`imagen-jax train`).
 
-    imagen-jax train --config=configs/base64.py:tiny --workdir=/tmp/base64_tiny
+    state = train_and_evaluate(config_lib.load_config("configs/base64.py:tiny"), "/tmp/w")
 
-One readable loop in sections, in the manner of big_vision's train.py. Running the same command
-again resumes from the latest complete checkpoint; SIGTERM (preemption) saves and exits 0.
+One readable loop in sections, in the manner of big_vision's train.py. Calling it again with the
+same workdir resumes from the latest complete checkpoint; SIGTERM (preemption) saves and returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
 import time
 from typing import Any, Sequence
 
-from absl import flags
 from absl import logging
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,37 +23,24 @@ import ml_collections
 import numpy as np
 import optax
 
-from imagen_jax import config_lib
-from imagen_jax import fileio
 from imagen_jax import models
+from imagen_jax.core import checkpoints
+from imagen_jax.core import config_lib
+from imagen_jax.core import distributed
+from imagen_jax.core import fileio
+from imagen_jax.core import images as images_lib
+from imagen_jax.core import partitioning
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
-from imagen_jax.sample import images as images_lib
-from imagen_jax.sample import stage as stage_sampling
-from imagen_jax.sample.stage import image_keys
-from imagen_jax.train import checkpoints
-from imagen_jax.train import distributed
+from imagen_jax.diffusion import sampling
 from imagen_jax.train import metric_writers
 from imagen_jax.train import mfu
-from imagen_jax.train import partitioning
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
-
-_CONFIG = config_lib.config_flag()
-_WORKDIR = config_lib.DEFINE_path(
-    "workdir", None, "Where checkpoints, logs and samples go (local or gs://).")
 
 
 class TrainingError(RuntimeError):
   """A run that must stop: a non-finite loss, a config that does not fit the mesh."""
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  if not _WORKDIR.value:
-    raise flags.ValidationError("--workdir is required")
-  distributed.initialize_from_flags()  # before anything touches a device
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -70,62 +56,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_workdir_writable(workdir)
   lead = jax.process_index() == 0
 
-  # --- 2. Model, text encoder, optimizer ----------------------------------------------------
-  model = models.build_model(config)
+  # --- 2. Text encoder and data: this process's shard of the global batch ------------------
   text_encoder = load_text_encoder_if_needed(config)
-  optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
-
-  # --- 3. Data: this process's shard of the global batch ------------------------------------
   data = pipeline_lib.make_pipeline(
       config, tokenize_fn=text_encoder.tokenize if text_encoder else None,
       embedding_lookup=open_embedding_cache(config))
 
-  # --- 4. State: created sharded, or restored from the latest checkpoint --------------------
-  param_shapes = jax.eval_shape(functools.partial(init_params, config, model),
-                                jax.random.PRNGKey(config.seed))
-  state_shardings, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
+  # --- 3. Model, state (created sharded or restored), the step compiled ahead of time ------
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start_step = ckpt.latest_step()
-  if start_step is None:
-    with mesh, partitioning.axis_rules_context():
-      state = jax.jit(
-          lambda key: state_lib.create(nn.unbox(init_params(config, model, key)), optimizer),
-          out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-    start_step = 0
-  else:
+  setup = build_train_step(config, mesh, text_encoder=text_encoder, checkpointer=ckpt)
+  model, state, start_step = setup.model, setup.state, setup.start_step
+  if setup.data_state is not None:
     logging.info("Resuming from the checkpoint at step %d in %s", start_step, ckpt.directory)
-    state, data_state = ckpt.restore(start_step, abstract_state)
-    data.set_state(data_state)
-  text_params, text_shardings = place_text_params(text_encoder, mesh)
-
-  # --- 5. Compile the step ahead of time, once -----------------------------------------------
-  batch_shapes = batch_spec(config, mesh)
-  train_step = step_lib.make_train_step(config, model, optimizer, lr_schedule,
-                                        text_encoder.apply if text_encoder else None)
-  with mesh, partitioning.axis_rules_context():
-    compile_start = time.perf_counter()
-    traced_step = jax.jit(
-        train_step, in_shardings=(state_shardings, batch_shardings(batch_shapes), text_shardings),
-        out_shardings=(state_shardings, None), donate_argnums=(0,)
-    ).trace(abstract_state, batch_shapes, text_params)
-    compiled_step = traced_step.lower().compile()
-  compile_seconds = time.perf_counter() - compile_start
+    data.set_state(setup.data_state)
+  compiled_step, text_params, batch_shapes = (setup.compiled_step, setup.text_params,
+                                              setup.batch_shapes)
   distributed.barrier("compiled_train_step")  # hosts compile at different speeds
-  flops_per_step = mfu.model_flops(traced_step.jaxpr) / mesh.size  # per device
   peak_flops, _ = mfu.peak_tflops_per_device()
 
-  # --- 6. Writers: TensorBoard (lead process only), console, config, parameter table -------
+  # --- 4. Writers: TensorBoard (lead process only), console, config, parameter table -------
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not lead)
   progress = metric_writers.ReportProgress(config.total_steps, config.batch_size)
   if lead:
     fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(config))
     logging.info("Parameters:\n%s\ntotal_params: %d", *models.parameter_table(config))
-  logging.info("Compiled the train step in %.1f s; %s FLOPs per step per device", compile_seconds,
-               f"{flops_per_step:.3g}" if flops_per_step else "unknown")
+  flops_per_step = setup.flops_per_step
+  logging.info("Compiled the train step in %.1f s; %s FLOPs per step per device",
+               setup.compile_seconds, f"{flops_per_step:.3g}" if flops_per_step else "unknown")
   preview = make_preview(config, model, text_encoder, mesh) if config.sample_every else None
   preemption = PreemptionWatcher()
 
-  # --- 7. The loop -------------------------------------------------------------------------
+  # --- 5. The loop -------------------------------------------------------------------------
   try:
     train_metrics = None
     progress.start(start_step)
@@ -142,6 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars.update(mfu.throughput(progress.report(step), config.batch_size, flops_per_step,
                                       peak_flops))
         scalars.update({f"data/skipped_{k}": v for k, v in data.skip_counts().items()})
+        scalars.update({f"data/converted_{k}": v for k, v in data.convert_counts().items()})
         writer.write_scalars(step, scalars)
         train_metrics = None
 
@@ -157,11 +119,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.warning("Preempted: saved the checkpoint at step %d; exiting.", step)
         break
   except BaseException:
-    # --- 8. Finish: complete any save in flight, even when stopping on an error ---------------
+    # --- 6. Finish: complete any save in flight, even when stopping on an error ---------------
     finish(ckpt, data, writer, reraise=False)  # the loop's error is the one to report
     raise
   finish(ckpt, data, writer)  # a failed final checkpoint or log upload fails the run
   return state
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """A stage's training step compiled for a mesh, and the state it steps from."""
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  abstract_state: state_lib.TrainState    # ShapeDtypeStructs carrying their shardings
+  state_shardings: state_lib.TrainState
+  state: state_lib.TrainState | None      # restored, created, or None (init_state=False)
+  start_step: int                         # the restored checkpoint's step, or 0
+  data_state: Any                         # the input pipeline's state saved with it, or None
+  text_params: Any                        # the frozen encoder's params on the mesh, or None
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]  # the global batch, with its shardings
+  compiled_step: Any = None               # (state, batch, text_params) -> (state, metrics)
+  compile_seconds: float = 0.0
+  flops_per_step: float = 0.0             # per device, from the traced step
+
+
+def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                     text_encoder: Any = None, checkpointer: checkpoints.Checkpointer | None = None,
+                     step: int | None = None, init_state: bool = True,
+                     compile_step: bool = True) -> TrainSetup:
+  """Everything before the first step, in one place for the loop, restores and benchmarks.
+
+  The abstract state and its shardings come from the boxed parameter shapes (nothing is
+  allocated); the state is restored from `checkpointer` (its latest step, or `step`) when it
+  has one, otherwise created directly sharded (unless `init_state=False`); the step is traced
+  and AOT-compiled with the state donated, as maxdiffusion does.
+  """
+  model = models.build_model(config)
+  optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
+  param_shapes = jax.eval_shape(functools.partial(init_params, config, model),
+                                jax.random.PRNGKey(config.seed))
+  state_shardings, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
+  state, start_step, data_state = None, 0, None
+  if checkpointer is not None:
+    step = checkpointer.latest_step() if step is None else step
+    if step is not None:
+      state, data_state = checkpointer.restore(step, abstract_state)
+      start_step = step
+  if state is None and init_state:
+    with partitioning.mesh_context(mesh):
+      state = jax.jit(
+          lambda key: state_lib.create(nn.unbox(init_params(config, model, key)), optimizer),
+          out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+  text_params, text_shardings = place_text_params(text_encoder, mesh)
+  setup = TrainSetup(model, optimizer, abstract_state, state_shardings, state, start_step,
+                     data_state, text_params, batch_spec(config, mesh))
+  if compile_step:
+    train_step = step_lib.make_train_step(config, model, optimizer, lr_schedule,
+                                          text_encoder.apply if text_encoder else None)
+    with partitioning.mesh_context(mesh):
+      start = time.perf_counter()
+      traced = jax.jit(
+          train_step, in_shardings=(state_shardings, batch_shardings(setup.batch_shapes),
+                                    text_shardings),
+          out_shardings=(state_shardings, None), donate_argnums=(0,)
+      ).trace(abstract_state, setup.batch_shapes, text_params)
+      setup.compiled_step = traced.lower().compile()
+      setup.compile_seconds = time.perf_counter() - start
+    setup.flops_per_step = mfu.model_flops(traced.jaxpr) / mesh.size
+  return setup
 
 
 # --- Helpers, in the order the loop uses them ------------------------------------------------
@@ -209,12 +234,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
 
 
 def check_workdir_writable(workdir: str) -> None:
-  path = epath.Path(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_probe_{jax.process_index()}"
-    probe.write_text("ok")
-    probe.unlink()
+    fileio.makedirs(workdir)
+    probe = fileio.join(workdir, f".write_probe_{jax.process_index()}")
+    fileio.write_text(probe, "ok")
+    fileio.remove(probe)
   except Exception as e:  # pylint: disable=broad-except
     raise TrainingError(f"workdir {workdir!r} is not writable: {e}") from e
 
@@ -288,10 +312,9 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   """The global batch the step sees, sharded over ('data', 'fsdp'): images stay uint8 until
   the step (4x less host-to-device traffic than float32)."""
   b, length = config.batch_size, config.text.max_length
-  size = config.train_crop or config.image_size
+  _, size, low = config_lib.stage_sizes(config)
   shapes = {"image": ((b, size, size, 3), jnp.uint8), "text_mask": ((b, length), jnp.bool_)}
-  if config.stage == "sr":
-    low = config.lowres.size * size // config.image_size
+  if low:
     shapes["lowres"] = ((b, low, low, 3), jnp.uint8)
   if config.data.embed_cache:
     shapes["text_emb"] = ((b, length, config.text.width), jnp.float32)
@@ -339,14 +362,14 @@ def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encod
     emb = np.asarray(text_encoder.apply(text_encoder.params, first["tokens"], first["text_mask"]))
     mask = first["text_mask"]
   lowres = preprocess.to_model_range(first["lowres"][:len(emb)]) if config.stage == "sr" else None
-  size = config.train_crop or config.image_size
-  settings = stage_sampling.StageSettings.from_config(config.sample)
-  sample_fn = jax.jit(functools.partial(stage_sampling.sample, config, model, settings=settings,
+  _, size, _ = config_lib.stage_sizes(config)
+  settings = sampling.StageSettings.from_config(config.sample)
+  sample_fn = jax.jit(functools.partial(sampling.sample, config, model, settings=settings,
                                         image_size=size))
-  keys = image_keys(config.seed, np.arange(len(emb)))
+  keys = sampling.image_keys(config.seed, np.arange(len(emb)))
 
   def preview(ema_params):
-    with mesh, partitioning.axis_rules_context():
+    with partitioning.mesh_context(mesh):
       images = sample_fn(ema_params, keys, jnp.asarray(emb), jnp.asarray(mask), lowres=lowres)
     return images_lib.image_grid(np.asarray(preprocess.to_uint8(images)))
 
@@ -356,18 +379,12 @@ def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encod
 def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
                   devices: Sequence[jax.Device] | None = None) -> state_lib.TrainState:
   """The TrainState of a checkpoint laid out on `config.mesh` over `devices` (any count)."""
-  mesh = partitioning.make_mesh(config.mesh, devices)
-  model = models.build_model(config)
-  optimizer, _ = state_lib.make_optimizer(config.optimizer, config.total_steps)
-  param_shapes = jax.eval_shape(functools.partial(init_params, config, model),
-                                jax.random.PRNGKey(config.seed))
-  _, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
   ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+  setup = build_train_step(config, partitioning.make_mesh(config.mesh, devices),
+                           checkpointer=ckpt, step=step, init_state=False, compile_step=False)
+  if setup.state is None:
     raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
-  state, _ = ckpt.restore(step, abstract_state)
-  return state
+  return setup.state
 
 
 class PreemptionWatcher:

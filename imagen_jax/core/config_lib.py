@@ -17,21 +17,14 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from imagen_jax import fileio
-
-
-def define_once(name: str, define: Callable[[], flags.FlagHolder]) -> flags.FlagHolder:
-  """A flag that several subcommand modules share (one process may import them all)."""
-  if name in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
-  return define()
+from imagen_jax.core import fileio
 
 
 def config_flag(example: str = "configs/base64.py:tiny") -> flags.FlagHolder:
   """The `--config=FILE[:variant]` flag, with `--config.key=value` overrides."""
-  return define_once("config", lambda: config_flags.DEFINE_config_file(
+  return config_flags.DEFINE_config_file(
       "config", None, f"Config file[:variant], e.g. {example}; override fields with "
-      "--config.key=value."))
+      "--config.key=value.")
 
 
 class _PathParser(flags.ArgumentParser):
@@ -65,14 +58,14 @@ def DEFINE_path(name: str, default: str | None, help: str,  # pylint: disable=in
   which reject them, and every thread or subprocess that changes directory. `resolve` is
   fileio.resolve_spec for `KIND:PATH` specs such as `folder:PATH`.
   """
-  return define_once(name, lambda: flags.DEFINE(_PathParser(resolve), name, default, help,
-                                                serializer=flags.ArgumentSerializer()))
+  return flags.DEFINE(_PathParser(resolve), name, default, help,
+                      serializer=flags.ArgumentSerializer())
 
 
 def DEFINE_path_list(name: str, default: list[str] | None, help: str) -> flags.FlagHolder:  # pylint: disable=invalid-name,redefined-builtin
   """`--name=PATH[,PATH...]`, each resolved as DEFINE_path does."""
-  return define_once(name, lambda: flags.DEFINE(_PathListParser(), name, default, help,
-                                                serializer=flags.CsvListSerializer(",")))
+  return flags.DEFINE(_PathListParser(), name, default, help,
+                      serializer=flags.CsvListSerializer(","))
 
 
 # Config fields that hold paths (stage configs, configs/encode.py) and how each is resolved:
@@ -104,6 +97,21 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 class ConfigError(ValueError):
   """A config that cannot be loaded or does not fit: the message names the key or file."""
+
+
+def stage_sizes(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(image_size, crop, lowres) in pixels of a stage's training example; lowres 0 for a base
+  stage. SR 2 trains on `train_crop` crops of the image with the matching low-res crop."""
+  image_size = int(config.image_size)
+  crop = int(config.train_crop) or image_size
+  if crop > image_size:
+    raise ConfigError(f"config.train_crop={crop} exceeds config.image_size={image_size}")
+  if config.stage != "sr":
+    return image_size, crop, 0
+  if config.lowres.size <= 0 or (config.lowres.size * crop) % image_size:
+    raise ConfigError(f"config.lowres.size={config.lowres.size} must be > 0 and scale the crop "
+                      f"{crop} of config.image_size={image_size} to whole pixels")
+  return image_size, crop, config.lowres.size * crop // image_size
 
 
 def packaged_configs_dir() -> str:

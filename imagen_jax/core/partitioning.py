@@ -13,8 +13,9 @@ Vocabulary
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -115,3 +116,11 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def axis_rules_context():
   """Context in which `nn.with_logical_constraint` inside modules resolves with our rules."""
   return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh) -> Iterator[None]:
+  """Where sharded code is traced and run: `mesh` set (jax.set_mesh, which replaces the
+  deprecated `with mesh:`) and the logical axis rules in force."""
+  with jax.set_mesh(mesh), axis_rules_context():
+    yield

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from imagen_jax import config_lib
+from imagen_jax.commands import shared_flags
+from imagen_jax.core import config_lib
 
-_CONFIG = config_lib.config_flag()
+shared_flags.use("config")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  config = _CONFIG.value
+  shared_flags.require("config")
+  config = shared_flags.CONFIG.value
   print(config_lib.to_json(config))
   if "model" in config and config.model:
     from imagen_jax import models  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,7 @@
 """Sampling one stage: the network, its formulation and guidance as one x0 denoiser, then a sampler.
 
-Used by the training loop's preview grids and by the cascade; a whole stage's sampling loop is
-one jitted function (the samplers scan over steps).
+Used by the training loop's preview grids and by the cascade (sample/cascade.py); a whole stage's
+sampling loop is one jitted function (the samplers scan over steps).
 """
 
 from __future__ import annotations
@@ -23,14 +23,18 @@ from imagen_jax.diffusion import thresholding
 
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-  """How to sample one stage (each field is written to samples.jsonl)."""
-  sampler: str = "ddpm"          # ddpm, ddim, edm_heun
-  steps: int = 256
-  guidance: float = 5.0
-  threshold: str = "dynamic"     # dynamic, static, none
-  percentile: float = 99.5
-  eta: float = 0.0               # DDIM only
-  aug_level: float = 0.2         # SR stages: noise-aug level of the low-res input
+  """How to sample one stage (each field is written to samples.jsonl).
+
+  No defaults here: they live in the stage config's `sample` section (configs/common.py), and
+  `from_config` reads them from there, so a checkpoint samples as it was configured.
+  """
+  sampler: str        # ddpm, ddim, edm_heun
+  steps: int
+  guidance: float
+  threshold: str      # dynamic, static, none
+  percentile: float   # dynamic thresholding percentile, 0-100 scale
+  eta: float          # DDIM only
+  aug_level: float    # SR stages: noise-aug level of the low-res input
 
   @classmethod
   def from_config(cls, sample_config: Any, **overrides) -> "StageSettings":

@@ -20,16 +20,15 @@ from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
-import numpy as np
 
-from imagen_jax import config_lib
-from imagen_jax import fileio
-from imagen_jax.sample import images as sample_images
-# DrawBench sampling takes `imagen-jax sample`'s flags (--stages, --outdir, --steps, ...).
-from imagen_jax.sample import command as sample_command
+from imagen_jax.commands import shared_flags
+from imagen_jax.core import config_lib
+from imagen_jax.core import fileio
 
 METRICS = ["shapes", "fid", "fid-stats", "drawbench", "drawbench-tally"]
 
+# DrawBench samples with `imagen-jax sample`'s flags (--stages, --outdir, --steps, ...).
+shared_flags.use(*shared_flags.SAMPLING)
 _METRIC = flags.DEFINE_enum("metric", "shapes", METRICS, "What to compute.")
 _SAMPLES = config_lib.DEFINE_path("samples", None, "Directory with samples.jsonl and its images.")
 _OUTPUT = config_lib.DEFINE_path(
@@ -44,8 +43,7 @@ _INCEPTION_BATCH = flags.DEFINE_integer("inception_batch_size", 50, "Images per 
 _SOURCE = config_lib.DEFINE_path(
     "source", None, "fid-stats: data source (shapes, tfds:NAME[:CONFIG], folder:PATH, "
     "wds:PATTERN), as config.data.source.", resolve=fileio.resolve_spec)
-_SPLIT = config_lib.define_once("split", lambda: flags.DEFINE_string(
-    "split", "validation", "fid-stats: the source's split."))
+_SPLIT = flags.DEFINE_string("split", "validation", "fid-stats: the source's split.")
 _DATA_DIR = config_lib.DEFINE_path("data_dir", "",
                                    "fid-stats: TFDS data_dir ('' : TFDS's default).")
 _IMAGE_KEY = flags.DEFINE_string("image_key", "image", "fid-stats: image feature (tfds: sources).")
@@ -65,18 +63,6 @@ _PAGE_IMAGE_SIZE = flags.DEFINE_integer("page_image_size", 0, "drawbench --compa
 _RATINGS = config_lib.DEFINE_path_list("ratings", None, "drawbench-tally: ratings JSON files.")
 _PAGE = config_lib.DEFINE_path("page", None, "drawbench-tally: the rating page, whose embedded "
                             "side mapping is then used (default: the one in the ratings).")
-
-
-def read_samples(samples_dir: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-  """The records of samples.jsonl and their images (uint8 [H, W, 3]), in file order."""
-  records = sample_images.read_records(samples_dir)
-  return records, [sample_images.read_image(samples_dir, r) for r in records]
-
-
-def shapes_scores(samples_dir: str) -> dict[str, dict[str, float]]:
-  from imagen_jax.eval import shapes  # pylint: disable=g-import-not-at-top
-  records, images = read_samples(samples_dir)
-  return shapes.score_by_split(records, images)
 
 
 def _require(**values: Any) -> None:
@@ -102,12 +88,12 @@ def fid_main() -> dict[str, Any]:
   return fid.compute_reference(_SOURCE.value, _SPLIT.value, _IMAGE_SIZE.value, _OUTPUT.value,
                                _extractor(), data_dir=_DATA_DIR.value,
                                num_images=_NUM_IMAGES.value, image_key=_IMAGE_KEY.value,
-                               seed=flags.FLAGS.seed)
+                               seed=shared_flags.SEED.value)
 
 
 def drawbench_main() -> dict[str, Any]:
   from imagen_jax.eval import drawbench  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   if _METRIC.value == "drawbench-tally":
     _require(ratings=_RATINGS.value)
     return drawbench.tally(_RATINGS.value, page=_PAGE.value)
@@ -115,23 +101,22 @@ def drawbench_main() -> dict[str, Any]:
     _require(output=_OUTPUT.value)
     if len(_COMPARE.value) != 2:
       raise flags.ValidationError(f"--compare takes OUT_A,OUT_B, got {_COMPARE.value}")
-    metadata = drawbench.write_page(*_COMPARE.value, _OUTPUT.value, seed=flags.FLAGS.seed,
+    metadata = drawbench.write_page(*_COMPARE.value, _OUTPUT.value, seed=shared_flags.SEED.value,
                                     labels=_LABELS.value, image_size=_PAGE_IMAGE_SIZE.value)
     return {"page": _OUTPUT.value, "page_id": metadata["page_id"],
             "prompts": len(metadata["items"]), "models": metadata["models"]}
-  f = flags.FLAGS
-  _require(stages=f.stages, prompts_csv=_PROMPTS_CSV.value, outdir=f.outdir)
+  stages, outdir = shared_flags.STAGES.value, shared_flags.OUTDIR.value
+  _require(stages=stages, prompts_csv=_PROMPTS_CSV.value, outdir=outdir)
   prompts = drawbench.read_csv(_PROMPTS_CSV.value)
   for note in drawbench.differences_from_paper(prompts):
     logging.warning("%s: %s", _PROMPTS_CSV.value, note)
-  num_samples = f.num_samples if f["num_samples"].present else drawbench.SAMPLES_PER_PROMPT
-  ckpt_steps = sample_command.per_stage(f.ckpt_steps, len(f.stages), "ckpt_steps", int)
-  cascade = cascade_lib.Cascade.from_workdirs(f.stages, steps=ckpt_steps)
-  settings = sample_command.stage_settings(cascade, f.guidance, f.steps, f.sampler, f.aug_level,
-                                           f.threshold)
-  records = drawbench.sample(cascade, prompts, f.outdir, settings=settings,
-                             num_samples=num_samples, seed=f.seed, batch_size=f.batch_size)
-  return {"outdir": f.outdir, "prompts": len(prompts), "images": len(records),
+  num_samples = (shared_flags.NUM_SAMPLES.value if flags.FLAGS["num_samples"].present
+                 else drawbench.SAMPLES_PER_PROMPT)
+  cascade, settings = outdir_lib.load_cascade(stages, **shared_flags.sampling_options())
+  records = drawbench.sample(cascade, prompts, outdir, settings=settings,
+                             num_samples=num_samples, seed=shared_flags.SEED.value,
+                             batch_size=shared_flags.BATCH_SIZE.value)
+  return {"outdir": outdir, "prompts": len(prompts), "images": len(records),
           "samples_per_prompt": num_samples}
 
 
@@ -140,7 +125,8 @@ def main(argv: Sequence[str]) -> None:
   if _METRIC.value == "shapes":
     if not _SAMPLES.value:
       raise flags.ValidationError("--samples is required")
-    scores: dict[str, Any] = shapes_scores(_SAMPLES.value)
+    from imagen_jax.eval import shapes  # pylint: disable=g-import-not-at-top
+    scores: dict[str, Any] = shapes.score_outdir(_SAMPLES.value)
   elif _METRIC.value in ("fid", "fid-stats"):
     scores = fid_main()
   else:

@@ -1,13 +1,13 @@
-"""`imagen-jax sample`: sample a cascade stitched from stage workdirs into PNGs.
+"""A sampling outdir: sample a cascade into PNGs plus samples.jsonl, resumably.
 
-    imagen-jax sample --stages=gs://b/base64,gs://b/sr256,gs://b/sr1024 \
-        --prompt="a corgi wearing a red bow tie" --num_samples=4 --outdir=out \
-        --guidance=5,8,8 --steps=256,128,64 --sampler=ddpm
+    records = sample_to_outdir(cascade, [{"prompt": "a red circle"}], "out", num_samples=4,
+                               settings=cascade.default_settings())
 
-Writes OUT/00000.png ... (the last stage), OUT/grid.png and OUT/samples.jsonl (one line per
-image: file, prompt, seed, index and every stage's settings). With --save_stages, every
-stage's output goes to OUT/stages/. Re-running into the same outdir with more prompts samples
-only the new images; a finished image is never redone or overwritten.
+OUT/00000.png ... hold the last stage's images, OUT/grid.png all of them, OUT/samples.jsonl one
+JSON record per finished image (file, prompt, seed, index and every stage's settings); with
+`save_stages`, OUT/stages/ holds every stage's output. `imagen-jax sample`, the demo, DrawBench
+and the notebook sample through `sample_to_outdir`; every evaluation reads outdirs with
+`read_records` / `read_image`.
 """
 
 from __future__ import annotations
@@ -16,35 +16,47 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
-from absl import flags
 from absl import logging
 import numpy as np
 import tqdm
 
-from imagen_jax import config_lib
-from imagen_jax import fileio
+from imagen_jax.core import fileio
+from imagen_jax.core import images as images_lib
+from imagen_jax.diffusion import sampling
 from imagen_jax.sample import cascade as cascade_lib
-from imagen_jax.sample import images as images_lib
-from imagen_jax.sample import stage as stage_lib
 
-_STAGES = config_lib.DEFINE_path_list("stages", None,
-                                      "Stage workdirs, base first: DIR[,DIR[,DIR]].")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). '' is unconditional.")
-_PROMPTS_FILE = config_lib.DEFINE_path(
-    "prompts_file", None, "One prompt per line, or .jsonl with a `prompt` field per line (other "
-    "fields, e.g. `split`, are copied to samples.jsonl).")
-_OUTDIR = config_lib.DEFINE_path("outdir", None,
-                                 "Where the PNGs, grid.png and samples.jsonl go (local or gs://).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Images per prompt.")
-_SEED = flags.DEFINE_integer("seed", 0, "Image i is sampled from (seed, i) alone.")
-_STEPS_PER_STAGE = flags.DEFINE_list("ckpt_steps", None, "Checkpoint step per stage (default latest).")
-_GUIDANCE = flags.DEFINE_list("guidance", None, "Guidance weight per stage, e.g. 5,8,8.")
-_STEPS = flags.DEFINE_list("steps", None, "Sampling steps per stage (or one for all).")
-_SAMPLER = flags.DEFINE_list("sampler", None, "ddpm, ddim or edm_heun per stage (or one).")
-_AUG_LEVEL = flags.DEFINE_list("aug_level", None, "Noise-aug level per SR stage (or one).")
-_THRESHOLD = flags.DEFINE_list("threshold", None, "dynamic, static or none per stage (or one).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Images sampled together.")
-_SAVE_STAGES = flags.DEFINE_bool("save_stages", False, "Also save every stage's output.")
+RECORDS = "samples.jsonl"
+
+
+def records_path(outdir: str) -> str:
+  return fileio.join(outdir, RECORDS)
+
+
+def read_records(outdir: str, missing_ok: bool = False) -> list[dict[str, Any]]:
+  """The records of OUT/samples.jsonl, in file order (one per finished image)."""
+  path = records_path(outdir)
+  if not fileio.exists(path):
+    if missing_ok:
+      return []
+    raise FileNotFoundError(f"{path} not found: expected the outdir of `imagen-jax sample`")
+  return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
+
+
+def write_records(outdir: str, records: Sequence[dict[str, Any]]) -> None:
+  """Replaces OUT/samples.jsonl with `records`, atomically: object stores cannot append, and a
+  reader (or a resumed run) sees either the old list or the new one, never a torn line."""
+  fileio.write_text(records_path(outdir), "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_image(outdir: str, record: dict[str, Any]) -> np.ndarray:
+  """The image of one record: uint8 [H, W, 3]."""
+  return images_lib.read_png(fileio.join(outdir, record["file"]))
+
+
+def read_samples(outdir: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+  """The records of samples.jsonl and their images (uint8 [H, W, 3]), in file order."""
+  records = read_records(outdir)
+  return records, [read_image(outdir, r) for r in records]
 
 
 class SampleError(ValueError):
@@ -93,7 +105,7 @@ def per_stage(values: Sequence[str] | None, num_stages: int, name: str, cast,
 
 
 def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, sampler=None,
-                   aug_level=None, threshold=None) -> list[stage_lib.StageSettings]:
+                   aug_level=None, threshold=None) -> list[sampling.StageSettings]:
   n = len(cascade.stages)
   overrides = {"guidance": per_stage(guidance, n, "guidance", float),
                "steps": per_stage(steps, n, "steps", int),
@@ -103,12 +115,30 @@ def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, samp
   settings = []
   for k, stage in enumerate(cascade.stages):
     chosen = {name: values[k] for name, values in overrides.items() if values is not None}
-    settings.append(stage_lib.StageSettings.from_config(stage.config.sample, **chosen))
+    settings.append(sampling.StageSettings.from_config(stage.config.sample, **chosen))
   return settings
 
 
-def run(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str, *,
-        num_samples: int = 1, seed: int = 0, settings: Sequence[stage_lib.StageSettings],
+def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
+                 **overrides: Sequence[str] | None
+                 ) -> tuple[cascade_lib.Cascade, list[sampling.StageSettings]]:
+  """The cascade of `stages` (workdirs, base first) and its per-stage settings.
+
+  `ckpt_steps` and the `overrides` (guidance, steps, sampler, aug_level, threshold) are lists of
+  strings as the command line gives them: one per stage, or one for all; None for the configs'.
+  """
+  if not stages:
+    raise SampleError("no stages: give the stage workdirs, base first")
+  for name, values in overrides.items():
+    if name != "aug_level" and values and len(values) not in (1, len(stages)):
+      raise SampleError(f"--{name} has {len(values)} values for {len(stages)} stages")
+  steps = per_stage(ckpt_steps, len(stages), "ckpt_steps", int)
+  cascade = cascade_lib.Cascade.from_workdirs(stages, steps=steps)
+  return cascade, stage_settings(cascade, **overrides)
+
+
+def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str, *,
+        num_samples: int = 1, seed: int = 0, settings: Sequence[sampling.StageSettings],
         batch_size: int = 16, save_stages: bool = False, show_progress: bool = True
         ) -> list[dict[str, Any]]:
   """Samples every (prompt, sample) not yet in OUT/samples.jsonl; returns all records.
@@ -123,7 +153,7 @@ def run(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str
   plan = [{**item, "file": f"{i * num_samples + j:05d}.png",
            "index": i * num_samples + j, "sample": j, "seed": seed, "stages": stage_info}
           for i, item in enumerate(prompts) for j in range(num_samples)]
-  done = {r["index"]: r for r in images_lib.read_records(outdir, missing_ok=True)}
+  done = {r["index"]: r for r in read_records(outdir, missing_ok=True)}
   for record in plan:
     old = done.get(record["index"])
     if old is not None and (old["prompt"] != record["prompt"] or old["stages"] != stage_info
@@ -163,32 +193,8 @@ def run(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str
               outdir, "stages", f"{record['index']:05d}_stage{k + 1}.png"))
       done[record["index"]] = record
     # The records go in after their PNGs are complete: a listed image is a finished image.
-    images_lib.write_records(outdir, list(done.values()))
+    write_records(outdir, list(done.values()))
   records = [done[r["index"]] for r in plan]
-  grid = np.stack([images_lib.read_image(outdir, r) for r in records])
+  grid = np.stack([read_image(outdir, r) for r in records])
   images_lib.write_png(images_lib.image_grid(grid), fileio.join(outdir, "grid.png"))
   return records
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  if not _STAGES.value:
-    raise SampleError("--stages is required: stage workdirs, base first")
-  if not _OUTDIR.value:
-    raise SampleError("--outdir is required")
-  if _NUM_SAMPLES.value < 1:
-    raise SampleError(f"--num_samples must be >= 1, got {_NUM_SAMPLES.value}")
-  prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-  num_stages = len(_STAGES.value)
-  for name, values in (("guidance", _GUIDANCE.value), ("steps", _STEPS.value),
-                       ("sampler", _SAMPLER.value), ("threshold", _THRESHOLD.value)):
-    if values and len(values) not in (1, num_stages):
-      raise SampleError(f"--{name} has {len(values)} values for {num_stages} stages")
-  ckpt_steps = per_stage(_STEPS_PER_STAGE.value, num_stages, "ckpt_steps", int)
-  cascade = cascade_lib.Cascade.from_workdirs(_STAGES.value, steps=ckpt_steps)
-  settings = stage_settings(cascade, _GUIDANCE.value, _STEPS.value, _SAMPLER.value,
-                            _AUG_LEVEL.value, _THRESHOLD.value)
-  records = run(cascade, prompts, _OUTDIR.value, num_samples=_NUM_SAMPLES.value,
-                seed=_SEED.value, settings=settings, batch_size=_BATCH.value,
-                save_stages=_SAVE_STAGES.value)
-  print(f"{len(records)} images in {_OUTDIR.value} (grid.png, samples.jsonl)")

@@ -195,6 +195,12 @@ def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+def remove(path: str) -> None:
+  """Deletes a file."""
+  fs, inner = filesystem(path)
+  fs.rm_file(inner)
+
+
 def listdir(path: str) -> list[str]:
   """Base names of the entries of a directory (empty if it does not exist)."""
   fs, inner = filesystem(path)
@@ -203,6 +209,32 @@ def listdir(path: str) -> list[str]:
   if not fs.exists(inner):
     return []
   return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
+
+
+def files_under(path: str) -> list[str]:
+  """Every file below a directory, recursively, as full paths (URLs keep their scheme)."""
+  if not is_remote(path):
+    return sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+  fs, inner = filesystem(path)
+  fs.invalidate_cache(inner)
+  scheme = path.split("://", 1)[0]
+  return sorted(f"{scheme}://{p}" for p in fs.find(inner))
+
+
+def glob(pattern: str) -> list[str]:
+  """The paths matching a glob pattern (`*`, `?`, `[...]`; `**` across directories)."""
+  fs, inner = filesystem(pattern)
+  if not is_remote(pattern):
+    return sorted(fs.glob(inner))
+  fs.invalidate_cache()
+  scheme = pattern.split("://", 1)[0]
+  return sorted(f"{scheme}://{p}" for p in fs.glob(inner))
+
+
+def open_read(path: str) -> IO[bytes]:
+  """A binary stream reading the file (for streaming formats such as tar)."""
+  fs, inner = filesystem(path)
+  return fs.open(inner, "rb")
 
 
 def du(path: str) -> int:

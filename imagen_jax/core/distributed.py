@@ -1,7 +1,7 @@
 """The multi-process runtime: when and how to call `jax.distributed.initialize()`.
 
-Every subcommand that runs on a pod (train, encode) calls `initialize_from_flags()` before it
-touches a device. The job is multi-process when
+Every subcommand that runs on a pod (train, encode) calls `maybe_initialize()` with its flags
+(imagen_jax/commands/shared_flags.py) before it touches a device. The job is multi-process when
 
 - `--coordinator_address`, `--num_processes`, `--process_id` say so, or the environment does
   (`IMAGEN_JAX_COORDINATOR_ADDRESS`, `IMAGEN_JAX_NUM_PROCESSES`, `IMAGEN_JAX_PROCESS_ID`, or
@@ -22,12 +22,9 @@ import json
 import os
 from typing import Any, Mapping
 
-from absl import flags
 from absl import logging
 import jax
 import numpy as np
-
-from imagen_jax import config_lib
 
 # (flag, environment variables in the order they are read)
 ENV_VARS = {
@@ -35,24 +32,6 @@ ENV_VARS = {
     "num_processes": ("IMAGEN_JAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
     "process_id": ("IMAGEN_JAX_PROCESS_ID", "JAX_PROCESS_ID"),
 }
-
-_COORDINATOR_ADDRESS = config_lib.define_once("coordinator_address", lambda: flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0's coordination service (multi-process "
-    "jobs; default: $IMAGEN_JAX_COORDINATOR_ADDRESS, $JAX_COORDINATOR_ADDRESS, or detected on "
-    "TPU VMs, SLURM and Open MPI)."))
-_NUM_PROCESSES = config_lib.define_once("num_processes", lambda: flags.DEFINE_integer(
-    "num_processes", None, "Number of processes of the job (default: $IMAGEN_JAX_NUM_PROCESSES, "
-    "$JAX_NUM_PROCESSES, or detected)."))
-_PROCESS_ID = config_lib.define_once("process_id", lambda: flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0 .. num_processes - 1 (default: "
-    "$IMAGEN_JAX_PROCESS_ID, $JAX_PROCESS_ID, or detected)."))
-_HEARTBEAT_TIMEOUT = config_lib.define_once("distributed_heartbeat_timeout", lambda: (
-    flags.DEFINE_integer(
-        "distributed_heartbeat_timeout", 100, "Seconds without a heartbeat after which a process "
-        "counts as dead and the others stop with an error (multi-process jobs).")))
-_INIT_TIMEOUT = config_lib.define_once("distributed_init_timeout", lambda: flags.DEFINE_integer(
-    "distributed_init_timeout", 300, "Seconds to wait for every process to join (multi-process "
-    "jobs)."))
 
 
 class DistributedError(RuntimeError):
@@ -162,17 +141,9 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   logging.info("jax.distributed: process %d of %d (%d local devices, %d in all)",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
-  return True
-
-
-def initialize_from_flags(force: bool = False) -> bool:
-  """maybe_initialize() with this module's flags; on processes other than 0, logs warnings only."""
-  running = maybe_initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                             force=force, heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
-                             init_timeout_s=_INIT_TIMEOUT.value)
-  if running and jax.process_index() != 0:
+  if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # process 0 speaks for the job
-  return running
+  return True
 
 
 def barrier(name: str, timeout_s: int = 3600) -> None:

@@ -27,9 +27,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from imagen_jax import config_lib
-from imagen_jax import fileio
-from imagen_jax.train import distributed
+from imagen_jax.core import config_lib
+from imagen_jax.core import distributed
+from imagen_jax.core import fileio
 
 ITEMS = ("state", "data", "config")
 PER_PROCESS = "per_process"
