@@ -34,11 +34,6 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   ))
   common.cpu_demo_stage(c, variant, total_steps=600, checkpoint_every=600, sample_steps=25,
                         quick_steps=20, quick_sample_steps=4)
-  # x0-prediction: the output is the clean image itself, so the noise of z_t has no identity
-  # path into it. With v (or eps) the net must subtract the noise exactly, which a 600-step net
-  # cannot: fed clean 32x32 inputs it returned background 19/255 (bicubic: 0); with x0 5/255,
-  # and the cascade's edge IoU rose 0.70 -> 0.80 (benchmarks/RESULTS.md).
-  c.diffusion.parameterization = "x0"
   c.sample.guidance = 1.0
   c.sample.aug_level = 0.1
   return c
