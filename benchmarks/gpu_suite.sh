@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
 # The GPU/TPU figures of benchmarks/RESULTS.md in one run (a few minutes on one H100, compiles
 # included): the issue's anchors are base64:500m at batch 64 in bf16 (JAX-Toolbox: 107 images/s
-# per A100) and the paper's SR 256 Efficient U-Net at batch 32. Prints each table and its
-# RESULT_JSON line; pass OUT=dir to also keep the output there.
+# per A100) and the paper's SR 256 Efficient U-Net at batch 32; then `inspect --memory`'s
+# estimate of the first row's step, to set beside its measured device_peak_gib. Prints each
+# table and its RESULT_JSON / MEMORY_JSON line; pass OUT=dir to also keep the output there.
 #   bash benchmarks/gpu_suite.sh
+#   TINY=1 bash benchmarks/gpu_suite.sh     # the same commands on tiny configs, on a CPU (a test)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-}"
+PYTHON="${PYTHON:-python}"
+status=0
 run() {
   echo "=== $*"
-  if [[ -n "$OUT" ]]; then mkdir -p "$OUT"; python -m "$@" 2>&1 | tee -a "$OUT/gpu_suite.log"
-  else python -m "$@"; fi
+  if [[ -n "$OUT" ]]; then mkdir -p "$OUT"; "$PYTHON" -m "$@" 2>&1 | tee -a "$OUT/gpu_suite.log"
+  else "$PYTHON" -m "$@"; fi
+  local rc=${PIPESTATUS[0]}
+  if [[ $rc -ne 0 ]]; then echo "=== FAILED ($rc): $*"; status=1; fi
 }
-run benchmarks.train_step --config=configs/base64.py:500m --batch_size=64 --config.dtype=bfloat16
-run benchmarks.train_step --config=configs/sr256.py:paper --batch_size=32 --config.dtype=bfloat16
-run benchmarks.sample --config=configs/base64.py:500m --batch_size=64 --config.dtype=bfloat16
+if [[ "${TINY:-0}" == 1 ]]; then
+  BASE=configs/base64.py:tiny; SR=configs/sr256.py:tiny; BATCH=2; SR_BATCH=2
+  TIMING=(--steps=1 --repeats=1); SAMPLE_TIMING=(--steps=2 --repeats=1)
+else
+  BASE=configs/base64.py:500m; SR=configs/sr256.py:paper; BATCH=64; SR_BATCH=32
+  TIMING=(); SAMPLE_TIMING=()
+fi
+run benchmarks.train_step --config=$BASE --batch_size=$BATCH --config.dtype=bfloat16 "${TIMING[@]}"
+run benchmarks.train_step --config=$SR --batch_size=$SR_BATCH --config.dtype=bfloat16 "${TIMING[@]}"
+run benchmarks.sample --config=$BASE --batch_size=$BATCH --config.dtype=bfloat16 "${SAMPLE_TIMING[@]}"
+run imagen_jax.cli inspect --config=$BASE --config.dtype=bfloat16 --memory --mesh=fsdp:1 \
+    --batch_size=$BATCH --device=h100
+exit $status

@@ -71,6 +71,8 @@ _ATTN_EVERY_BLOCK = flags.DEFINE_bool(
     "attn_every_block", True,
     "Ours: attention after every residual block at 32 and 16 (the paper's F.1), or, with "
     "--noattn_every_block, once per level and path, where imagen-pytorch puts its transformer.")
+_CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_grad"],
+                               "Our convolutions (models/conv.py; auto: matmul_grad on CPU).")
 
 # The shape both frameworks build (imagen-pytorch's names where they differ from ours).
 SHAPE = dict(image_size=64, dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
@@ -80,7 +82,7 @@ MAX_PARAM_MISMATCH = 0.15
 
 
 def our_config(batch_size: int, sample_steps: int, guidance: float, dtype: str = "float32",
-               attn_every_block: bool = True) -> Any:
+               attn_every_block: bool = True, conv_impl: str = "auto") -> Any:
   """configs/base64.py with the matched shape's overrides."""
   from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
   size = SHAPE["image_size"]
@@ -90,7 +92,7 @@ def our_config(batch_size: int, sample_steps: int, guidance: float, dtype: str =
       "text.encoder": "none (precomputed embeddings)", "text.width": SHAPE["text_width"],
       "text.max_length": SHAPE["text_length"],
       "model.model_dim": SHAPE["dim"], "model.channel_mult": SHAPE["dim_mults"],
-      "dtype": dtype, "model.attn_every_block": attn_every_block,
+      "dtype": dtype, "model.attn_every_block": attn_every_block, "model.conv_impl": conv_impl,
       "model.num_res_blocks": SHAPE["num_resnet_blocks"], "model.attn_resolutions": attn,
       "model.head_dim": SHAPE["attn_dim_head"], "model.emb_dim": 4 * SHAPE["dim"],
       "model.pool_width": SHAPE["cond_dim"], "model.text_dim": SHAPE["cond_dim"],
@@ -145,12 +147,13 @@ def main(argv: Sequence[str]) -> None:
 
   batch, rounds, k = _BATCH.value, _ROUNDS.value, _TRAIN_STEPS.value
   config = our_config(batch, _SAMPLE_STEPS.value, _GUIDANCE.value, _DTYPE.value,
-                      _ATTN_EVERY_BLOCK.value)
+                      _ATTN_EVERY_BLOCK.value, _CONV_IMPL.value)
   spec = {**SHAPE, "batch_size": batch, "sample_steps": _SAMPLE_STEPS.value,
           "guidance": _GUIDANCE.value}
   peer = Peer(_PEER_PYTHON.value, spec)
   rows, extra = [], {"shape": SHAPE, "batch_size": batch, "rounds": rounds,
-                     "ours": {"dtype": _DTYPE.value, "attn_every_block": _ATTN_EVERY_BLOCK.value},
+                     "ours": {"dtype": _DTYPE.value, "attn_every_block": _ATTN_EVERY_BLOCK.value,
+                              "conv_impl": _CONV_IMPL.value},
                      "peer": {"torch": peer.info["torch"], "threads": peer.info["threads"]},
                      "jax_devices": jax.device_count()}
   try:

@@ -29,9 +29,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       pool_width=1024,      # text attention-pooling width; 0: emb_dim
       text_dim=1024,        # text projected once to this width for attention keys/values; 0: none
       dropout=0.0,
-      remat=False,
+      remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
       attention_impl="auto",  # cuDNN (GPU, bf16) / chunked (CPU) / XLA; or "xla", "cudnn", "chunked"
+      conv_impl="auto",       # XLA (GPU/TPU) / weight gradient as matmuls (CPU); or "xla", "matmul_grad"
   ))
   if variant == "paper":
     pass

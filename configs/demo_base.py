@@ -31,9 +31,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       pool_width=128,
       text_dim=0,
       dropout=0.0,
-      remat=False,
+      remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=2,             # space-to-depth: the U-Net runs at 16x16, 3-4x faster on a CPU
       attention_impl="xla",
+      conv_impl="auto",         # on CPU: the weight gradient as matmuls (models/conv.py)
       coord_channels=True,      # positions ("at the top left corner") need absolute coordinates
   ))
   common.cpu_demo_stage(c, variant, total_steps=1400, checkpoint_every=700, sample_steps=50,

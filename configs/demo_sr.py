@@ -28,9 +28,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       pool_width=64,
       text_dim=0,
       dropout=0.0,
-      remat=False,
+      remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=2,
       attention_impl="xla",
+      conv_impl="auto",         # on CPU: the weight gradient as matmuls (models/conv.py)
   ))
   common.cpu_demo_stage(c, variant, total_steps=600, checkpoint_every=600, sample_steps=25,
                         quick_steps=20, quick_sample_steps=4)

@@ -25,9 +25,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       pool_width=2048,      # text attention-pooling width
       text_dim=0,           # text projected once to this width for attention keys/values; 0: none
       dropout=0.0,
-      remat=False,
+      remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
       attention_impl="auto",  # cuDNN (GPU, bf16) / chunked (CPU) / XLA; or "xla", "cudnn", "chunked"
+      conv_impl="auto",       # XLA (GPU/TPU) / weight gradient as matmuls (CPU); or "xla", "matmul_grad"
   ))
   if variant == "paper":
     pass

@@ -284,6 +284,12 @@ def test_readme_pod_commands_run_as_written(xm_launch):
                             *words[4:]], capture_output=True, text=True, timeout=120, cwd=REPO)
       assert out.returncode == 0, (words, out.stderr)
       assert len(json.loads(out.stdout)["work_units"]) == 2
+    elif words[:2] == ["imagen-jax", "inspect"]:  # compiling a 500M step takes minutes: args only
+      check_imagen_args(words[2:], xm_launch.parse_value)
+      from imagen_jax.train import memory  # pylint: disable=g-import-not-at-top
+      flags_given = dict(w[2:].split("=", 1) for w in words[2:] if "=" in w)
+      memory.parse_mesh(flags_given["mesh"])
+      assert "--memory" in words and flags_given["device"] in memory.DEVICE_MEMORY
     elif words[:2] == ["imagen-jax", "sample"]:
       assert len(next(w for w in words if w.startswith("--stages=")).split(",")) == 3
     else:

@@ -39,6 +39,16 @@ def test_convolution_and_its_two_gradients_each_count_the_forward_flops():
   assert _flops(grads, x, w) == 3 * forward  # forward, input gradient, weight gradient
 
 
+def test_the_cpu_convolution_counts_the_same_flops_as_xlas():
+  from imagen_jax.models import conv  # pylint: disable=g-import-not-at-top
+  ours = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  grads = lambda f: jax.grad(lambda x, w: f(x, w).sum(), argnums=(0, 1))
+  assert _flops(ours, x, w) == _flops(_conv, x, w)
+  assert _flops(grads(ours), x, w) == _flops(grads(_conv), x, w)  # no dead forward in the VJP
+
+
 def test_loop_bodies_count_once_per_iteration_where_xla_counts_them_once():
   x, w = jnp.ones((6, 4, 8)), jnp.ones((8, 16))
   per_iteration = 2 * 4 * 8 * 16

@@ -228,10 +228,11 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   assert rel < 0.05, rel
 
 
-def test_remat_gives_the_same_output_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_output_and_gradients(policy):
   config, model, params, _ = tiny_net("configs/sr256.py:tiny")
   remat_model = models.build_model(
-      config_lib.load_config("configs/sr256.py:tiny", {"model.remat": True}))
+      config_lib.load_config("configs/sr256.py:tiny", {"model.remat": policy}))
   inputs = random_inputs(config)
 
   def grads(m):
@@ -242,6 +243,12 @@ def test_remat_gives_the_same_output_and_gradients():
   np.testing.assert_allclose(loss, loss_remat, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_remat)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_remat_policy_is_named():
+  config = config_lib.load_config("configs/sr256.py:tiny", {"model.remat": "some"})
+  with pytest.raises(ValueError, match="model.remat 'some'"):
+    models.param_shapes(config)
 
 
 def test_dropout_applies_only_in_training():

@@ -52,7 +52,8 @@ STEPS = flags.DEFINE_list("steps", None, "Sampling steps per stage (or one for a
 SAMPLER = flags.DEFINE_list("sampler", None, "ddpm, ddim or edm_heun per stage (or one).")
 AUG_LEVEL = flags.DEFINE_list("aug_level", None, "Noise-aug level per SR stage (or one).")
 THRESHOLD = flags.DEFINE_list("threshold", None, "dynamic, static or none per stage (or one).")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images sampled together.")
+BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 16, "Images sampled together (inspect --memory: examples per device).")
 SAMPLING = ("stages", "outdir", "num_samples", "seed", "ckpt_steps", "guidance", "steps",
             "sampler", "aug_level", "threshold", "batch_size")
 

@@ -61,11 +61,12 @@ class EfficientUNet(nn.Module):
   pool_width: int = 2048
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1
   out_channels: int = 3
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = "auto"
+  conv_impl: str = "auto"        # models/conv.py: "auto", "xla" or "matmul_grad"
 
   @nn.compact
   def __call__(self, x: jax.Array, log_snr: jax.Array, text_emb: jax.Array,
@@ -88,15 +89,16 @@ class EfficientUNet(nn.Module):
         name="conditioning")(log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)
 
-    res_block = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat else layers.ResBlock
-    attn_block = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
+    res_block = layers.maybe_remat(layers.ResBlock, self.remat, static_argnums=(3,))
+    attn_block = layers.maybe_remat(layers.AttentionBlock, self.remat)
     skip_scale = 1.0 / math.sqrt(2.0)
     lowest = len(self.channels) - 1
 
     def res_blocks(h, level, prefix):
       for i in range(self.num_res_blocks[level]):
         h = res_block(self.channels[level], skip_scale=skip_scale, dropout=self.dropout,
-                      dtype=self.dtype, name=f"{prefix}{level}_res{i}")(h, emb, train)
+                      dtype=self.dtype, conv_impl=self.conv_impl,
+                      name=f"{prefix}{level}_res{i}")(h, emb, train)
       if level == lowest:
         h = attn_block(num_heads=self.num_heads, mode=self.text_attention, dtype=self.dtype,
                        implementation=self.attention_impl, name=f"{prefix}{level}_attn")(
@@ -106,22 +108,25 @@ class EfficientUNet(nn.Module):
     height, width = x.shape[1:3]
     h = jnp.concatenate([x, layers.upsample_lowres(lowres, height, width)], axis=-1)
     h = layers.space_to_depth(h.astype(self.dtype), self.stem_patch)
-    stem = h = layers.conv(self.channels[0], self.dtype, name="stem")(h)
+    stem = h = layers.conv(self.channels[0], self.dtype, impl=self.conv_impl, name="stem")(h)
 
     skips = []
     for level, features in enumerate(self.channels):
-      h = layers.conv(features, self.dtype, strides=2, name=f"down{level}_conv")(h)
+      h = layers.conv(features, self.dtype, strides=2, impl=self.conv_impl,
+                      name=f"down{level}_conv")(h)
       h = res_blocks(h, level, "down")
       skips.append(h)
 
     for level in reversed(range(len(self.channels))):
       h = jnp.concatenate([h, skips.pop() * skip_scale], axis=-1)
       h = res_blocks(h, level, "up")
-      h = layers.conv(self.channels[max(level - 1, 0)], self.dtype, name=f"up{level}_conv")(h)
+      h = layers.conv(self.channels[max(level - 1, 0)], self.dtype, impl=self.conv_impl,
+                      name=f"up{level}_conv")(h)
       h = layers.constrain(layers.upsample(h), layers.IMAGE_AXES)
     # Full resolution: the stem's features join a last residual block, a path at full resolution
     # that lets the output follow z_t pixel by pixel (eps- and x0-prediction at low noise need it).
     h = jnp.concatenate([h, stem * skip_scale], axis=-1)
     h = res_block(self.channels[0], skip_scale=skip_scale, dropout=self.dropout, dtype=self.dtype,
-                  name="final_res")(h, emb, train)
-    return layers.output_head(h, self.out_channels, self.stem_patch, self.dtype)
+                  conv_impl=self.conv_impl, name="final_res")(h, emb, train)
+    return layers.output_head(h, self.out_channels, self.stem_patch, self.dtype,
+                              self.conv_impl)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import schedules
 from imagen_jax.models import chunked_attention
+from imagen_jax.models import conv as conv_lib
 
 Dtype = Any
 IMAGE_AXES = ("batch", "height", "width", "act_embed")
@@ -59,11 +60,16 @@ def dense(features: int, axes: tuple[str, str], dtype: Dtype, *, zero_init: bool
 
 
 def conv(features: int, dtype: Dtype, *, kernel: int = 3, strides: int = 1,
-         zero_init: bool = False, name: str | None = None) -> nn.Conv:
-  """A 'SAME'-padded NHWC convolution with kernel [k, k, in, out] and named axes."""
+         zero_init: bool = False, impl: str = "auto", name: str | None = None) -> nn.Conv:
+  """A 'SAME'-padded NHWC convolution with kernel [k, k, in, out] and named axes.
+
+  `impl` ("auto", "xla", "matmul_grad") picks how it is computed (`models/conv.py`); the
+  parameters and the function are the same for every choice.
+  """
   init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
                  dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=conv_lib.conv_function(impl),
                  kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
 
@@ -89,6 +95,31 @@ def layer_norm(x: jax.Array, name: str | None = None) -> jax.Array:
 
 
 # --- Parameter-free helpers ---------------------------------------------------------------------
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def maybe_remat(module: type[nn.Module], remat: bool | str, static_argnums: tuple[int, ...] = ()
+                ) -> type[nn.Module]:
+  """`module` rematerialized per block by `model.remat`:
+  - "none" (or False): every activation the backward pass needs is kept;
+  - "full" (or True): only each block's inputs are kept, the block is recomputed in the backward
+    pass (about one more forward of the network);
+  - "dots": the outputs of matmuls and convolutions are kept, norms and activations recomputed
+    (cheap elementwise work instead of memory).
+  """
+  name = {False: "none", True: "full"}.get(remat, remat)
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown model.remat {remat!r}: use one of {REMAT_POLICIES}")
+  if name == "none":
+    return module
+  policy = None
+  if name == "dots":
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(conv_lib.CHECKPOINT_NAME))
+  return nn.remat(module, static_argnums=static_argnums, policy=policy)
+
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Logical sharding constraint (a no-op outside `partitioning.mesh_context`)."""
@@ -218,6 +249,7 @@ class ResBlock(nn.Module):
   skip_scale: float = 1.0
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
@@ -225,16 +257,16 @@ class ResBlock(nn.Module):
     if self.resample != "none":
       fn = downsample if self.resample == "down" else upsample
       h, x = fn(h), fn(x)
-    h = conv(self.features, self.dtype, name="conv1")(h)
+    h = conv(self.features, self.dtype, impl=self.conv_impl, name="conv1")(h)
     scale_shift = dense(2 * self.features, ("embed", "mlp"), self.dtype, name="emb_proj")(
         nn.silu(emb))
     scale, shift = jnp.split(scale_shift.astype(jnp.float32)[:, None, None, :], 2, axis=-1)
     h = group_norm(h, "norm2") * (1.0 + scale) + shift
     h = nn.silu(h).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv(self.features, self.dtype, zero_init=True, name="conv2")(h)
+    h = conv(self.features, self.dtype, zero_init=True, impl=self.conv_impl, name="conv2")(h)
     if x.shape[-1] != self.features:
-      x = conv(self.features, self.dtype, kernel=1, name="skip")(x)
+      x = conv(self.features, self.dtype, kernel=1, impl=self.conv_impl, name="skip")(x)
     return constrain((x.astype(self.dtype) + h) * self.skip_scale, IMAGE_AXES)
 
 
@@ -340,9 +372,10 @@ def upsample_lowres(lowres: jax.Array, height: int, width: int) -> jax.Array:
   return jax.image.resize(lowres.astype(jnp.float32), (b, height, width, c), "bicubic")
 
 
-def output_head(h: jax.Array, channels: int, patch: int, dtype: Dtype) -> jax.Array:
+def output_head(h: jax.Array, channels: int, patch: int, dtype: Dtype,
+                conv_impl: str = "auto") -> jax.Array:
   """GroupNorm, SiLU and a zero-initialized 3x3 conv to the image channels (undoing the stem's
   space-to-depth); returns float32 [B, H, W, channels]."""
   h = nn.silu(group_norm(h, "out_norm")).astype(dtype)
-  h = conv(channels * patch * patch, dtype, zero_init=True, name="out_conv")(h)
+  h = conv(channels * patch * patch, dtype, zero_init=True, impl=conv_impl, name="out_conv")(h)
   return depth_to_space(h.astype(jnp.float32), patch)

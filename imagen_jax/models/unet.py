@@ -52,12 +52,13 @@ class UNet(nn.Module):
   pool_width: int = 0          # 0: emb_dim
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1
   coord_channels: bool = False  # append (row, column) input channels: absolute positions
   out_channels: int = 3
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = "auto"
+  conv_impl: str = "auto"        # models/conv.py: "auto", "xla" or "matmul_grad"
 
   @nn.compact
   def __call__(self, x: jax.Array, log_snr: jax.Array, text_emb: jax.Array,
@@ -77,12 +78,12 @@ class UNet(nn.Module):
             log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)
 
-    res_block = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat else layers.ResBlock
-    attn_block = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
+    res_block = layers.maybe_remat(layers.ResBlock, self.remat, static_argnums=(3,))
+    attn_block = layers.maybe_remat(layers.AttentionBlock, self.remat)
 
     def block(h, features, name, resample="none"):
       return res_block(features, resample=resample, dropout=self.dropout, dtype=self.dtype,
-                       name=name)(h, emb, train)
+                       conv_impl=self.conv_impl, name=name)(h, emb, train)
 
     def maybe_attend(h, name, last_of_level):
       if h.shape[1] not in self.attn_resolutions or not (self.attn_every_block or last_of_level):
@@ -97,7 +98,7 @@ class UNet(nn.Module):
     if self.coord_channels:
       x = layers.with_coordinates(x.astype(self.dtype))
     h = layers.space_to_depth(x.astype(self.dtype), self.stem_patch)
-    h = layers.conv(self.model_dim, self.dtype, name="stem")(h)
+    h = layers.conv(self.model_dim, self.dtype, impl=self.conv_impl, name="stem")(h)
     skips = [h]
     levels = len(self.channel_mult)
     for level, mult in enumerate(self.channel_mult):
@@ -124,4 +125,5 @@ class UNet(nn.Module):
       if level > 0:
         h = block(h, features, f"up{level}_upsample", resample="up")
     assert not skips, "every encoder activation feeds one decoder block"
-    return layers.output_head(h, self.out_channels, self.stem_patch, self.dtype)
+    return layers.output_head(h, self.out_channels, self.stem_patch, self.dtype,
+                              self.conv_impl)
