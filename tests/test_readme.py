@@ -31,13 +31,14 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
   commands = readme_commands("Every command on a CPU, in a minute each")
   assert [c.split()[:2] for c in commands if c.startswith("imagen-jax")] == [
       ["imagen-jax", "train"], ["imagen-jax", "train"], ["imagen-jax", "sample"],
-      ["imagen-jax", "eval"], ["imagen-jax", "inspect"], ["imagen-jax", "encode"],
-      ["imagen-jax", "encode"]]
+      ["imagen-jax", "eval"], ["imagen-jax", "inspect"], ["imagen-jax", "inspect"],
+      ["imagen-jax", "encode"], ["imagen-jax", "encode"]]
   outputs = {}
   for command in commands:
     out = run_as_typed(command, tmp_path)
     assert out.returncode == 0, (command, out.stderr[-4000:])
-    outputs[command.split(" ", 2)[1] if command.startswith("imagen-jax") else command] = out
+    name = command.split(" ", 2)[1] if command.startswith("imagen-jax") else command
+    outputs[name + (" --memory" if " --memory" in command else "")] = out
     # Every path was relative: nothing lands outside the fresh directory.
     assert all(not os.path.isabs(a.split("=", 1)[-1]) for a in shlex.split(command)
                if a.startswith(("--workdir=", "--outdir=", "--samples=", "--config.output=")))
@@ -54,4 +55,7 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
   assert scores["all"]["n"] == 4 and 0 <= scores["all"]["all_correct"] <= 1
   assert '"batch_size": 64' in outputs["inspect"].stdout
   assert "total_params: " in outputs["inspect"].stdout
+  memory = json.loads(outputs["inspect --memory"].stdout.split("MEMORY_JSON ", 1)[1])
+  assert memory["mesh"]["fsdp"] == 2 and memory["per_device_batch"] == 16
+  assert memory["largest_per_device_batch"] > 16  # a 1.8M-parameter net on an 80 GB device
   assert (tmp_path / "cache").is_dir()
