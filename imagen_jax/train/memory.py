@@ -23,6 +23,8 @@ import numpy as np
 
 from imagen_jax import models
 from imagen_jax.core import partitioning
+from imagen_jax.diffusion import sampling
+from imagen_jax.train import train
 
 GIB = 2**30
 
@@ -110,7 +112,7 @@ def _for_planning(config: ml_collections.ConfigDict, global_batch: int
                   ) -> ml_collections.ConfigDict:
   """The config with the batch set and text given as precomputed embeddings, as large runs
   train (the frozen encoder is then not part of the step)."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = config.copy_and_resolve_references()
   config.batch_size = global_batch
   if config.model.get("conv_impl", "auto") == "auto":
     config.model.conv_impl = "xla"  # what "auto" runs on GPU/TPU, not the CPU's matmul gradient
@@ -121,7 +123,6 @@ def _for_planning(config: ml_collections.ConfigDict, global_batch: int
 def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                       per_device_batch: int) -> MemoryEstimate:
   """Per-device bytes of `imagen-jax train`'s step for `config` on `mesh`."""
-  from imagen_jax.train import train  # pylint: disable=g-import-not-at-top  (train imports us)
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   config = _for_planning(config, per_device_batch * batch_devices)
   setup = train.build_train_step(config, mesh, init_state=False, compile_step=True)
@@ -141,7 +142,6 @@ def sampler_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    per_device_batch: int) -> MemoryEstimate:
   """Per-device bytes of one stage's sampler (`diffusion.sampling.sample`, the config's
   `sample.*` settings) with the parameters sharded by their logical names."""
-  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
   batch = per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
   model = models.build_model(config)
   boxed = jax.eval_shape(
