@@ -8,7 +8,9 @@ Times `imagen_jax/diffusion/sampling.py`'s `sample` (network, guidance, threshol
 the stage's settings from `config.sample`, overridden by the flags. Parameters are random: the
 cost does not depend on their values. SR stages get random low-res images. The batch is split over
 all devices as `Cascade.sample` splits it. FLOPs are the matmul and convolution FLOPs of the traced
-function, every step of the sampler's scan counted (`train/mfu.py:model_flops`).
+function, every step of the sampler's scan counted (`train/mfu.py:model_flops`; with a guidance
+interval that counts the guided branch at every step, an upper bound). "passes" counts network
+forward passes per image (`StageSettings.network_evaluations`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,6 @@ from absl import app
 from absl import flags
 
 from imagen_jax.core import config_lib
-
-
-def network_evaluations(settings: Any) -> int:
-  """Network passes per image: one per step (Heun: two but the last), doubled by guidance."""
-  passes = 2 * settings.steps - 1 if settings.sampler == "edm_heun" else settings.steps
-  return passes * (1 if settings.guidance == 1.0 else 2)
 
 
 class CompiledSampler:
@@ -91,19 +87,22 @@ def row_for(sampler: CompiledSampler, times: Sequence[float], label: str = "",
   """The table row of a timed `CompiledSampler`."""
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import mfu  # pylint: disable=g-import-not-at-top
   config, settings, batch, flops = (sampler.config, sampler.settings, sampler.batch_size,
                                     sampler.flops)
+  passes = settings.network_evaluations(schedules.stage_log_snr_fn(config.diffusion))
   summary = harness.summarize(times)
   peak, peak_source = mfu.peak_tflops_per_device(cpu_probe=cpu_probe)
   tflops = flops / summary["median_s"] / 1e12 / jax.device_count() if flops else None
   return {
       "config": label or config.model.name, "batch": batch, "dtype": config.dtype,
-      "sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+      "sampler": settings.sampler, "steps": settings.steps, "passes": passes,
+      "guidance": settings.guidance, "guidance_interval": list(settings.guidance_interval),
       "threshold": settings.threshold, "compile_s": round(sampler.compile_s, 2),
       "batch_s": round(summary["median_s"], 3), "batch_min_s": round(summary["min_s"], 3),
       "images_per_s": round(batch / summary["median_s"], 3),
-      "net_evals_per_s": round(batch * network_evaluations(settings) / summary["median_s"], 1),
+      "net_evals_per_s": round(batch * passes / summary["median_s"], 1),
       "gflops_per_batch": round(flops / 1e9, 1) if flops else None,
       "tflops_per_device": round(tflops, 4) if tflops else None,
       "mfu": round(tflops / peak, 4) if tflops and peak else None, "peak_source": peak_source,
@@ -118,7 +117,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 16, "Images per sampling call.")
   flags.DEFINE_integer("steps", 0, "Sampler steps (0: config.sample.steps).")
   flags.DEFINE_float("guidance", None, "Guidance weight (default: config.sample).")
-  flags.DEFINE_string("sampler", None, "ddpm, ddim or edm_heun (default: config).")
+  flags.DEFINE_string("sampler", None, "A sampler name, e.g. ddim, dpmpp_2m, unipc (default: "
+                      "config).")
+  flags.DEFINE_string("spacing", None, "time or logsnr (default: config).")
+  flags.DEFINE_string("guidance_interval", None, "LO:HI in EDM sigma, or 'all' (default: config).")
   flags.DEFINE_string("threshold", None, "dynamic, static or none (default: config).")
   flags.DEFINE_integer("repeats", 3, "Timed calls after the compiling one.")
   flags.DEFINE_string("label", "", "A name for this row (default: the config).")
@@ -128,11 +130,14 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
   config = args.config
   settings = sampling.StageSettings.from_config(
       config.sample, steps=args.steps or None, guidance=args.guidance, sampler=args.sampler,
-      threshold=args.threshold)
+      threshold=args.threshold, spacing=args.spacing,
+      guidance_interval=(outdir_lib.parse_interval(args.guidance_interval)
+                         if args.guidance_interval else None))
   row = measure(config, args.batch_size, settings, repeats=args.repeats,
                 label=args.label or harness.config_label())
   harness.report("sample", [row], extra={"repeats": args.repeats})

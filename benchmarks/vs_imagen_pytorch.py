@@ -4,6 +4,8 @@
     python -m benchmarks.vs_imagen_pytorch --what=train --rounds=3 --train_steps=3
     python -m benchmarks.vs_imagen_pytorch --what=sample --rounds=2
     python -m benchmarks.vs_imagen_pytorch --noattn_every_block --dtype=bfloat16
+    python -m benchmarks.vs_imagen_pytorch --what=sample --our_sampler=dpmpp_2m \
+        --our_sample_steps=10 --sample_steps=10   # images/s at equal quality (issue 18)
 
 The peer runs in its own virtual environment (never in ours; it needs torch), set up once:
 
@@ -73,6 +75,14 @@ _ATTN_EVERY_BLOCK = flags.DEFINE_bool(
     "--noattn_every_block, once per level and path, where imagen-pytorch puts its transformer.")
 _CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_grad"],
                                "Our convolutions (models/conv.py; auto: matmul_grad on CPU).")
+_OUR_SAMPLER = flags.DEFINE_string(
+    "our_sampler", "ddpm", "Our sampler (ddpm at --sample_steps matches the peer's; a fast one, "
+    "e.g. dpmpp_2m with --our_sample_steps, gives the equal-quality comparison).")
+_OUR_SAMPLE_STEPS = flags.DEFINE_integer("our_sample_steps", 0,
+                                         "Our sampler's steps (0: --sample_steps).")
+_PEER_REFERENCE_STEPS = flags.DEFINE_integer(
+    "peer_reference_steps", 1000, "The step count of imagen-pytorch's README (timesteps=1000): "
+    "its images/s there are its measured per-step rate at --sample_steps over this many steps.")
 
 # The shape both frameworks build (imagen-pytorch's names where they differ from ours).
 SHAPE = dict(image_size=64, dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
@@ -146,14 +156,17 @@ def main(argv: Sequence[str]) -> None:
   from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
 
   batch, rounds, k = _BATCH.value, _ROUNDS.value, _TRAIN_STEPS.value
-  config = our_config(batch, _SAMPLE_STEPS.value, _GUIDANCE.value, _DTYPE.value,
+  our_steps = _OUR_SAMPLE_STEPS.value or _SAMPLE_STEPS.value
+  config = our_config(batch, our_steps, _GUIDANCE.value, _DTYPE.value,
                       _ATTN_EVERY_BLOCK.value, _CONV_IMPL.value)
+  config.sample.sampler = _OUR_SAMPLER.value
   spec = {**SHAPE, "batch_size": batch, "sample_steps": _SAMPLE_STEPS.value,
           "guidance": _GUIDANCE.value}
   peer = Peer(_PEER_PYTHON.value, spec)
   rows, extra = [], {"shape": SHAPE, "batch_size": batch, "rounds": rounds,
                      "ours": {"dtype": _DTYPE.value, "attn_every_block": _ATTN_EVERY_BLOCK.value,
-                              "conv_impl": _CONV_IMPL.value},
+                              "conv_impl": _CONV_IMPL.value, "sampler": _OUR_SAMPLER.value,
+                              "sample_steps": our_steps},
                      "peer": {"torch": peer.info["torch"], "threads": peer.info["threads"]},
                      "jax_devices": jax.device_count()}
   try:
@@ -215,6 +228,16 @@ def main(argv: Sequence[str]) -> None:
                "params": their_params, **theirs, "compile_s": "-"})
   rows.append({"framework": "ratio (ours / theirs)", "params": round(params / their_params, 3),
                **{k_: ratio(v, theirs[k_]) for k_, v in ours.items()}, "compile_s": "-"})
+  if ours_sample and theirs_sample:
+    # The peer's cost per step is constant (every step is the same guided forward pass), so its
+    # rate at the README's step count is its measured per-step rate over that many steps.
+    theirs_reference = theirs_sample * _SAMPLE_STEPS.value / _PEER_REFERENCE_STEPS.value
+    extra["equal_quality"] = {
+        "ours": f"{_OUR_SAMPLER.value}, {our_steps} steps", "ours_images_per_s": fmt(ours_sample),
+        "theirs": f"DDPM, {_PEER_REFERENCE_STEPS.value} steps (measured at {_SAMPLE_STEPS.value})",
+        "theirs_images_per_s": round(theirs_reference, 5),
+        "ratio": round(ours_sample / theirs_reference, 1)}
+    print("equal quality: " + json.dumps(extra["equal_quality"]))
   extra["params_within_15_percent"] = abs(mismatch) <= MAX_PARAM_MISMATCH
   harness.report("vs_imagen_pytorch", rows, extra=extra)
   if abs(mismatch) > MAX_PARAM_MISMATCH:

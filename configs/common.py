@@ -102,10 +102,13 @@ def stage_config() -> ml_collections.ConfigDict:
       "a corgi wearing a red bow tie",
       "an oil painting of a lighthouse at sunset",
   )
-  c.sample.sampler = "ddpm"           # "ddpm", "ddim" or "edm_heun"
+  c.sample.sampler = "ddpm"           # ddpm, ddim, edm_heun, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc
   c.sample.steps = 256
   c.sample.eta = 0.0                  # DDIM's eta
+  c.sample.spacing = "time"           # steps uniform in "time" or in "logsnr" (all but edm_heun)
+  c.sample.unipc_variant = "bh2"      # UniPC's B(h): "bh1" or "bh2"
   c.sample.guidance = 5.0
+  c.sample.guidance_interval = ()     # (lo, hi): guide only where lo < EDM sigma <= hi; () = always
   c.sample.threshold = "dynamic"      # "dynamic", "static" or "none"
   c.sample.percentile = 99.5          # dynamic thresholding percentile, 0-100 scale
   c.sample.aug_level = 0.2            # SR stages: noise-aug level of the low-res input

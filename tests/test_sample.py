@@ -42,7 +42,8 @@ def cascade(tiny_cascade):
 def test_command_writes_pngs_grid_and_jsonl(tiny_cascade, tmp_path):
   out = tmp_path / "out"
   result = sample_cli(tiny_cascade, out, *[f"--prompt={p}" for p in PROMPTS],
-                      "--num_samples=2", "--seed=7", "--save_stages")
+                      "--num_samples=2", "--seed=7", "--save_stages", "--sampler=unipc,ddim",
+                      "--spacing=logsnr", "--guidance_interval=0.3:5,all")
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in open(out / "samples.jsonl")]
   assert [r["file"] for r in records] == [f"{i:05d}.png" for i in range(4)]
@@ -50,6 +51,8 @@ def test_command_writes_pngs_grid_and_jsonl(tiny_cascade, tmp_path):
   assert all(r["seed"] == 7 for r in records)
   assert [s["guidance"] for s in records[0]["stages"]] == [3.0, 2.0]
   assert [s["steps"] for s in records[0]["stages"]] == [3, 3]
+  assert [(s["sampler"], s["spacing"], s["guidance_interval"]) for s in records[0]["stages"]] == [
+      ("unipc", "logsnr", [0.3, 5.0]), ("ddim", "logsnr", [])]
   for r in records:
     assert pixels(out, r["file"]).shape == (32, 32, 3)
     assert pixels(out / "stages", f"{r['index']:05d}_stage1.png").shape == (16, 16, 3)
@@ -173,14 +176,19 @@ def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
   notebook = nbformat.read(os.path.join(REPO, "notebooks", "sampling.ipynb"), as_version=4)
-  os.environ.update(IMAGEN_STAGES=",".join(tiny_cascade), IMAGEN_STEPS="2",
-                    IMAGEN_OUTDIR=str(tmp_path / "nb"), IMAGEN_NUM_SAMPLES="1")
+  env = dict(IMAGEN_STAGES=",".join(tiny_cascade), IMAGEN_STEPS="3",
+             IMAGEN_OUTDIR=str(tmp_path / "nb"), IMAGEN_NUM_SAMPLES="1",
+             IMAGEN_SAMPLER="dpmpp_2m,unipc", IMAGEN_GUIDANCE_INTERVAL="0.3:5,all")
+  os.environ.update(env)
   try:
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
   finally:
-    for key in ("IMAGEN_STAGES", "IMAGEN_STEPS", "IMAGEN_OUTDIR", "IMAGEN_NUM_SAMPLES"):
+    for key in env:
       os.environ.pop(key)
+  stages = outdir_lib.read_records(str(tmp_path / "nb"))[0]["stages"]
+  assert [(s["sampler"], s["guidance_interval"]) for s in stages] == [
+      ("dpmpp_2m", [0.3, 5.0]), ("unipc", [])]
   grid = pixels(tmp_path / "nb", "grid.png")
   assert grid.shape == (32, 64, 3)  # two prompts, one 32x32 image each, side by side
   shown = [o for cell in notebook.cells if cell.cell_type == "code"

@@ -49,13 +49,21 @@ NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Images per prompt.")
 CKPT_STEPS = flags.DEFINE_list("ckpt_steps", None, "Checkpoint step per stage (default latest).")
 GUIDANCE = flags.DEFINE_list("guidance", None, "Guidance weight per stage, e.g. 5,8,8.")
 STEPS = flags.DEFINE_list("steps", None, "Sampling steps per stage (or one for all).")
-SAMPLER = flags.DEFINE_list("sampler", None, "ddpm, ddim or edm_heun per stage (or one).")
+SAMPLER = flags.DEFINE_list(
+    "sampler", None, "Sampler per stage (or one): ddpm, ddim, edm_heun, dpmpp_2m, dpmpp_3m, "
+    "dpmpp_2m_sde, unipc (also dpmpp_1m, unipc_3m, ...).")
+SPACING = flags.DEFINE_list("spacing", None,
+                            "Steps uniform in time or logsnr, per stage (or one).")
+GUIDANCE_INTERVAL = flags.DEFINE_list(
+    "guidance_interval", None, "Per stage (or one): LO:HI to guide only where LO < EDM sigma <= "
+    "HI (sigma = exp(-log_snr / 2)), the conditional pass alone elsewhere; 'all' guides every "
+    "step. E.g. 0.28:5.42,all.")
 AUG_LEVEL = flags.DEFINE_list("aug_level", None, "Noise-aug level per SR stage (or one).")
 THRESHOLD = flags.DEFINE_list("threshold", None, "dynamic, static or none per stage (or one).")
 BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 16, "Images sampled together (inspect --memory: examples per device).")
 SAMPLING = ("stages", "outdir", "num_samples", "seed", "ckpt_steps", "guidance", "steps",
-            "sampler", "aug_level", "threshold", "batch_size")
+            "sampler", "spacing", "guidance_interval", "aug_level", "threshold", "batch_size")
 
 
 def use(*names: str) -> None:
@@ -82,4 +90,6 @@ def initialize_distributed(force: bool = False) -> bool:
 def sampling_options() -> dict[str, Any]:
   """The per-stage sampling flags as `sample.outdir.load_cascade` arguments."""
   return {"ckpt_steps": CKPT_STEPS.value, "guidance": GUIDANCE.value, "steps": STEPS.value,
-          "sampler": SAMPLER.value, "aug_level": AUG_LEVEL.value, "threshold": THRESHOLD.value}
+          "sampler": SAMPLER.value, "spacing": SPACING.value,
+          "guidance_interval": GUIDANCE_INTERVAL.value, "aug_level": AUG_LEVEL.value,
+          "threshold": THRESHOLD.value}

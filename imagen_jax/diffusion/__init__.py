@@ -2,7 +2,8 @@
 
 - `schedules`: continuous-time log-SNR schedules (cosine, linear betas) and alpha/sigma.
 - `objectives`: forward process q(z_t | x), eps / x0 / v parameterizations, weighted losses.
-- `samplers`: DDPM ancestral, DDIM (eta), EDM Heun; one `lax.scan` per sampling loop.
+- `samplers`: samplers by name (DDPM, DDIM, EDM Heun, DPM-Solver++, UniPC), evaluation counts.
+- `multistep`: DPM-Solver++ and UniPC as precomputed linear multistep updates.
 - `guidance`: classifier-free guidance and the null (zeroed) text condition.
 - `thresholding`: static and dynamic thresholding of x0.
 - `augmentation`: noise conditioning augmentation of the low-res input of SR stages.
@@ -14,6 +15,7 @@
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
 from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import samplers

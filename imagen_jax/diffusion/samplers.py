@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral, DDIM (eta) and EDM's Heun, each one `lax.scan` over the steps.
+"""Samplers by name: DDPM ancestral, DDIM (eta), EDM's Heun, DPM-Solver++ and UniPC (the last two
+in `multistep`), each one `lax.scan` over the steps.
 
 Every sampler takes the same denoiser, `x0_fn(z [B, ...], log_snr [B]) -> x0_hat [B, ...]` in the
 variance-preserving space (z = alpha x + sigma eps), with guidance and the network's
@@ -9,17 +10,39 @@ parameterization already folded in (see `denoiser`). Thresholding is applied to 
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import schedules
 
 X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
-SAMPLERS = ("ddpm", "ddim", "edm_heun")
+SAMPLERS = ("ddpm", "ddim", "edm_heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+# Also accepted: dpmpp_{1,2,3}m[_sde] (order 1 is DDIM / DDPM), unipc_{1,2,3}m (unipc = unipc_2m).
+_MULTISTEP = re.compile(r"(dpmpp|unipc)_([123])m(_sde)?")
+
+
+def parse_sampler(name: str) -> tuple[str, int]:
+  """(family, order) of a sampler name: ("ddim", 1), ("dpmpp", 2), ("dpmpp_sde", 2), ("unipc", 2).
+
+  Raises ValueError naming the choices for an unknown name.
+  """
+  if name in ("ddpm", "ddim", "edm_heun"):
+    return name, {"edm_heun": 2}.get(name, 1)
+  if name == "unipc":
+    return "unipc", 2
+  match = _MULTISTEP.fullmatch(name)
+  if not match or (match[1] == "unipc" and match[3]):
+    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)} (or "
+                     f"dpmpp_1m/dpmpp_3m_sde/unipc_3m: family, order 1-3, _sde for DPM-Solver++)")
+  return match[1] + (match[3] or ""), int(match[2])
 
 
 def denoiser(model_fn: Callable[[jax.Array, jax.Array], jax.Array], parameterization: str
@@ -33,12 +56,6 @@ def denoiser(model_fn: Callable[[jax.Array, jax.Array], jax.Array], parameteriza
   return x0_fn
 
 
-def _time_grid(num_steps: int, log_snr_fn: schedules.LogSnrFn) -> tuple[jax.Array, jax.Array]:
-  """log-SNRs at t_i = i / N, from noisiest (i = N) to cleanest (i = 1), and their successors."""
-  t = jnp.arange(num_steps, 0, -1, dtype=jnp.float32) / num_steps
-  return log_snr_fn(t), log_snr_fn(t - 1.0 / num_steps)
-
-
 def _progress(on_step: Callable[[int], None] | None, i: jax.Array) -> None:
   if on_step is not None:
     jax.debug.callback(on_step, i)
@@ -46,8 +63,10 @@ def _progress(on_step: Callable[[int], None] | None, i: jax.Array) -> None:
 
 def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
                  log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x, eta: float = 1.0,
-                 on_step: Callable[[int], None] | None = None) -> jax.Array:
-  """Ancestral sampling from z_1 = noise [B, ...] down to x0 over `num_steps` uniform steps in t.
+                 spacing: str = "time", on_step: Callable[[int], None] | None = None
+                 ) -> jax.Array:
+  """Ancestral sampling from z_1 = noise [B, ...] down to x0 over `num_steps` steps (`spacing`:
+  uniform in t or in log-SNR, `schedules.log_snr_grid`).
 
   Each step draws z_s from N(mu, var) where, with c = 1 - SNR(t) / SNR(s) (Kingma et al. 2021),
   the DDPM posterior is mu = alpha_s ((1 - c) z_t / alpha_t + c x0_hat), var = c sigma_s^2.
@@ -58,19 +77,21 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
   t = 1 / N instead would shrink the variance of the samples (E[x | z] is a shrinkage).
   """
   batch = noise.shape[0]
-  log_snr_t, log_snr_s = _time_grid(num_steps, log_snr_fn)
+  grid = jnp.asarray(schedules.log_snr_grid(num_steps, log_snr_fn, spacing), jnp.float32)
+  log_snr_t, log_snr_s = grid[:-1], grid[1:]
 
   def step(z, inputs):
     i, lt, ls = inputs
-    lt_b, ls_b = jnp.full((batch,), lt), jnp.full((batch,), ls)
+    lt_b = jnp.full((batch,), lt)
     x0 = threshold_fn(x0_fn(z, lt_b))
     eps = objectives.eps_from_x0(z, x0, lt_b)
     alpha_s, sigma_s = schedules.alpha_sigma(ls)
     c = -jnp.expm1(lt - ls)
     var = (eta ** 2) * c * sigma_s ** 2
-    fresh = noise_lib.normal(noise_lib.fold_in(key, i), z.shape, z.dtype)
-    fresh = jnp.where(i < num_steps - 1, fresh, 0.0)
-    z_next = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s ** 2 - var, 0.0)) * eps + jnp.sqrt(var) * fresh
+    z_next = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s ** 2 - var, 0.0)) * eps
+    if eta != 0.0:  # deterministic DDIM draws no noise
+      fresh = noise_lib.normal(noise_lib.fold_in(key, i), z.shape, z.dtype)
+      z_next = z_next + jnp.sqrt(var) * jnp.where(i < num_steps - 1, fresh, 0.0)
     _progress(on_step, i)
     return z_next, None
 
@@ -129,21 +150,53 @@ def edm_heun(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
   return denoise(x, sigmas[-2])
 
 
+def edm_sigma_max() -> float:
+  """EDM Heun's largest noise level: the schedules' log-SNR range, within EDM's default 80."""
+  return min(80.0, math.exp(-schedules.LOG_SNR_MIN / 2))
+
+
+def evaluation_log_snrs(sampler: str, num_steps: int, log_snr_fn: schedules.LogSnrFn,
+                        spacing: str = "time") -> np.ndarray:
+  """The log-SNR of every network evaluation of one sampling run, in order (float64 [E]):
+  what `network_evaluations` counts and a guidance interval selects from."""
+  family, _ = parse_sampler(sampler)
+  if family == "edm_heun":
+    sigmas = np.asarray(karras_sigmas(num_steps, sigma_max=edm_sigma_max()), np.float64)
+    levels = [sigmas[0]] + [s for s in sigmas[1:-1] for _ in range(2)]  # Heun: 2 but the last
+    return -2.0 * np.log(np.asarray(levels))
+  return schedules.log_snr_grid(num_steps, log_snr_fn, spacing)[:-1]
+
+
+def network_evaluations(sampler: str, num_steps: int, log_snr_fn: schedules.LogSnrFn, *,
+                        guided: bool, spacing: str = "time",
+                        guidance_interval: tuple[float, float] | tuple[()] = ()) -> int:
+  """Network passes per image: one per evaluation, two where guidance runs (`guided`, inside
+  `guidance_interval` if one is given)."""
+  levels = evaluation_log_snrs(sampler, num_steps, log_snr_fn, spacing)
+  if not guided:
+    return len(levels)
+  return len(levels) + int(np.sum(guidance.in_interval(levels, guidance_interval)))
+
+
 def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_steps: int,
            log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x, eta: float = 0.0,
+           spacing: str = "time", variant: str = "bh2",
            on_step: Callable[[int], None] | None = None) -> jax.Array:
-  """Dispatches to a sampler by name: `ddpm`, `ddim` (with eta) or `edm_heun`."""
+  """Dispatches to a sampler by name (`parse_sampler`): `ddpm`, `ddim` (with eta), `edm_heun`,
+  `dpmpp_2m` / `dpmpp_3m` / `dpmpp_2m_sde`, `unipc` (with `variant` bh1 or bh2).
+
+  `spacing` (time or logsnr) places the steps of all but EDM Heun, which uses Karras's sigmas.
+  """
   if num_steps < 1:
     raise ValueError(f"sampling needs at least one step, got {num_steps}")
-  if sampler == "ddpm":
-    return ddpm_or_ddim(x0_fn, noise, key, num_steps=num_steps, log_snr_fn=log_snr_fn,
-                        threshold_fn=threshold_fn, eta=1.0, on_step=on_step)
-  if sampler == "ddim":
-    return ddpm_or_ddim(x0_fn, noise, key, num_steps=num_steps, log_snr_fn=log_snr_fn,
-                        threshold_fn=threshold_fn, eta=eta, on_step=on_step)
-  if sampler == "edm_heun":
-    # sigma range of the schedule's log-SNR range, within EDM's defaults.
-    sigma_max = min(80.0, math.exp(-schedules.LOG_SNR_MIN / 2))
-    return edm_heun(x0_fn, noise, key, num_steps=num_steps, threshold_fn=threshold_fn,
-                    sigma_max=sigma_max, on_step=on_step)
-  raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+  family, order = parse_sampler(sampler)
+  common = dict(num_steps=num_steps, log_snr_fn=log_snr_fn, threshold_fn=threshold_fn,
+                on_step=on_step)
+  if family in ("ddpm", "ddim"):
+    return ddpm_or_ddim(x0_fn, noise, key, eta=1.0 if family == "ddpm" else eta,
+                        spacing=spacing, **common)
+  if family == "edm_heun":
+    del common["log_snr_fn"]
+    return edm_heun(x0_fn, noise, key, sigma_max=edm_sigma_max(), **common)
+  return multistep.sample(x0_fn, noise, key, solver=family, order=order, spacing=spacing,
+                          variant=variant, **common)

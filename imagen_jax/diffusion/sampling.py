@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
 from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import schedules
@@ -25,22 +26,44 @@ from imagen_jax.diffusion import thresholding
 class StageSettings:
   """How to sample one stage (each field is written to samples.jsonl).
 
-  No defaults here: they live in the stage config's `sample` section (configs/common.py), and
-  `from_config` reads them from there, so a checkpoint samples as it was configured.
+  The defaults live in the stage config's `sample` section (configs/common.py), and
+  `from_config` reads them from there, so a checkpoint samples as it was configured. The few
+  defaults below are for workdirs whose config predates the field (they sample as before).
   """
-  sampler: str        # ddpm, ddim, edm_heun
+  sampler: str        # samplers.SAMPLERS: ddpm, ddim, edm_heun, dpmpp_2m, dpmpp_3m, unipc, ...
   steps: int
   guidance: float
   threshold: str      # dynamic, static, none
   percentile: float   # dynamic thresholding percentile, 0-100 scale
   eta: float          # DDIM only
   aug_level: float    # SR stages: noise-aug level of the low-res input
+  spacing: str = "time"                       # steps uniform in "time" or in "logsnr"
+  unipc_variant: str = "bh2"                  # UniPC's B(h): bh1 or bh2
+  guidance_interval: tuple[float, ...] = ()   # (lo, hi] in EDM sigma; () = every step
+
+  def __post_init__(self):
+    samplers.parse_sampler(self.sampler)  # a bad name fails here, before any compute
+    object.__setattr__(self, "guidance_interval", guidance.check_interval(self.guidance_interval))
+    if self.unipc_variant not in multistep.UNIPC_VARIANTS:
+      raise ValueError(f"unknown UniPC variant {self.unipc_variant!r}; choose from "
+                       f"{multistep.UNIPC_VARIANTS}")
+    if self.spacing not in schedules.SPACINGS:
+      raise ValueError(f"unknown step spacing {self.spacing!r}; choose from {schedules.SPACINGS}")
+    thresholding.get_threshold_fn(self.threshold, self.percentile)  # names a bad method
+    if self.steps < 1:
+      raise ValueError(f"sampling needs at least one step, got {self.steps}")
 
   @classmethod
   def from_config(cls, sample_config: Any, **overrides) -> "StageSettings":
     fields = {f.name: sample_config[f.name] for f in dataclasses.fields(cls) if f.name in sample_config}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**fields)
+
+  def network_evaluations(self, log_snr_fn: schedules.LogSnrFn) -> int:
+    """Network passes per image with these settings (`samplers.network_evaluations`)."""
+    return samplers.network_evaluations(
+        self.sampler, self.steps, log_snr_fn, guided=self.guidance != 1.0, spacing=self.spacing,
+        guidance_interval=self.guidance_interval)
 
 
 def image_keys(seed: int, indices: Any) -> jax.Array:
@@ -52,14 +75,15 @@ def image_keys(seed: int, indices: Any) -> jax.Array:
 
 def x0_denoiser(config: Any, model: Any, params: Any, text_emb: jax.Array, text_mask: jax.Array,
                 guidance_weight: float, lowres: jax.Array | None = None,
-                aug_log_snr: jax.Array | None = None) -> samplers.X0Fn:
-  """x0_fn(z, log_snr) of a stage with classifier-free guidance folded in."""
+                aug_log_snr: jax.Array | None = None,
+                guidance_interval: guidance.Interval = ()) -> samplers.X0Fn:
+  """x0_fn(z, log_snr) of a stage with classifier-free guidance (in its interval) folded in."""
 
   def net(z, log_snr, emb, mask, lowres=None, aug_log_snr=None):
     return model.apply({"params": params}, z, log_snr, emb, mask, lowres=lowres,
                        aug_log_snr=aug_log_snr)
 
-  guided = guidance.guided_model_fn(net, guidance_weight)
+  guided = guidance.guided_model_fn(net, guidance_weight, guidance_interval)
   extra = {} if lowres is None else {"lowres": lowres, "aug_log_snr": aug_log_snr}
   bound = lambda z, log_snr: guided(z, log_snr, text_emb, text_mask, **extra)
   if config.diffusion.formulation == "edm":
@@ -88,11 +112,12 @@ def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.
         aug_key, lowres, jnp.full((batch,), settings.aug_level, jnp.float32),
         schedules.get_log_snr_fn(config.lowres.aug_schedule))
   x0_fn = x0_denoiser(config, model, params, text_emb, text_mask, settings.guidance,
-                      lowres, aug_log_snr)
+                      lowres, aug_log_snr, settings.guidance_interval)
   noise = noise_lib.normal(noise_key, (batch, size, size, 3))
   out = samplers.sample(
       x0_fn, noise, sample_key, sampler=settings.sampler, num_steps=settings.steps,
       log_snr_fn=schedules.stage_log_snr_fn(config.diffusion),
       threshold_fn=thresholding.get_threshold_fn(settings.threshold, settings.percentile),
-      eta=settings.eta, on_step=on_step)
+      eta=settings.eta, spacing=settings.spacing, variant=settings.unipc_variant,
+      on_step=on_step)
   return jnp.clip(out, -1.0, 1.0)

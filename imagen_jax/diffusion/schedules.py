@@ -13,11 +13,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOG_SNR_MIN = -20.0
 LOG_SNR_MAX = 20.0
 
 LogSnrFn = Callable[[jax.Array], jax.Array]
+SPACINGS = ("time", "logsnr")
 
 
 def cosine_log_snr(t: jax.Array, s: float = 0.008) -> jax.Array:
@@ -72,3 +74,22 @@ def alpha_sigma(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
 def right_broadcast(values: jax.Array, like: jax.Array) -> jax.Array:
   """Reshapes per-example values [B] to [B, 1, ..., 1] to broadcast against `like` [B, ...]."""
   return jnp.reshape(values, values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time") -> np.ndarray:
+  """A sampler's noise levels as log-SNRs [num_steps + 1], float64, noisiest first.
+
+  `time`: t_i = 1 - i / N, uniform in the schedule's time; `logsnr`: uniform in log-SNR between
+  the schedule's ends, log_snr_fn(1) and log_snr_fn(0), which spends fewer steps on the last,
+  steep stretch of e.g. the cosine schedule, where a multistep solver's extrapolation is least
+  accurate. Evaluated at trace time (also under jit): the grid is a constant of the compiled loop.
+  """
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown step spacing {spacing!r}; choose from {SPACINGS}")
+  with jax.ensure_compile_time_eval():
+    if spacing == "time":
+      grid = log_snr_fn(jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps)
+    else:
+      ends = log_snr_fn(jnp.array([1.0, 0.0], jnp.float32))
+      grid = jnp.linspace(ends[0], ends[1], num_steps + 1)
+    return np.asarray(grid, np.float64)

@@ -104,18 +104,37 @@ def per_stage(values: Sequence[str] | None, num_stages: int, name: str, cast,
   return [None] + out if sr_only else out
 
 
+def parse_interval(value: str) -> tuple[float, ...]:
+  """A --guidance_interval value: 'LO:HI' (EDM sigma) or 'all' (guidance at every step: ())."""
+  if value.strip().lower() == "all":
+    return ()
+  parts = value.split(":")
+  if len(parts) != 2:
+    raise ValueError(f"{value!r} is not LO:HI (e.g. 0.28:5.42) or 'all'")
+  return tuple(float(p) for p in parts)
+
+
 def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, sampler=None,
-                   aug_level=None, threshold=None) -> list[sampling.StageSettings]:
+                   aug_level=None, threshold=None, spacing=None, guidance_interval=None
+                   ) -> list[sampling.StageSettings]:
+  """Each stage's settings: its config's `sample` section, overridden by command-line lists
+  (one value per stage, or one for all). Bad values raise SampleError naming the flag."""
   n = len(cascade.stages)
   overrides = {"guidance": per_stage(guidance, n, "guidance", float),
                "steps": per_stage(steps, n, "steps", int),
                "sampler": per_stage(sampler, n, "sampler", str),
+               "spacing": per_stage(spacing, n, "spacing", str),
+               "guidance_interval": per_stage(guidance_interval, n, "guidance_interval",
+                                              parse_interval),
                "aug_level": per_stage(aug_level, n, "aug_level", float, sr_only=True),
                "threshold": per_stage(threshold, n, "threshold", str)}
   settings = []
   for k, stage in enumerate(cascade.stages):
     chosen = {name: values[k] for name, values in overrides.items() if values is not None}
-    settings.append(sampling.StageSettings.from_config(stage.config.sample, **chosen))
+    try:
+      settings.append(sampling.StageSettings.from_config(stage.config.sample, **chosen))
+    except ValueError as e:
+      raise SampleError(f"stage {k} ({stage.workdir}): {e}") from e
   return settings
 
 
@@ -124,8 +143,8 @@ def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
                  ) -> tuple[cascade_lib.Cascade, list[sampling.StageSettings]]:
   """The cascade of `stages` (workdirs, base first) and its per-stage settings.
 
-  `ckpt_steps` and the `overrides` (guidance, steps, sampler, aug_level, threshold) are lists of
-  strings as the command line gives them: one per stage, or one for all; None for the configs'.
+  `ckpt_steps` and the `overrides` (guidance, steps, sampler, spacing, guidance_interval,
+  aug_level, threshold) are lists of strings as the command line gives them: one per stage, or one for all; None for the configs'.
   """
   if not stages:
     raise SampleError("no stages: give the stage workdirs, base first")
@@ -135,6 +154,14 @@ def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
   steps = per_stage(ckpt_steps, len(stages), "ckpt_steps", int)
   cascade = cascade_lib.Cascade.from_workdirs(stages, steps=steps)
   return cascade, stage_settings(cascade, **overrides)
+
+
+def _with_later_fields(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Records written before a settings field existed, completed with the value they sampled
+  with (the field's default), so an outdir resumes across versions."""
+  later = {f.name: f.default for f in dataclasses.fields(sampling.StageSettings)
+           if f.default is not dataclasses.MISSING}
+  return json.loads(json.dumps([{**later, **stage} for stage in stages]))
 
 
 def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str, *,
@@ -148,16 +175,18 @@ def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]]
   """
   outdir = fileio.resolve(outdir)
   fileio.makedirs(outdir)
-  stage_info = [{"workdir": s.workdir, "checkpoint_step": s.step, "image_size": s.config.image_size,
-                 **dataclasses.asdict(st)} for s, st in zip(cascade.stages, settings)]
+  # As samples.jsonl will read back (tuples become lists), to compare with finished records.
+  stage_info = json.loads(json.dumps([
+      {"workdir": s.workdir, "checkpoint_step": s.step, "image_size": s.config.image_size,
+       **dataclasses.asdict(st)} for s, st in zip(cascade.stages, settings)]))
   plan = [{**item, "file": f"{i * num_samples + j:05d}.png",
            "index": i * num_samples + j, "sample": j, "seed": seed, "stages": stage_info}
           for i, item in enumerate(prompts) for j in range(num_samples)]
   done = {r["index"]: r for r in read_records(outdir, missing_ok=True)}
   for record in plan:
     old = done.get(record["index"])
-    if old is not None and (old["prompt"] != record["prompt"] or old["stages"] != stage_info
-                            or old["seed"] != seed):
+    if old is not None and (old["prompt"] != record["prompt"] or old["seed"] != seed
+                            or _with_later_fields(old["stages"]) != stage_info):
       raise SampleError(
           f"{outdir} already holds image {old['file']} for prompt {old['prompt']!r} with other "
           f"settings or seed; use a new --outdir (finished images are never overwritten)")
