@@ -30,12 +30,13 @@ def test_dpm_solver_order_one_is_ddim_and_its_sde_is_ddpm(steps):
   assert np.abs(run("dpmpp_2m", steps) - run("ddim", steps)).max() > (1e-3 if steps > 2 else -1)
 
 
-# Measured maximum relative error of the stds (and of the means, in units of 0.1): DDIM at 50
-# steps 0.10; the tolerances are about 1.5x each solver's own error.
+# Measured maximum relative error of the stds: DDIM 0.20 at 10 log-SNR steps, 0.09 at 25; the
+# tolerances are about 1.5x each solver's own error.
 @pytest.mark.parametrize("sampler,steps,spacing,tol", [
-    ("dpmpp_2m", 25, "logsnr", 0.09), ("dpmpp_3m", 25, "logsnr", 0.045),
-    ("unipc", 25, "logsnr", 0.05), ("dpmpp_3m", 50, "time", 0.05), ("unipc", 50, "time", 0.09),
-    ("dpmpp_2m_sde", 100, "logsnr", 0.06)])
+    ("dpmpp_2m", 10, "logsnr", 0.11), ("unipc", 10, "logsnr", 0.07),
+    ("dpmpp_3m", 25, "logsnr", 0.035), ("unipc", 25, "logsnr", 0.035),
+    ("dpmpp_3m", 50, "time", 0.05), ("unipc", 50, "time", 0.09),
+    ("dpmpp_2m_sde", 50, "logsnr", 0.045)])
 def test_fast_samplers_reproduce_gaussian_data(sampler, steps, spacing, tol):
   out = run(sampler, steps, spacing=spacing)
   monte_carlo = 3 * STD[0] / np.sqrt(len(out))  # 3 standard errors of the mean of 4000 draws
@@ -85,7 +86,7 @@ def test_step_grids():
                              rtol=1e-6)
   grid = schedules.log_snr_grid(4, schedules.cosine_log_snr, "logsnr")
   np.testing.assert_allclose(np.diff(grid), (grid[-1] - grid[0]) / 4, rtol=1e-6)
-  assert grid[0] == pytest.approx(schedules.LOG_SNR_MIN)
+  assert grid[0] == pytest.approx(-2 * np.log(80.0))  # EDM's sigma_max, not the clipped -20
   with pytest.raises(ValueError, match="spacing"):
     schedules.log_snr_grid(4, schedules.cosine_log_snr, "karras")
   # Inside jit the grid is still a constant (numpy) of the compiled loop.
