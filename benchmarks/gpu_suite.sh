@@ -2,7 +2,8 @@
 # The GPU/TPU figures of benchmarks/RESULTS.md in one run (a few minutes on one H100, compiles
 # included): the issue's anchors are base64:500m at batch 64 in bf16 (JAX-Toolbox: 107 images/s
 # per A100) and the paper's SR 256 Efficient U-Net at batch 32; then `inspect --memory`'s
-# estimate of the first row's step, to set beside its measured device_peak_gib. Prints each
+# estimate of the first row's step, to set beside its measured device_peak_gib; and each
+# sampler's own cost per step beside the network's (benchmarks/sampler_overhead.py). Prints each
 # table and its RESULT_JSON / MEMORY_JSON line; pass OUT=dir to also keep the output there.
 #   bash benchmarks/gpu_suite.sh
 #   TINY=1 bash benchmarks/gpu_suite.sh     # the same commands on tiny configs, on a CPU (a test)
@@ -21,13 +22,16 @@ run() {
 if [[ "${TINY:-0}" == 1 ]]; then
   BASE=configs/base64.py:tiny; SR=configs/sr256.py:tiny; BATCH=2; SR_BATCH=2
   TIMING=(--steps=1 --repeats=1); SAMPLE_TIMING=(--steps=2 --repeats=1)
+  OVERHEAD=(--steps=4 --network_steps=1 --batch_size=2)
 else
   BASE=configs/base64.py:500m; SR=configs/sr256.py:paper; BATCH=64; SR_BATCH=32
-  TIMING=(); SAMPLE_TIMING=()
+  TIMING=(); SAMPLE_TIMING=(); OVERHEAD=(--network_steps=2 --batch_size=8)
 fi
 run benchmarks.train_step --config=$BASE --batch_size=$BATCH --config.dtype=bfloat16 "${TIMING[@]}"
 run benchmarks.train_step --config=$SR --batch_size=$SR_BATCH --config.dtype=bfloat16 "${TIMING[@]}"
 run benchmarks.sample --config=$BASE --batch_size=$BATCH --config.dtype=bfloat16 "${SAMPLE_TIMING[@]}"
+# Issue 18: the fast samplers' own cost per step against the network's (should be ~0).
+run benchmarks.sampler_overhead --configs=$BASE,$SR "${OVERHEAD[@]}"
 run imagen_jax.cli inspect --config=$BASE --config.dtype=bfloat16 --memory --mesh=fsdp:1 \
     --batch_size=$BATCH --device=h100
 exit $status

@@ -1,22 +1,23 @@
-"""Quality per network evaluation: the base stage's samplers on a trained shapes cascade.
+"""Quality per network evaluation: a stage's samplers on a trained shapes cascade.
 
     imagen-jax demo --workdir=demo_run          # the trained cascade (or any shapes cascade)
     python -m benchmarks.sampler_quality --workdir=demo_run \
         --samplers=ddpm,ddim,edm_heun,dpmpp_2m,dpmpp_3m,unipc --evals=5,10,15,25,50 \
-        [--guidance_interval=0.28:5.42] [--spacing=time]
+        [--guidance_interval=0.28:5.42] [--spacing=time] [--stage=sr]
 
 For every (sampler, evaluations) the cascade samples the demo's validation and held-out prompts
-(`demo.eval_prompts`, the demo's seeds) with the base stage's sampler and step count changed and
-the SR stage at its configured settings, and the shapes judge scores the 64x64 pixels
-(`demo.score`). The judge's verdicts saturate early on a well-trained cascade, so each
-deterministic sampler's images are also compared with the converged solution of the same ODE
-from the same noise (`--reference`, e.g. DPM-Solver++ 3M at 200 steps): the PSNR of the final
-64x64 images, which falls as a solver's discretization error grows (DDPM and SDE samplers draw
-fresh noise and converge to other images: no PSNR). "evals" counts the base network's evaluations per image (EDM Heun takes
-2 steps - 1, so it gets the largest step count within the budget); "passes" counts forward
-passes with guidance's unconditional half (fewer with a guidance interval). Every run is an
-ordinary sampling outdir under WORKDIR/sampler_quality/, so an interrupted benchmark resumes.
-Prints a table and a JSON line.
+(`demo.eval_prompts`, the demo's seeds) with one stage's sampler and step count changed (the base
+stage's, or with --stage=sr the SR stage's) and the other stage at its configured settings, and
+the shapes judge scores the 64x64 pixels (`demo.score`). The judge's verdicts saturate early on a
+well-trained cascade, so each deterministic sampler's images are also compared with the
+converged solution of the same ODE from the same noise (`--reference`, DPM-Solver++ 3M at 200
+time-uniform steps): the PSNR of the final 64x64 images, which falls as a solver's
+discretization error grows (DDPM and SDE samplers draw fresh noise and converge to other images:
+no PSNR). "evals" counts the stage network's evaluations per image (EDM Heun takes 2 steps - 1,
+so it gets the largest step count within the budget); "passes" counts forward passes with
+guidance's unconditional half (fewer with a guidance interval). Every run is an ordinary
+sampling outdir under WORKDIR/sampler_quality/, so an interrupted benchmark resumes. Prints a
+table and a JSON line.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ _EVALS = flags.DEFINE_list("evals", ["5", "10", "15", "25", "50"],
 _DDPM_EXTRA = flags.DEFINE_list("ddpm_extra_evals", ["100"], "More budgets for ddpm alone.")
 _INTERVAL = flags.DEFINE_string("guidance_interval", "all",
                                 "LO:HI (EDM sigma) for the base stage, or 'all'.")
-_SPACING = flags.DEFINE_string("spacing", "time", "Step spacing of the base stage: time, logsnr.")
+_SPACING = flags.DEFINE_string("spacing", "time", "Step spacing of that stage: time, logsnr.")
+_STAGE = flags.DEFINE_enum("stage", "base", ["base", "sr"],
+                           "The stage whose sampler varies; the other keeps its config's.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 100, "Prompts per split.")
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Images sampled together.")
 _REFERENCE = flags.DEFINE_string(
@@ -65,42 +68,45 @@ def main(argv: Sequence[str]) -> None:
   workdir = _WORKDIR.value
   stage_dirs = [os.path.join(workdir, "base"), os.path.join(workdir, "sr")]
   cascade = cascade_lib.Cascade.from_workdirs(stage_dirs)
-  base_config = cascade.stages[0].config
-  log_snr_fn = schedules.stage_log_snr_fn(base_config.diffusion)
   prompts = demo.eval_prompts(os.path.join(workdir, "data"), _NUM_PROMPTS.value)
   interval = outdir_lib.parse_interval(_INTERVAL.value)
-  runs = [(s, steps_for(s, int(e))) for s in _SAMPLERS.value for e in _EVALS.value]
-  runs += [("ddpm", int(e)) for e in _DDPM_EXTRA.value if "ddpm" in _SAMPLERS.value]
+  runs = [(s, steps_for(s, int(e)), _SPACING.value) for s in _SAMPLERS.value for e in _EVALS.value]
+  runs += [("ddpm", int(e), _SPACING.value) for e in _DDPM_EXTRA.value
+           if "ddpm" in _SAMPLERS.value]
   reference = None
   if _REFERENCE.value:
     sampler, steps = _REFERENCE.value.split(":")
-    reference = (sampler, int(steps))
+    reference = (sampler, int(steps), "time")
     runs.insert(0, reference)
+  k = {"base": 0, "sr": 1}[_STAGE.value]  # the stage whose sampler varies
+  default = cascade.default_settings()
   rows, reference_images = [], None
-  for sampler, steps in runs:
-    default = cascade.default_settings()
-    base = outdir_lib.stage_settings(
-        cascade, sampler=[sampler, default[1].sampler], steps=[str(steps), str(default[1].steps)],
-        spacing=[_SPACING.value, default[1].spacing],
-        guidance_interval=[_INTERVAL.value, "all"])[0]
-    name = f"{sampler}_{steps}_{_SPACING.value}" + (
+  for sampler, steps, spacing in runs:
+    chosen = outdir_lib.stage_settings(
+        cascade, sampler=[sampler if i == k else d.sampler for i, d in enumerate(default)],
+        steps=[str(steps if i == k else d.steps) for i, d in enumerate(default)],
+        spacing=[spacing if i == k else d.spacing for i, d in enumerate(default)],
+        guidance_interval=[_INTERVAL.value if i == k else "all" for i in range(len(default))])
+    stage = chosen[k]
+    name = f"{'sr_' if k else ''}{sampler}_{steps}_{spacing}" + (
         f"_gi{interval[0]:g}-{interval[1]:g}" if interval else "")
     outdir = os.path.join(workdir, "sampler_quality", name)
     start = time.perf_counter()
-    outdir_lib.sample_to_outdir(cascade, prompts, outdir, settings=[base, default[1]],
+    outdir_lib.sample_to_outdir(cascade, prompts, outdir, settings=chosen,
                                 batch_size=_BATCH.value, show_progress=False)
     seconds = time.perf_counter() - start
     scores, _, images = demo.score(outdir)
-    if (sampler, steps) == reference:
+    if (sampler, steps, spacing) == reference:
       reference_images = np.stack(images).astype(np.float64)
     psnr = None
     if reference_images is not None and samplers.parse_sampler(sampler)[0] not in STOCHASTIC:
       mse = np.mean((np.stack(images) - reference_images) ** 2, axis=(1, 2, 3))
       psnr = round(float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))), 2)
-    row = {"sampler": sampler, "steps": steps, "spacing": _SPACING.value,
+    log_snr_fn = schedules.stage_log_snr_fn(cascade.stages[k].config.diffusion)
+    row = {"stage": _STAGE.value, "sampler": sampler, "steps": steps, "spacing": spacing,
            "evals": samplers.network_evaluations(sampler, steps, log_snr_fn, guided=False,
-                                                  spacing=base.spacing),
-           "passes": base.network_evaluations(log_snr_fn),
+                                                  spacing=spacing),
+           "passes": stage.network_evaluations(log_snr_fn),
            "guidance_interval": list(interval), "seconds": round(seconds, 1),
            "psnr_vs_reference": psnr}
     for split, s in scores.items():

@@ -22,7 +22,12 @@ def test_gpu_suite_runs_on_tiny_configs(tmp_path):
   log = (tmp_path / "gpu_suite.log").read_text()
   results = [json.loads(line.split("RESULT_JSON ", 1)[1]) for line in log.splitlines()
              if line.startswith("RESULT_JSON ")]
-  assert [r["benchmark"] for r in results] == ["train_step", "train_step", "sample"]
-  assert all(row["images_per_s"] > 0 for r in results for row in r["rows"])
+  assert [r["benchmark"] for r in results] == ["train_step", "train_step", "sample",
+                                               "sampler_overhead"]
+  assert all(row["images_per_s"] > 0 for r in results[:3] for row in r["rows"])
+  overhead = results[3]["rows"]
+  assert {row["config"] for row in overhead} == {"configs/base64.py:tiny", "configs/sr256.py:tiny"}
+  assert {row["sampler"] for row in overhead} >= {"ddim", "dpmpp_2m", "unipc"}
+  assert all(row["solver_ms_per_step"] > 0 and row["network_ms_per_step"] > 0 for row in overhead)
   memory = json.loads(log.split("MEMORY_JSON ", 1)[1].splitlines()[0])
   assert memory["per_device_batch"] == 2 and memory["params"] > 0

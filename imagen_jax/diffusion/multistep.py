@@ -20,9 +20,13 @@ so the coefficients of every step are computed once, in float64, before the loop
   next step needs anyway (no extra network pass; none after the last step). Predictor order p
   with the corrector is order p + 1.
 
-Orders warm up (step i uses at most i + 1 points) and, below 15 steps, the last steps drop to
-lower orders (as DPM-Solver and diffusers do): the last step's h is the largest, and
-extrapolating a polynomial over it is unstable when steps are few.
+Orders warm up (step i uses at most i + 1 points) and drop at the end (step i uses at most
+N - i: the last step is first order), as diffusers does when the last step goes to sigma = 0.
+Near t = 0 the schedules' log-SNR steps grow (the cosine's last step is 2-5x the one before),
+and a polynomial fitted on short steps and extrapolated over a long one amplifies the step-to-step
+jitter of a real network's thresholded x0_hat: measured on the shapes cascade, DPM-Solver++ 3M at
+15-50 time-uniform steps without it fell to 26-33 dB PSNR against the converged solution (2M:
+34-39 dB), and its held-out all-correct to 9% at 50 steps.
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ from imagen_jax.diffusion import schedules
 
 X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
 UNIPC_VARIANTS = ("bh1", "bh2")
-LOWER_ORDER_FINAL_BELOW = 15  # steps
 
 
 def step_orders(num_steps: int, order: int, lower_order_final: bool = True) -> list[int]:
-  """The order of each step: warm-up from 1, and lower orders at the end below 15 steps."""
+  """The order of each step: warm-up from 1 and, with `lower_order_final`, down to 1 at the
+  last step (off: the solver's own order to the end, e.g. to measure its convergence)."""
   orders = [min(order, i + 1) for i in range(num_steps)]
-  if lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
+  if lower_order_final:
     orders = [min(p, num_steps - i) for i, p in enumerate(orders)]
   return orders
 
