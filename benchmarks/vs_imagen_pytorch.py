@@ -4,8 +4,8 @@
     python -m benchmarks.vs_imagen_pytorch --what=train --rounds=3 --train_steps=3
     python -m benchmarks.vs_imagen_pytorch --what=sample --rounds=2
     python -m benchmarks.vs_imagen_pytorch --noattn_every_block --dtype=bfloat16
-    python -m benchmarks.vs_imagen_pytorch --what=sample --our_sampler=dpmpp_2m \
-        --our_sample_steps=10 --sample_steps=10   # images/s at equal quality (issue 18)
+    python -m benchmarks.vs_imagen_pytorch --what=sample --our_sampler=unipc --our_spacing=logsnr \
+        --our_sample_steps=15 --sample_steps=15   # images/s at equal quality (issue 18)
 
 The peer runs in its own virtual environment (never in ours; it needs torch), set up once:
 
@@ -80,6 +80,8 @@ _OUR_SAMPLER = flags.DEFINE_string(
     "e.g. dpmpp_2m with --our_sample_steps, gives the equal-quality comparison).")
 _OUR_SAMPLE_STEPS = flags.DEFINE_integer("our_sample_steps", 0,
                                          "Our sampler's steps (0: --sample_steps).")
+_OUR_SPACING = flags.DEFINE_enum("our_spacing", "time", ["time", "logsnr"],
+                                 "Our sampler's step spacing (the peer's DDPM: time).")
 _PEER_REFERENCE_STEPS = flags.DEFINE_integer(
     "peer_reference_steps", 1000, "The step count of imagen-pytorch's README (timesteps=1000): "
     "its images/s there are its measured per-step rate at --sample_steps over this many steps.")
@@ -108,6 +110,7 @@ def our_config(batch_size: int, sample_steps: int, guidance: float, dtype: str =
       "model.pool_width": SHAPE["cond_dim"], "model.text_dim": SHAPE["cond_dim"],
       "optimizer.name": "adam", "optimizer.lr": 1e-4, "optimizer.clip_norm": 1.0,
       "sample.sampler": "ddpm", "sample.steps": sample_steps, "sample.guidance": guidance,
+      "sample.spacing": "time",
       "sample.threshold": "dynamic"})
 
 
@@ -159,14 +162,14 @@ def main(argv: Sequence[str]) -> None:
   our_steps = _OUR_SAMPLE_STEPS.value or _SAMPLE_STEPS.value
   config = our_config(batch, our_steps, _GUIDANCE.value, _DTYPE.value,
                       _ATTN_EVERY_BLOCK.value, _CONV_IMPL.value)
-  config.sample.sampler = _OUR_SAMPLER.value
+  config.sample.sampler, config.sample.spacing = _OUR_SAMPLER.value, _OUR_SPACING.value
   spec = {**SHAPE, "batch_size": batch, "sample_steps": _SAMPLE_STEPS.value,
           "guidance": _GUIDANCE.value}
   peer = Peer(_PEER_PYTHON.value, spec)
   rows, extra = [], {"shape": SHAPE, "batch_size": batch, "rounds": rounds,
                      "ours": {"dtype": _DTYPE.value, "attn_every_block": _ATTN_EVERY_BLOCK.value,
                               "conv_impl": _CONV_IMPL.value, "sampler": _OUR_SAMPLER.value,
-                              "sample_steps": our_steps},
+                              "sample_steps": our_steps, "spacing": _OUR_SPACING.value},
                      "peer": {"torch": peer.info["torch"], "threads": peer.info["threads"]},
                      "jax_devices": jax.device_count()}
   try:
@@ -233,7 +236,8 @@ def main(argv: Sequence[str]) -> None:
     # rate at the README's step count is its measured per-step rate over that many steps.
     theirs_reference = theirs_sample * _SAMPLE_STEPS.value / _PEER_REFERENCE_STEPS.value
     extra["equal_quality"] = {
-        "ours": f"{_OUR_SAMPLER.value}, {our_steps} steps", "ours_images_per_s": fmt(ours_sample),
+        "ours": f"{_OUR_SAMPLER.value}, {our_steps} {_OUR_SPACING.value} steps",
+        "ours_images_per_s": fmt(ours_sample),
         "theirs": f"DDPM, {_PEER_REFERENCE_STEPS.value} steps (measured at {_SAMPLE_STEPS.value})",
         "theirs_images_per_s": round(theirs_reference, 5),
         "ratio": round(ours_sample / theirs_reference, 1)}

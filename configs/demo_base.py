@@ -37,8 +37,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       conv_impl="auto",         # on CPU: the weight gradient as matmuls (models/conv.py)
       coord_channels=True,      # positions ("at the top left corner") need absolute coordinates
   ))
-  common.cpu_demo_stage(c, variant, total_steps=1400, checkpoint_every=700, sample_steps=50,
+  common.cpu_demo_stage(c, variant, total_steps=1400, checkpoint_every=700, sample_steps=15,
                         quick_steps=30, quick_sample_steps=5)
+  # UniPC at 15 log-SNR-uniform steps reaches DDIM at 50 (the former default): 42.6 against
+  # 39.1 dB PSNR to the converged sample, all-correct within the 100 prompts' noise
+  # (benchmarks/RESULTS.md, "Fast samplers").
+  c.sample.sampler = "unipc"
+  c.sample.spacing = "logsnr"
   c.sample.guidance = 3.0
   c.sample.prompts = ("a red circle at the top left corner", "a blue square above a white triangle",
                       "a yellow triangle at the center", "a purple square to the left of a green circle")

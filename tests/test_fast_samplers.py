@@ -104,6 +104,8 @@ def test_step_grids():
   grid = schedules.log_snr_grid(4, schedules.cosine_log_snr, "logsnr")
   np.testing.assert_allclose(np.diff(grid), (grid[-1] - grid[0]) / 4, rtol=1e-6)
   assert grid[0] == pytest.approx(-2 * np.log(80.0))  # EDM's sigma_max, not the clipped -20
+  linear = schedules.log_snr_grid(4, schedules.linear_log_snr, "logsnr")
+  assert linear[-1] == pytest.approx(-2 * np.log(0.002))  # EDM's sigma_min, not the clipped +20
   with pytest.raises(ValueError, match="spacing"):
     schedules.log_snr_grid(4, schedules.cosine_log_snr, "karras")
   # Inside jit the grid is still a constant (numpy) of the compiled loop.
@@ -233,11 +235,13 @@ def test_an_outdir_from_before_the_new_settings_resumes():
   import dataclasses  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
-  base, _ = outdir_lib.stage_settings(two_stage_cascade())
+  base, _ = outdir_lib.stage_settings(two_stage_cascade(), sampler=["ddim"])
+  base = dataclasses.replace(base, spacing="time")  # what records from before sampled with
   now = json.loads(json.dumps([dataclasses.asdict(base)]))
   before = [{k: v for k, v in now[0].items()
              if k not in ("spacing", "unipc_variant", "guidance_interval")}]
   assert outdir_lib._with_later_fields(before) == now  # pylint: disable=protected-access
-  other = dataclasses.replace(base, guidance_interval=(0.3, 5.0))
-  assert outdir_lib._with_later_fields(before) != json.loads(  # pylint: disable=protected-access
-      json.dumps([dataclasses.asdict(other)]))
+  for change in ({"guidance_interval": (0.3, 5.0)}, {"spacing": "logsnr"}):
+    other = dataclasses.replace(base, **change)
+    assert outdir_lib._with_later_fields(before) != json.loads(  # pylint: disable=protected-access
+        json.dumps([dataclasses.asdict(other)]))

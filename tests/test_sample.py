@@ -118,7 +118,8 @@ def test_an_outdir_on_gcs_holds_the_same_images_and_resumes(cascade, tmp_path, g
 def test_guidance_one_is_the_conditional_sampler(cascade):
   base = cascade.stages[0]
   settings = [sampling.StageSettings.from_config(base.config.sample, sampler="ddim", steps=4,
-                                                guidance=1.0, threshold="static", eta=0.0)]
+                                                guidance=1.0, threshold="static", eta=0.0,
+                                                spacing="time")]
   one_stage = cascade_lib.Cascade(cascade.stages[:1], cascade.text_encoder, cascade.mesh)
   got = one_stage.sample(PROMPTS, seed=3, settings=settings)[0]
   # The conditional sampler written out by hand: model -> eps -> x0, no unconditional pass.

@@ -20,7 +20,8 @@ LOG_SNR_MAX = 20.0
 
 LogSnrFn = Callable[[jax.Array], jax.Array]
 SPACINGS = ("time", "logsnr")
-LOGSNR_SPACING_MIN = -2.0 * math.log(80.0)  # EDM's sigma_max: where `logsnr` spacing starts
+LOGSNR_SPACING_MIN = -2.0 * math.log(80.0)   # EDM's sigma_max: where `logsnr` spacing starts
+LOGSNR_SPACING_MAX = -2.0 * math.log(0.002)  # EDM's sigma_min: where it ends at the latest
 
 
 def cosine_log_snr(t: jax.Array, s: float = 0.008) -> jax.Array:
@@ -80,12 +81,13 @@ def right_broadcast(values: jax.Array, like: jax.Array) -> jax.Array:
 def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time") -> np.ndarray:
   """A sampler's noise levels as log-SNRs [num_steps + 1], float64, noisiest first.
 
-  `time`: t_i = 1 - i / N, uniform in the schedule's time; `logsnr`: uniform in log-SNR from
-  max(log_snr_fn(1), LOGSNR_SPACING_MIN) to log_snr_fn(0), which spends fewer steps on the last,
-  steep stretch of e.g. the cosine schedule, where a multistep solver's extrapolation is least
-  accurate. The floor is EDM's sigma_max = 80: below it the image is invisible (alpha < 1.3%),
-  and uniform steps down to the clipped -20 would spend a third of them there. Evaluated at
-  trace time (also under jit): the grid is a constant of the compiled loop.
+  `time`: t_i = 1 - i / N, uniform in the schedule's time; `logsnr`: uniform in log-SNR over
+  the schedule's range within EDM's [sigma_min, sigma_max] = [0.002, 80], which spends fewer steps
+  on the last, steep stretch of e.g. the cosine schedule, where a multistep solver's
+  extrapolation is least accurate. The bounds keep uniform steps where they matter: beyond
+  sigma 80 the image is invisible (alpha < 1.3%), below 0.002 the noise is under a quarter of a
+  uint8 level, yet the clipped schedules run from log-SNR -20 (cosine) to +20 (linear).
+  Evaluated at trace time (also under jit): the grid is a constant of the compiled loop.
   """
   if spacing not in SPACINGS:
     raise ValueError(f"unknown step spacing {spacing!r}; choose from {SPACINGS}")
@@ -94,5 +96,6 @@ def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time") ->
       grid = log_snr_fn(jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps)
     else:
       ends = log_snr_fn(jnp.array([1.0, 0.0], jnp.float32))
-      grid = jnp.linspace(jnp.maximum(ends[0], LOGSNR_SPACING_MIN), ends[1], num_steps + 1)
+      grid = jnp.linspace(jnp.maximum(ends[0], LOGSNR_SPACING_MIN),
+                          jnp.minimum(ends[1], LOGSNR_SPACING_MAX), num_steps + 1)
     return np.asarray(grid, np.float64)
