@@ -74,16 +74,16 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   assert again["seconds"]["train_base"] < scores["seconds"]["train_base"] / 3
 
   # The sampler benchmark (issue 18) runs on the trained demo: one row per (sampler, budget)
-  # plus the reference, the reference's PSNR with itself at the clamp, the others finite.
+  # plus the reference, the reference's PSNR with itself at the clamp, the others at most that.
   bench = subprocess.run(
       [sys.executable, "-m", "benchmarks.sampler_quality", f"--workdir={workdir}",
        "--samplers=ddim,unipc", "--evals=2", "--ddpm_extra_evals=", "--reference=dpmpp_2m:6",
        "--num_prompts=3", "--batch_size=8"], cwd=REPO, capture_output=True, text=True,
       timeout=900)
   assert bench.returncode == 0, bench.stderr[-4000:]
-  rows = json.loads(bench.stdout.split("RESULT_JSON ", 1)[1])["rows"]
+  rows = json.loads(bench.stdout.split("RESULT_JSON ", 1)[1].splitlines()[0])["rows"]
   assert [(r["sampler"], r["steps"], r["evals"]) for r in rows] == [
       ("dpmpp_2m", 6, 6), ("ddim", 2, 2), ("unipc", 2, 2)]
   assert rows[0]["psnr_vs_reference"] > 100  # identical images
-  assert all(10 < r["psnr_vs_reference"] < 100 for r in rows[1:])
+  assert all(0 < r["psnr_vs_reference"] <= rows[0]["psnr_vs_reference"] for r in rows[1:])
   assert all(0 <= r["validation_all_correct"] <= 1 for r in rows)
