@@ -54,6 +54,11 @@ def step_orders(num_steps: int, order: int, lower_order_final: bool = True) -> l
   return orders
 
 
+def _alpha_sigma(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """alpha, sigma at lam = log-SNR / 2, in float64 (`schedules.alpha_sigma` in numpy)."""
+  return np.sqrt(1.0 / (1.0 + np.exp(-2.0 * lam))), np.sqrt(1.0 / (1.0 + np.exp(2.0 * lam)))
+
+
 def _exp_moments(h: float, order: int, rate: float) -> np.ndarray:
   """g_k = int_0^h rate e^{-rate (h - u)} u^k du for k < order: what the polynomial u^k of an
   x0_hat expanded around lam_t contributes to the step (rate 1: ODE, 2: SDE)."""
@@ -81,8 +86,7 @@ def dpm_solver_pp_coefficients(lam: np.ndarray, orders: list[int], sde: bool
   the papers; history slot j holds the x0_hat of step i - j.
   """
   num_steps, width = len(orders), max(orders)
-  alpha = np.sqrt(1.0 / (1.0 + np.exp(-2.0 * lam)))
-  sigma = np.sqrt(1.0 / (1.0 + np.exp(2.0 * lam)))
+  alpha, sigma = _alpha_sigma(lam)
   a, w, n = np.zeros(num_steps), np.zeros((num_steps, width)), np.zeros(num_steps)
   for i, p in enumerate(orders):
     h = lam[i + 1] - lam[i]
@@ -119,13 +123,12 @@ def unipc_coefficients(lam: np.ndarray, orders: list[int], variant: str
   if variant not in UNIPC_VARIANTS:
     raise ValueError(f"unknown UniPC variant {variant!r}; choose from {UNIPC_VARIANTS}")
   num_steps, width = len(orders), max(orders)
-  alpha = np.sqrt(1.0 / (1.0 + np.exp(-2.0 * lam)))
-  sigma = np.sqrt(1.0 / (1.0 + np.exp(2.0 * lam)))
+  alpha, sigma = _alpha_sigma(lam)
   out = {"a": np.zeros(num_steps), "w": np.zeros((num_steps, width)),
          "ca": np.zeros(num_steps), "cn": np.zeros(num_steps),
          "cw": np.zeros((num_steps, width))}
 
-  def step(i: int, p: int) -> tuple[float, np.ndarray, float, float, np.ndarray]:
+  def step(i: int, p: int) -> tuple[float, np.ndarray, float, np.ndarray]:
     """From z_i to z_{i+1} at order p: the predictor's and the corrector's weights."""
     h = lam[i + 1] - lam[i]
     ratios = (lam[i - np.arange(1, p)] - lam[i]) / h  # r_k < 0, k = 1..p-1
@@ -148,12 +151,12 @@ def unipc_coefficients(lam: np.ndarray, orders: list[int], variant: str
     corr[1:p] = scale * rho_c[:-1] / ratios
     new = scale * rho_c[-1]
     corr[0] = ddim - corr[1:p].sum() - new
-    return sigma[i + 1] / sigma[i], pred, sigma[i + 1] / sigma[i], new, corr
+    return sigma[i + 1] / sigma[i], pred, new, corr  # the sigma ratio scales both
 
   for i, p in enumerate(orders):
-    out["a"][i], out["w"][i], _, _, _ = step(i, p)
+    out["a"][i], out["w"][i], _, _ = step(i, p)
     if i >= 1:  # correct z_i, made by step i - 1 at its order
-      _, _, out["ca"][i], out["cn"][i], out["cw"][i] = step(i - 1, orders[i - 1])
+      out["ca"][i], _, out["cn"][i], out["cw"][i] = step(i - 1, orders[i - 1])
   return out
 
 
