@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("imagen_jax.commands.train", "train one cascade stage from its config"),
     "encode": ("imagen_jax.commands.encode", "precompute T5 caption embeddings; convert T5 weights"),
     "sample": ("imagen_jax.commands.sample", "sample a cascade stitched from stage workdirs"),
+    "edit": ("imagen_jax.commands.edit", "inpaint, change (img2img) or upscale an image with a cascade"),
     "demo": ("imagen_jax.commands.demo", "train, sample and score a tiny shapes cascade on the CPU"),
     "eval": ("imagen_jax.commands.eval", "score samples: shapes adherence, FID, DrawBench"),
     "inspect": ("imagen_jax.commands.inspect", "print a resolved config and its model's parameter table"),
@@ -119,7 +120,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(subcommand_help(name, module))
     sys.exit(0)
   logging.getLogger("absl").addFilter(_QuietLibraries())
-  app.run(module.main, argv=[f"imagen-jax {name}"] + _resolve_config_flags(argv[2:]),
+
+  def run(command_argv):
+    # A command's INPUT_ERRORS name bad input (a file, a flag value) before any compute: a
+    # message and exit code 2, not a traceback.
+    try:
+      module.main(command_argv)
+    except getattr(module, "INPUT_ERRORS", ()) as e:
+      _fail(str(e))
+
+  app.run(run, argv=[f"imagen-jax {name}"] + _resolve_config_flags(argv[2:]),
           flags_parser=parse_flags)
 
 

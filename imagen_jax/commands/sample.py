@@ -14,18 +14,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from absl import flags
-
 from imagen_jax.commands import shared_flags
-from imagen_jax.core import config_lib
+from imagen_jax.sample import cascade as cascade_lib
 from imagen_jax.sample import outdir as outdir_lib
 
-shared_flags.use(*shared_flags.SAMPLING)
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). '' is unconditional.")
-_PROMPTS_FILE = config_lib.DEFINE_path(
-    "prompts_file", None, "One prompt per line, or .jsonl with a `prompt` field per line (other "
-    "fields, e.g. `split`, are copied to samples.jsonl).")
-_SAVE_STAGES = flags.DEFINE_bool("save_stages", False, "Also save every stage's output.")
+shared_flags.use(*shared_flags.SAMPLING, "prompt", "prompts_file", "save_stages")
+
+INPUT_ERRORS = (outdir_lib.SampleError, cascade_lib.ChainError, FileNotFoundError)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -34,11 +29,11 @@ def main(argv: Sequence[str]) -> None:
   if shared_flags.NUM_SAMPLES.value < 1:
     raise outdir_lib.SampleError(
         f"--num_samples must be >= 1, got {shared_flags.NUM_SAMPLES.value}")
-  prompts = outdir_lib.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+  prompts = outdir_lib.read_prompts(shared_flags.PROMPT.value, shared_flags.PROMPTS_FILE.value)
   cascade, settings = outdir_lib.load_cascade(shared_flags.STAGES.value,
                                               **shared_flags.sampling_options())
   records = outdir_lib.sample_to_outdir(
       cascade, prompts, shared_flags.OUTDIR.value, num_samples=shared_flags.NUM_SAMPLES.value,
       seed=shared_flags.SEED.value, settings=settings, batch_size=shared_flags.BATCH_SIZE.value,
-      save_stages=_SAVE_STAGES.value)
+      save_stages=shared_flags.SAVE_STAGES.value)
   print(f"{len(records)} images in {shared_flags.OUTDIR.value} (grid.png, samples.jsonl)")

@@ -62,6 +62,12 @@ AUG_LEVEL = flags.DEFINE_list("aug_level", None, "Noise-aug level per SR stage (
 THRESHOLD = flags.DEFINE_list("threshold", None, "dynamic, static or none per stage (or one).")
 BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 16, "Images sampled together (inspect --memory: examples per device).")
+# Prompts and outputs of the commands that write sampling outdirs (`sample`, `edit`).
+PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). '' is unconditional.")
+PROMPTS_FILE = config_lib.DEFINE_path(
+    "prompts_file", None, "One prompt per line, or .jsonl with a `prompt` field per line (other "
+    "fields, e.g. `split`, are copied to samples.jsonl).")
+SAVE_STAGES = flags.DEFINE_bool("save_stages", False, "Also save every stage's output.")
 SAMPLING = ("stages", "outdir", "num_samples", "seed", "ckpt_steps", "guidance", "steps",
             "sampler", "spacing", "guidance_interval", "aug_level", "threshold", "batch_size")
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import schedules
 
@@ -163,19 +164,22 @@ def unipc_coefficients(lam: np.ndarray, orders: list[int], variant: str
 def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, solver: str, order: int,
            num_steps: int, log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x,
            spacing: str = "time", variant: str = "bh2", corrector: bool = True,
-           lower_order_final: bool = True,
+           lower_order_final: bool = True, start: float = 1.0,
+           init: jax.Array | None = None, project: editing.Project | None = None,
            on_step: Callable[[int], None] | None = None) -> jax.Array:
   """Samples [B, ...] from z_1 = noise [B, ...] in `num_steps` network evaluations.
 
   solver: "dpmpp" (ODE), "dpmpp_sde" or "unipc"; `order` 1-3; `variant` (UniPC) bh1 or bh2.
   `threshold_fn` is applied to every x0_hat before it is used. `key` (or keys [B]) draws the
-  SDE's fresh noise.
+  SDE's fresh noise. Editing (`editing`): `start` < 1 with `init` begins from the input noised to
+  time `start`; `project` replaces the known region of every new and every corrected sample.
   """
   if solver not in ("dpmpp", "dpmpp_sde", "unipc"):
     raise ValueError(f"unknown multistep solver {solver!r}")
   if not 1 <= order <= 3:
     raise ValueError(f"solver order must be 1, 2 or 3, got {order}")
-  log_snr = schedules.log_snr_grid(num_steps, log_snr_fn, spacing)
+  log_snr = schedules.log_snr_grid(num_steps, log_snr_fn, spacing, start)
+  project = project or (lambda z, level: z)
   if not np.all(np.diff(log_snr) > 0):
     raise ValueError(f"{num_steps} {spacing}-spaced steps repeat a noise level (the schedule is "
                      f"clipped at its ends): use fewer steps or spacing 'logsnr'")
@@ -201,22 +205,23 @@ def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, solver: str, order:
 
   def step(carry, inputs):
     z, z_prev, history = carry
-    i, level, c = inputs
+    i, level, level_next, c = inputs
     x0 = threshold_fn(x0_fn(z, jnp.full((batch,), level, jnp.float32))).astype(dtype)
     if use_corrector:  # UniC: refine z_i with x0_hat_i (no-op weights at i = 0)
       corrected = c["ca"] * z_prev + c["cn"] * x0 + combine(c["cw"], history)
-      z = jnp.where(i > 0, corrected.astype(dtype), z)
+      z = jnp.where(i > 0, project(corrected.astype(dtype), level), z)
     history = jnp.concatenate([x0[None], history[:-1]], axis=0)
     z_next = c["a"] * z + combine(c["w"], history)
     if stochastic:
       z_next = z_next + c["n"] * noise_lib.normal(noise_lib.fold_in(key, i), z.shape, dtype)
     if on_step is not None:
       jax.debug.callback(on_step, i)
-    return (z_next.astype(dtype), z, history), None
+    return (project(z_next.astype(dtype), level_next), z, history), None
 
   per_step = {k: as_const(v) for k, v in coef.items()}
   per_step["n"] = as_const(noise_scale)
   history = jnp.zeros((width,) + noise.shape, dtype)
-  inputs = (jnp.arange(num_steps), as_const(log_snr[:-1]), per_step)
-  (z, _, _), _ = jax.lax.scan(step, (noise, noise, history), inputs)
+  inputs = (jnp.arange(num_steps), as_const(log_snr[:-1]), as_const(log_snr[1:]), per_step)
+  z = project(editing.start_latent(init, noise, log_snr[0]), log_snr[0])
+  (z, _, _), _ = jax.lax.scan(step, (z, z, history), inputs)
   return z

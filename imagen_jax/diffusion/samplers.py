@@ -1,5 +1,6 @@
 """Samplers by name: DDPM ancestral, DDIM (eta), EDM's Heun, DPM-Solver++ and UniPC (the last two
-in `multistep`), each one `lax.scan` over the steps.
+in `multistep`), each one `lax.scan` over the steps, each able to start from and keep parts of an
+input image (`editing`: image-to-image, inpainting).
 
 Every sampler takes the same denoiser, `x0_fn(z [B, ...], log_snr [B]) -> x0_hat [B, ...]` in the
 variance-preserving space (z = alpha x + sigma eps), with guidance and the network's
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise as noise_lib
@@ -61,10 +63,35 @@ def _progress(on_step: Callable[[int], None] | None, i: jax.Array) -> None:
     jax.debug.callback(on_step, i)
 
 
+def _transitions(num_steps: int, resample: int, jump: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, bool]:
+  """The scan inputs of a one-step sampler's path (`editing.repaint_path`): (transition index,
+  from level, to level), and whether any transition goes back up."""
+  path = editing.repaint_path(num_steps, resample, jump)
+  return (jnp.arange(len(path) - 1), jnp.asarray(path[:-1]), jnp.asarray(path[1:]),
+          bool(np.any(np.diff(path) < 0)))
+
+
+def _walk(down, up, z: jax.Array, num_steps: int, resample: int, jump: int) -> jax.Array:
+  """Runs `down(z, k, a)` (level a to a + 1) and `up(z, k, a)` (a to a - 1) along the path;
+  k, the transition index, picks the fresh noise. Without resampling only `down` is traced."""
+  index, level_from, level_to, has_up = _transitions(num_steps, resample, jump)
+
+  def transition(z, inputs):
+    k, a, b = inputs
+    if not has_up:
+      return down(z, k, a), None
+    return jax.lax.cond(b > a, down, up, z, k, a), None
+
+  z, _ = jax.lax.scan(transition, z, (index, level_from, level_to))
+  return z
+
+
 def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
                  log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x, eta: float = 1.0,
-                 spacing: str = "time", on_step: Callable[[int], None] | None = None
-                 ) -> jax.Array:
+                 spacing: str = "time", start: float = 1.0, init: jax.Array | None = None,
+                 project: editing.Project | None = None, resample: int = 1, jump: int = 1,
+                 on_step: Callable[[int], None] | None = None) -> jax.Array:
   """Ancestral sampling from z_1 = noise [B, ...] down to x0 over `num_steps` steps (`spacing`:
   uniform in t or in log-SNR, `schedules.log_snr_grid`).
 
@@ -75,13 +102,17 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
   sigma_s^2 along eps_hat. eps_hat is recomputed from the thresholded x0_hat. The last step
   (to t = 0) adds no fresh noise and returns z_0, the posterior mean: returning x0_hat from
   t = 1 / N instead would shrink the variance of the samples (E[x | z] is a shrinkage).
+
+  Editing (`editing`): `start` < 1 with `init` [B, ...] begins from the input noised to time
+  `start`; `project` replaces the known region after every update; `resample` / `jump` walk
+  RePaint's path, re-noising with the forward process on the way back up.
   """
   batch = noise.shape[0]
-  grid = jnp.asarray(schedules.log_snr_grid(num_steps, log_snr_fn, spacing), jnp.float32)
-  log_snr_t, log_snr_s = grid[:-1], grid[1:]
+  grid = jnp.asarray(schedules.log_snr_grid(num_steps, log_snr_fn, spacing, start), jnp.float32)
+  project = project or (lambda z, log_snr: z)
 
-  def step(z, inputs):
-    i, lt, ls = inputs
+  def down(z, k, i):
+    lt, ls = grid[i], grid[i + 1]
     lt_b = jnp.full((batch,), lt)
     x0 = threshold_fn(x0_fn(z, lt_b))
     eps = objectives.eps_from_x0(z, x0, lt_b)
@@ -90,14 +121,17 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
     var = (eta ** 2) * c * sigma_s ** 2
     z_next = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s ** 2 - var, 0.0)) * eps
     if eta != 0.0:  # deterministic DDIM draws no noise
-      fresh = noise_lib.normal(noise_lib.fold_in(key, i), z.shape, z.dtype)
+      fresh = noise_lib.normal(noise_lib.fold_in(key, k), z.shape, z.dtype)
       z_next = z_next + jnp.sqrt(var) * jnp.where(i < num_steps - 1, fresh, 0.0)
     _progress(on_step, i)
-    return z_next, None
+    return project(z_next, ls)
 
-  steps = jnp.arange(num_steps)
-  z0, _ = jax.lax.scan(step, noise, (steps, log_snr_t, log_snr_s))
-  return z0
+  def up(z, k, i):
+    fresh = noise_lib.normal(noise_lib.fold_in(key, k), z.shape, z.dtype)
+    return project(editing.renoise(z, fresh, grid[i], grid[i - 1]), grid[i - 1])
+
+  z = project(editing.start_latent(init, noise, grid[0]), grid[0])
+  return _walk(down, up, z, num_steps, resample, jump)
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -112,15 +146,24 @@ def edm_heun(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
              threshold_fn=lambda x: x, sigma_min: float = 0.002, sigma_max: float = 80.0,
              rho: float = 7.0, churn: float = 0.0, churn_min: float = 0.0,
              churn_max: float = float("inf"), churn_noise: float = 1.0,
+             init: jax.Array | None = None, project: editing.Project | None = None,
+             resample: int = 1, jump: int = 1,
              on_step: Callable[[int], None] | None = None) -> jax.Array:
   """Karras et al.'s Heun sampler (their Algorithm 2; churn = 0 is the deterministic Algorithm 1).
 
   Runs in EDM space x = z / alpha with noise level sigma = sigma_vp / alpha, where log-SNR is
   -2 log sigma, so any VP denoiser works: D(x, sigma) = x0_fn(x alpha, -2 log sigma). The noise
   [B, ...] is standard normal and is scaled by sigma_max. 2 * num_steps - 1 network evaluations.
+  Editing as `ddpm_or_ddim`: `init` starts from the input plus sigma_max of noise (image-to-image
+  lowers sigma_max), `project` (VP space) after every update, RePaint's path over the Heun steps.
   """
   batch = noise.shape[0]
   sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+  vp_project = project or (lambda z, log_snr: z)
+
+  def project_x(x, sigma):  # the VP projection in EDM space: x = z sqrt(1 + sigma^2)
+    scale = jnp.sqrt(1.0 + sigma ** 2)
+    return vp_project(x / scale, -2.0 * jnp.log(sigma)) * scale
 
   def denoise(x, sigma):
     log_snr = jnp.full((batch,), -2.0 * jnp.log(sigma))
@@ -129,80 +172,117 @@ def edm_heun(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
 
   gamma_max = min(churn / num_steps, math.sqrt(2.0) - 1.0)
 
-  def step(x, inputs):
-    i, sigma, sigma_next = inputs
+  def down(x, k, i):
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
     gamma = jnp.where((sigma >= churn_min) & (sigma <= churn_max), gamma_max, 0.0)
     sigma_hat = sigma * (1.0 + gamma)
-    fresh = noise_lib.normal(noise_lib.fold_in(key, i), x.shape, x.dtype)
+    fresh = noise_lib.normal(noise_lib.fold_in(key, k), x.shape, x.dtype)
     x_hat = x + jnp.sqrt(sigma_hat ** 2 - sigma ** 2) * churn_noise * fresh
     d = (x_hat - denoise(x_hat, sigma_hat)) / sigma_hat
     x_euler = x_hat + (sigma_next - sigma_hat) * d
     # Heun's correction; the last step lands on sigma = 0 and stays Euler (done after the scan).
     d_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
     _progress(on_step, i)
-    return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next), None
+    return project_x(x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next), sigma_next)
 
-  x = noise * sigmas[0]
-  steps = jnp.arange(num_steps - 1)
-  x, _ = jax.lax.scan(step, x, (steps, sigmas[:-2], sigmas[1:-1]))
+  def up(x, k, i):
+    fresh = noise_lib.normal(noise_lib.fold_in(key, k), x.shape, x.dtype)
+    return project_x(x + jnp.sqrt(sigmas[i - 1] ** 2 - sigmas[i] ** 2) * fresh, sigmas[i - 1])
+
+  x = noise * sigmas[0] if init is None else init.astype(noise.dtype) + noise * sigmas[0]
+  x = project_x(x, sigmas[0])
+  x = _walk(down, up, x, num_steps - 1, resample, jump)
   # Final Euler step to sigma = 0 is the denoised estimate itself.
   _progress(on_step, jnp.asarray(num_steps - 1))
   return denoise(x, sigmas[-2])
 
 
-def edm_sigma_range(log_snr_fn: schedules.LogSnrFn) -> tuple[float, float]:
+def edm_sigma_range(log_snr_fn: schedules.LogSnrFn, start: float = 1.0) -> tuple[float, float]:
   """EDM Heun's noise levels (sigma_min, sigma_max): the schedule's own range within EDM's
-  defaults [0.002, 80]. The network never saw a sigma below the schedule's (the cosine's is
-  0.0125): Karras's steps, dense at low noise, spent there, cost the shapes cascade 9-40 points
-  of all-correct."""
+  defaults [0.002, 80], from time `start` down. The network never saw a sigma below the
+  schedule's (the cosine's is 0.0125): Karras's steps, dense at low noise, spent there, cost the
+  shapes cascade 9-40 points of all-correct."""
   with jax.ensure_compile_time_eval():
-    ends = np.asarray(log_snr_fn(jnp.array([0.0, 1.0], jnp.float32)), np.float64)
+    ends = np.asarray(log_snr_fn(jnp.array([0.0, start], jnp.float32)), np.float64)
   return max(0.002, math.exp(-ends[0] / 2)), min(80.0, math.exp(-ends[1] / 2))
 
 
 def evaluation_log_snrs(sampler: str, num_steps: int, log_snr_fn: schedules.LogSnrFn,
-                        spacing: str = "time") -> np.ndarray:
+                        spacing: str = "time", start: float = 1.0, resample: int = 1,
+                        jump: int = 1) -> np.ndarray:
   """The log-SNR of every network evaluation of one sampling run, in order (float64 [E]):
-  what `network_evaluations` counts and a guidance interval selects from."""
+  what `network_evaluations` counts and a guidance interval selects from. `start`, `resample`
+  and `jump` as in `sample`."""
   family, _ = parse_sampler(sampler)
+  if start == 0.0:
+    return np.zeros(0)
   if family == "edm_heun":
-    sigma_min, sigma_max = edm_sigma_range(log_snr_fn)
+    sigma_min, sigma_max = edm_sigma_range(log_snr_fn, start)
     sigmas = np.asarray(karras_sigmas(num_steps, sigma_min, sigma_max), np.float64)
-    levels = [sigmas[0]] + [s for s in sigmas[1:-1] for _ in range(2)]  # Heun: 2 but the last
-    return -2.0 * np.log(np.asarray(levels))
-  return schedules.log_snr_grid(num_steps, log_snr_fn, spacing)[:-1]
+    downs = editing.steps_down(num_steps - 1, resample, jump)
+    levels = [sigmas[a + d] for a in downs for d in (0, 1)] + [sigmas[num_steps - 1]]
+    return -2.0 * np.log(np.asarray(levels))  # Heun: 2 per step, 1 for the last
+  grid = schedules.log_snr_grid(num_steps, log_snr_fn, spacing, start)
+  return grid[editing.steps_down(num_steps, resample, jump)]
 
 
 def network_evaluations(sampler: str, num_steps: int, log_snr_fn: schedules.LogSnrFn, *,
                         guided: bool, spacing: str = "time",
-                        guidance_interval: tuple[float, float] | tuple[()] = ()) -> int:
+                        guidance_interval: tuple[float, float] | tuple[()] = (),
+                        start: float = 1.0, resample: int = 1, jump: int = 1) -> int:
   """Network passes per image: one per evaluation, two where guidance runs (`guided`, inside
   `guidance_interval` if one is given)."""
-  levels = evaluation_log_snrs(sampler, num_steps, log_snr_fn, spacing)
+  levels = evaluation_log_snrs(sampler, num_steps, log_snr_fn, spacing, start, resample, jump)
   if not guided:
     return len(levels)
   return len(levels) + int(np.sum(guidance.in_interval(levels, guidance_interval)))
 
 
+ONE_STEP = ("ddpm", "ddim", "edm_heun")  # the samplers RePaint's resampling can walk back up
+
+
 def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_steps: int,
            log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x, eta: float = 0.0,
-           spacing: str = "time", variant: str = "bh2",
+           spacing: str = "time", variant: str = "bh2", start: float = 1.0,
+           init: jax.Array | None = None, known: editing.Known | None = None,
+           resample: int = 1, jump: int = 1,
            on_step: Callable[[int], None] | None = None) -> jax.Array:
   """Dispatches to a sampler by name (`parse_sampler`): `ddpm`, `ddim` (with eta), `edm_heun`,
   `dpmpp_2m` / `dpmpp_3m` / `dpmpp_2m_sde`, `unipc` (with `variant` bh1 or bh2).
 
   `spacing` (time or logsnr) places the steps of all but EDM Heun, which uses Karras's sigmas.
+  Editing (see `editing`), with every sampler: `start` in [0, 1] with `init` [B, ...] (the
+  input in [-1, 1]) starts from the input noised to time `start` (0 returns `init`, 1 ignores
+  it; the `num_steps` steps run below `start`); `known` keeps a region of an input (RePaint),
+  with `resample` / `jump` (one-step samplers: `ONE_STEP`) RePaint's resampling jumps.
   """
   if num_steps < 1:
     raise ValueError(f"sampling needs at least one step, got {num_steps}")
   family, order = parse_sampler(sampler)
-  common = dict(num_steps=num_steps, log_snr_fn=log_snr_fn, threshold_fn=threshold_fn,
+  editing.check_resampling(resample, jump)
+  if resample > 1 and family not in ONE_STEP:
+    raise ValueError(f"resampling jumps walk a one-step sampler back up its steps; {sampler!r} "
+                     f"is a multistep solver: use one of {', '.join(ONE_STEP)}")
+  if not 0.0 <= start <= 1.0:
+    raise ValueError(f"the starting time (image-to-image strength) must be in [0, 1], got {start}")
+  if start < 1.0 and init is None:
+    raise ValueError(f"starting at time {start} < 1 needs the input image (`init`)")
+  if start == 0.0:
+    return editing.paste(known, init)
+  if start == 1.0:
+    init = None  # strength 1: pure noise, exactly as without an input
+  project = None if known is None else editing.known_region(known, noise)
+  common = dict(num_steps=num_steps, threshold_fn=threshold_fn, init=init, project=project,
                 on_step=on_step)
   if family in ("ddpm", "ddim"):
-    return ddpm_or_ddim(x0_fn, noise, key, eta=1.0 if family == "ddpm" else eta,
-                        spacing=spacing, **common)
-  if family == "edm_heun":
-    sigma_min, sigma_max = edm_sigma_range(common.pop("log_snr_fn"))
-    return edm_heun(x0_fn, noise, key, sigma_min=sigma_min, sigma_max=sigma_max, **common)
-  return multistep.sample(x0_fn, noise, key, solver=family, order=order, spacing=spacing,
-                          variant=variant, **common)
+    out = ddpm_or_ddim(x0_fn, noise, key, log_snr_fn=log_snr_fn,
+                       eta=1.0 if family == "ddpm" else eta, spacing=spacing, start=start,
+                       resample=resample, jump=jump, **common)
+  elif family == "edm_heun":
+    sigma_min, sigma_max = edm_sigma_range(log_snr_fn, start)
+    out = edm_heun(x0_fn, noise, key, sigma_min=sigma_min, sigma_max=sigma_max,
+                   resample=resample, jump=jump, **common)
+  else:
+    out = multistep.sample(x0_fn, noise, key, solver=family, order=order, spacing=spacing,
+                           variant=variant, log_snr_fn=log_snr_fn, start=start, **common)
+  return editing.paste(known, out)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
+from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise as noise_lib
@@ -93,13 +94,18 @@ def x0_denoiser(config: Any, model: Any, params: Any, text_emb: jax.Array, text_
 
 def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.Array,
            text_mask: jax.Array, settings: StageSettings, *, image_size: int | None = None,
-           lowres: jax.Array | None = None,
+           lowres: jax.Array | None = None, image: jax.Array | None = None,
+           keep: jax.Array | None = None, start: float = 1.0, resample: int = 1, jump: int = 1,
            on_step: Callable[[int], None] | None = None) -> jax.Array:
   """Images [B, S, S, 3] in [-1, 1] for text_emb [B, L, D] (and lowres [B, s, s, 3] for SR).
 
   `keys` [B] holds one PRNG key per image (raw keys: [B, 2]), so an image depends only on its key.
   Jit it with `settings` static (e.g. `jax.jit(functools.partial(sample, config, model,
   settings=...))`); `image_size` defaults to the stage's config.image_size.
+
+  Editing an input `image` [B, S, S, 3] in [-1, 1] (`diffusion.editing`): `start` < 1 begins
+  from it noised to that time (image-to-image; static); `keep` [B, S, S, 1] (1 = keep) keeps
+  that region of it (inpainting), with RePaint's `resample` / `jump` (static).
   """
   size = image_size or config.image_size
   batch = text_emb.shape[0]
@@ -119,5 +125,6 @@ def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.
       log_snr_fn=schedules.stage_log_snr_fn(config.diffusion),
       threshold_fn=thresholding.get_threshold_fn(settings.threshold, settings.percentile),
       eta=settings.eta, spacing=settings.spacing, variant=settings.unipc_variant,
-      on_step=on_step)
+      start=start, init=image, known=None if keep is None else editing.Known(image, keep),
+      resample=resample, jump=jump, on_step=on_step)
   return jnp.clip(out, -1.0, 1.0)

@@ -78,24 +78,29 @@ def right_broadcast(values: jax.Array, like: jax.Array) -> jax.Array:
   return jnp.reshape(values, values.shape + (1,) * (like.ndim - values.ndim))
 
 
-def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time") -> np.ndarray:
+def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time",
+                 start: float = 1.0) -> np.ndarray:
   """A sampler's noise levels as log-SNRs [num_steps + 1], float64, noisiest first.
 
-  `time`: t_i = 1 - i / N, uniform in the schedule's time; `logsnr`: uniform in log-SNR over
-  the schedule's range within EDM's [sigma_min, sigma_max] = [0.002, 80], which spends fewer steps
-  on the last, steep stretch of e.g. the cosine schedule, where a multistep solver's
+  `time`: t_i = start (1 - i / N), uniform in the schedule's time; `logsnr`: uniform in log-SNR
+  over the schedule's range within EDM's [sigma_min, sigma_max] = [0.002, 80], which spends fewer
+  steps on the last, steep stretch of e.g. the cosine schedule, where a multistep solver's
   extrapolation is least accurate. The bounds keep uniform steps where they matter: beyond
   sigma 80 the image is invisible (alpha < 1.3%), below 0.002 the noise is under a quarter of a
   uint8 level, yet the clipped schedules run from log-SNR -20 (cosine) to +20 (linear).
+  `start` < 1 begins part-way, at the level of time `start` (image-to-image's strength): all
+  `num_steps` steps are spent below it.
   Evaluated at trace time (also under jit): the grid is a constant of the compiled loop.
   """
   if spacing not in SPACINGS:
     raise ValueError(f"unknown step spacing {spacing!r}; choose from {SPACINGS}")
+  if not 0.0 < start <= 1.0:
+    raise ValueError(f"sampling starts at a time in (0, 1], got {start}")
   with jax.ensure_compile_time_eval():
     if spacing == "time":
-      grid = log_snr_fn(jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps)
+      grid = log_snr_fn(start * jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps)
     else:
-      ends = log_snr_fn(jnp.array([1.0, 0.0], jnp.float32))
+      ends = log_snr_fn(jnp.array([start, 0.0], jnp.float32))
       grid = jnp.linspace(jnp.maximum(ends[0], LOGSNR_SPACING_MIN),
                           jnp.minimum(ends[1], LOGSNR_SPACING_MAX), num_steps + 1)
     return np.asarray(grid, np.float64)

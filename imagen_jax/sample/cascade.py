@@ -30,6 +30,7 @@ from imagen_jax.core import partitioning
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import sampling
+from imagen_jax.sample import editing
 
 
 class ChainError(ValueError):
@@ -45,16 +46,22 @@ class Stage:
   params: Any
 
 
-def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:
-  """Raises ChainError naming the first mismatch between consecutive stages."""
+def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+                first_stage: str = "base") -> None:
+  """Raises ChainError naming the first mismatch between consecutive stages. `first_stage`
+  "sr" checks a chain of SR stages only (upscaling a user's image)."""
   if not configs:
     raise ChainError("no stages given")
   if len(configs) > 3:
     raise ChainError(f"a cascade has at most 3 stages, got {len(configs)}")
   name = lambda i: f"stage {i + 1} ({workdirs[i]})"
-  if configs[0].stage != "base":
+  if first_stage == "sr" and configs[0].stage != "sr":
+    raise ChainError(f"{name(0)} is a {configs[0].stage!r} stage; upscaling an image runs SR "
+                     "stages only: give the SR stage workdirs (e.g. --stages=sr256[,sr1024])")
+  if first_stage == "base" and configs[0].stage != "base":
     raise ChainError(f"{name(0)} is a {configs[0].stage!r} stage; the first stage must be a "
-                     "base stage (are the stages in the wrong order?)")
+                     "base stage (are the stages in the wrong order? to upscale an image of "
+                     "your own with SR stages alone, use `imagen-jax edit --mode=upscale`)")
   for i in range(1, len(configs)):
     prev, cur = configs[i - 1], configs[i]
     if cur.stage != "sr":
@@ -88,8 +95,10 @@ class Cascade:
 
   @classmethod
   def from_workdirs(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None,
-                    use_ema: bool = True, text_encoder: Any = None) -> "Cascade":
-    """Loads each stage's (EMA) params from its latest or given checkpoint step."""
+                    use_ema: bool = True, text_encoder: Any = None,
+                    first_stage: str = "base") -> "Cascade":
+    """Loads each stage's (EMA) params from its latest or given checkpoint step. `first_stage`
+    "sr": a chain of SR stages that upscales given images (`editing.Edit("upscale")`)."""
     workdirs = [fileio.resolve(str(w)) for w in workdirs]  # the records name them from anywhere
     steps = list(steps) if steps is not None else [None] * len(workdirs)
     if len(steps) != len(workdirs):
@@ -103,7 +112,7 @@ class Cascade:
                                 f"({e})") from e
       configs.append(config)
       found_steps.append(step)
-    check_chain(configs, list(workdirs))
+    check_chain(configs, list(workdirs), first_stage)
     mesh = sampling_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     stages = []
@@ -126,18 +135,39 @@ class Cascade:
     """Each stage's `config.sample` settings, with per-run overrides."""
     return [sampling.StageSettings.from_config(s.config.sample, **overrides) for s in self.stages]
 
+  @property
+  def upscales(self) -> bool:
+    """Whether the first stage is an SR stage: the cascade upscales given images."""
+    return self.stages[0].config.stage == "sr"
+
+  def input_size(self, edit: editing.Edit) -> int:
+    """The size an edit's inputs are brought to: the first SR stage's low-res size to upscale,
+    the last stage's output size otherwise (each stage resizes from there)."""
+    if edit.mode == "upscale":
+      return self.stages[0].config.lowres.size
+    return self.stages[-1].config.image_size
+
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              indices: Sequence[int] | None = None,
              settings: Sequence[sampling.StageSettings] | None = None,
-             progress: Callable[[int, int, int], None] | None = None) -> list[np.ndarray]:
+             progress: Callable[[int, int, int], None] | None = None,
+             edit: editing.Edit | None = None, images: np.ndarray | None = None,
+             masks: np.ndarray | None = None) -> list[np.ndarray]:
     """uint8 images of every stage, [N, S_k, S_k, 3] for stage k, for N prompts.
 
     Image i is sampled from keys derived from (seed, indices[i]) alone (default indices 0..N-1),
     so the same seed gives the same pixels whatever the batch. `progress(stage, step, steps)`
-    is called from the sampling loop.
+    is called from the sampling loop. With an `edit` (`editing`), `images` uint8 [N, S, S, 3]
+    are the inputs (any square size) and, for inpainting, `masks` bool [N, S, S] (True:
+    regenerate).
     """
     if not prompts:
       raise ValueError("no prompts to sample")
+    if edit is None and self.upscales:
+      raise ValueError("this cascade starts at an SR stage: it upscales given images "
+                       "(edit=editing.Edit('upscale') and images)")
+    if edit is not None:
+      self._check_edit(edit, images, masks, len(prompts))
     settings = list(settings or self.default_settings())
     if len(settings) != len(self.stages):
       raise ValueError(f"{len(settings)} stage settings for {len(self.stages)} stages")
@@ -146,28 +176,55 @@ class Cascade:
     multiple = self.mesh.size
     padded = -(-n // multiple) * multiple
     emb, mask = self.text_encoder.encode(list(prompts) + [""] * (padded - n))
+    pad = lambda a: None if a is None else np.concatenate(
+        [a, np.zeros((padded - n,) + a.shape[1:], a.dtype)])
+    images, masks = pad(images), pad(masks)
     keys = sampling.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
     batch_sharding = lambda ndim: partitioning.batch_sharding(self.mesh, ndim)
     emb = jax.device_put(emb, batch_sharding(3))
     mask = jax.device_put(mask, batch_sharding(2))
     outputs, lowres = [], None
+    if edit is not None and edit.mode == "upscale":
+      lowres = jax.device_put(preprocess.to_model_range(
+          editing.at_size(images, self.stages[0].config.lowres.size)), batch_sharding(4))
     for k, (stage, stage_settings) in enumerate(zip(self.stages, settings)):
-      fn = self._stage_fn(k, stage_settings, progress)
+      inputs, statics = {}, {}
+      if edit is not None and edit.mode != "upscale":
+        inputs = {name: jax.device_put(value, batch_sharding(4)) for name, value in
+                  editing.stage_inputs(edit, images, masks, stage.config.image_size).items()}
+        statics = {"start": edit.strength, "resample": edit.resample, "jump": edit.jump}
+      fn = self._stage_fn(k, stage_settings, progress, **statics)
       stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
       with partitioning.mesh_context(self.mesh):
-        images = fn(stage.params, stage_keys, emb, mask, lowres=lowres)
-      lowres = images
-      outputs.append(np.asarray(preprocess.to_uint8(images))[:n])
+        out = fn(stage.params, stage_keys, emb, mask, lowres=lowres, **inputs)
+      lowres = out
+      outputs.append(np.asarray(preprocess.to_uint8(out))[:n])
     return outputs
 
+  def _check_edit(self, edit: editing.Edit, images: np.ndarray | None, masks: np.ndarray | None,
+                  n: int) -> None:
+    if edit.mode == "upscale" and not self.upscales:
+      raise editing.EditError(f"upscaling runs SR stages only, but stage 1 "
+                              f"({self.stages[0].workdir}) is a base stage")
+    if edit.mode != "upscale" and self.upscales:
+      raise editing.EditError(f"mode {edit.mode!r} needs a cascade from its base stage; stage 1 "
+                              f"({self.stages[0].workdir}) is an SR stage")
+    if images is None or len(images) != n or images.ndim != 4 or images.shape[1] != images.shape[2]:
+      raise editing.EditError(f"an edit needs one square uint8 input image [S, S, 3] per prompt "
+                              f"({n}), got {None if images is None else images.shape}")
+    if edit.uses_mask and (masks is None or masks.shape != images.shape[:3]):
+      raise editing.EditError(f"inpainting needs one bool mask [S, S] per image "
+                              f"{images.shape[:3]}, got {None if masks is None else masks.shape}")
+
   def _stage_fn(self, k: int, settings: sampling.StageSettings,
-                progress: Callable[[int, int, int], None] | None):
-    cache_key = (k, settings, progress)
+                progress: Callable[[int, int, int], None] | None, **statics: float):
+    cache_key = (k, settings, progress, tuple(sorted(statics.items())))
     if cache_key not in self._compiled:
       stage = self.stages[k]
       on_step = None
       if progress is not None:
         on_step = lambda i: progress(k, int(i) + 1, settings.steps)
       self._compiled[cache_key] = jax.jit(functools.partial(
-          sampling.sample, stage.config, stage.model, settings=settings, on_step=on_step))
+          sampling.sample, stage.config, stage.model, settings=settings, on_step=on_step,
+          **statics))
     return self._compiled[cache_key]

@@ -5,8 +5,8 @@
 
 OUT/00000.png ... hold the last stage's images, OUT/grid.png all of them, OUT/samples.jsonl one
 JSON record per finished image (file, prompt, seed, index and every stage's settings); with
-`save_stages`, OUT/stages/ holds every stage's output. `imagen-jax sample`, the demo, DrawBench
-and the notebook sample through `sample_to_outdir`; every evaluation reads outdirs with
+`save_stages`, OUT/stages/ holds every stage's output. `imagen-jax sample`, `imagen-jax edit`,
+the demo, DrawBench and the notebook sample through `sample_to_outdir`; every evaluation reads outdirs with
 `read_records` / `read_image`.
 """
 
@@ -24,6 +24,7 @@ from imagen_jax.core import fileio
 from imagen_jax.core import images as images_lib
 from imagen_jax.diffusion import sampling
 from imagen_jax.sample import cascade as cascade_lib
+from imagen_jax.sample import editing
 
 RECORDS = "samples.jsonl"
 
@@ -139,9 +140,10 @@ def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, samp
 
 
 def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
-                 **overrides: Sequence[str] | None
+                 first_stage: str = "base", **overrides: Sequence[str] | None
                  ) -> tuple[cascade_lib.Cascade, list[sampling.StageSettings]]:
-  """The cascade of `stages` (workdirs, base first) and its per-stage settings.
+  """The cascade of `stages` (workdirs, base first; SR stages only with `first_stage` "sr")
+  and its per-stage settings.
 
   `ckpt_steps` and the `overrides` (guidance, steps, sampler, spacing, guidance_interval,
   aug_level, threshold) are lists of strings as the command line gives them: one per stage, or one for all; None for the configs'.
@@ -152,7 +154,7 @@ def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
     if name != "aug_level" and values and len(values) not in (1, len(stages)):
       raise SampleError(f"--{name} has {len(values)} values for {len(stages)} stages")
   steps = per_stage(ckpt_steps, len(stages), "ckpt_steps", int)
-  cascade = cascade_lib.Cascade.from_workdirs(stages, steps=steps)
+  cascade = cascade_lib.Cascade.from_workdirs(stages, steps=steps, first_stage=first_stage)
   return cascade, stage_settings(cascade, **overrides)
 
 
@@ -164,32 +166,64 @@ def _with_later_fields(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return json.loads(json.dumps([{**later, **stage} for stage in stages]))
 
 
+def _edit_inputs(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]],
+                 edit: editing.Edit) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Any]]:
+  """The prompts with their inputs' paths resolved and digests added, and every input loaded
+  (image, mask) by (image, mask) path: all checked before any compute."""
+  items, loaded = [], {}
+  for item in prompts:
+    if not item.get("image"):
+      raise editing.EditError(f"prompt {item['prompt']!r} has no input image (--image=FILE, or "
+                              f"an `image` field in the prompts file)")
+    item = {**item, "image": fileio.resolve(item["image"])}
+    if item.get("mask"):
+      item["mask"] = fileio.resolve(item["mask"])
+    key = (item["image"], item.get("mask") or "")
+    if key not in loaded:
+      loaded[key] = editing.load_inputs(key[0], key[1] or None, edit, cascade.input_size(edit))
+      loaded[key] += ({"image_sha256": editing.file_digest(key[0]),
+                       **({"mask_sha256": editing.file_digest(key[1])} if key[1] else {})},)
+    items.append({**item, **loaded[key][2]})
+  return items, loaded
+
+
 def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str, *,
         num_samples: int = 1, seed: int = 0, settings: Sequence[sampling.StageSettings],
-        batch_size: int = 16, save_stages: bool = False, show_progress: bool = True
-        ) -> list[dict[str, Any]]:
+        batch_size: int = 16, save_stages: bool = False, show_progress: bool = True,
+        edit: editing.Edit | None = None) -> list[dict[str, Any]]:
   """Samples every (prompt, sample) not yet in OUT/samples.jsonl; returns all records.
 
   `outdir` is a local path or gs://; each batch's PNGs are written before samples.jsonl is
-  replaced with the longer list, so a listed image is a finished image.
+  replaced with the longer list, so a listed image is a finished image. With an `edit`
+  (`editing`), each prompt item names its input `image` (and `mask`: white = regenerate); the
+  records add the edit's settings and the inputs' sha256, and a resumed run checks them.
   """
   outdir = fileio.resolve(outdir)
+  inputs = {}
+  if edit is not None:
+    prompts, inputs = _edit_inputs(cascade, prompts, edit)
   fileio.makedirs(outdir)
   # As samples.jsonl will read back (tuples become lists), to compare with finished records.
   stage_info = json.loads(json.dumps([
       {"workdir": s.workdir, "checkpoint_step": s.step, "image_size": s.config.image_size,
        **dataclasses.asdict(st)} for s, st in zip(cascade.stages, settings)]))
+  edit_info = {} if edit is None else {"edit": dataclasses.asdict(edit)}
   plan = [{**item, "file": f"{i * num_samples + j:05d}.png",
-           "index": i * num_samples + j, "sample": j, "seed": seed, "stages": stage_info}
+           "index": i * num_samples + j, "sample": j, "seed": seed, "stages": stage_info,
+           **edit_info}
           for i, item in enumerate(prompts) for j in range(num_samples)]
   done = {r["index"]: r for r in read_records(outdir, missing_ok=True)}
+  same_input = lambda old, new: all(old.get(k) == new.get(k) for k in (
+      "edit", "image_sha256", "mask_sha256"))
   for record in plan:
     old = done.get(record["index"])
     if old is not None and (old["prompt"] != record["prompt"] or old["seed"] != seed
-                            or _with_later_fields(old["stages"]) != stage_info):
+                            or _with_later_fields(old["stages"]) != stage_info
+                            or not same_input(old, record)):
       raise SampleError(
           f"{outdir} already holds image {old['file']} for prompt {old['prompt']!r} with other "
-          f"settings or seed; use a new --outdir (finished images are never overwritten)")
+          f"settings, seed or input image; use a new --outdir (finished images are never "
+          f"overwritten)")
   todo = [r for r in plan if r["index"] not in done]
   logging.info("%d images planned, %d already in %s, %d to sample", len(plan), len(done),
                outdir, len(todo))
@@ -211,9 +245,14 @@ def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]]
     fileio.makedirs(fileio.join(outdir, "stages"))
   for start in range(0, len(todo), batch_size):
     chunk = todo[start:start + batch_size]
+    edit_arrays = {}
+    if edit is not None:
+      chunk_inputs = [inputs[(r["image"], r.get("mask") or "")] for r in chunk]
+      edit_arrays = {"edit": edit, "images": np.stack([i[0] for i in chunk_inputs]),
+                     "masks": np.stack([i[1] for i in chunk_inputs]) if edit.uses_mask else None}
     images = cascade.sample([r["prompt"] for r in chunk], seed=seed,
                             indices=[r["index"] for r in chunk], settings=settings,
-                            progress=progress)
+                            progress=progress, **edit_arrays)
     for i, record in enumerate(chunk):
       images_lib.write_png(images[-1][i], fileio.join(outdir, record["file"]))
       if save_stages:
