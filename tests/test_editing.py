@@ -1,6 +1,8 @@
 """Editing in the samplers (image-to-image, inpainting, RePaint's jumps) against exact denoisers,
 and the host side of `imagen-jax edit` (inputs, masks, sizes, errors)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,90 @@ def test_bad_inputs_are_named(tmp_path, make, message):
 def test_bad_edit_settings_are_named(fields, message):
   with pytest.raises(edit_lib.EditError, match=message):
     edit_lib.Edit(**fields)
+
+
+# The cascade, the command and the outdir, on the tests' tiny trained cascade (16 -> 32).
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_cascade):
+  from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  return cascade_lib.Cascade.from_workdirs(tiny_cascade)
+
+
+def shapes_image(size=32):
+  image = np.zeros((size, size, 3), np.uint8)
+  image[4:14, 4:14] = (230, 40, 40)
+  image[18:28, 16:30] = (40, 40, 230)
+  return image
+
+
+@pytest.mark.slow
+def test_cascade_edits_hold_their_invariants_at_every_stage(cascade):
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
+  image = np.stack([shapes_image(), shapes_image()[::-1]])
+  settings = outdir_lib.stage_settings(cascade, steps=["3"], sampler=["ddim", "unipc"])
+  prompts = ["a red square at the top left corner", "a blue square below a red square"]
+  sample = lambda edit, **kw: cascade.sample(prompts, settings=settings, edit=edit, images=image,
+                                             seed=3, **kw)
+  # Strength 0 returns the input, at every stage's size.
+  for k, out in enumerate(sample(edit_lib.Edit("img2img", strength=0.0))):
+    np.testing.assert_array_equal(out, edit_lib.at_size(image, (16, 32)[k]))
+  # Nothing to regenerate (a mask of zeros): every stage returns its input exactly.
+  nothing = np.zeros(image.shape[:3], bool)
+  for k, out in enumerate(sample(edit_lib.Edit("inpaint"), masks=nothing)):
+    np.testing.assert_array_equal(out, edit_lib.at_size(image, (16, 32)[k]))
+  with pytest.raises(edit_lib.EditError, match="stage 2 .* samples with 'unipc'"):
+    sample(edit_lib.Edit("inpaint", resample=2), masks=nothing)
+  # A mask: the known region is the input at every stage; same seed, same pixels.
+  regen = np.zeros(image.shape[:3], bool)
+  regen[:, 16:, :] = True
+  first = sample(edit_lib.Edit("inpaint"), masks=regen)
+  np.testing.assert_array_equal(first[-1], sample(edit_lib.Edit("inpaint"), masks=regen)[-1])
+  for k, out in enumerate(first):
+    size = (16, 32)[k]
+    keep = ~edit_lib.regenerate_at_size(regen, size)
+    np.testing.assert_array_equal(out[keep], edit_lib.at_size(image, size)[keep])
+    assert np.abs(out[~keep].astype(int) - edit_lib.at_size(image, size)[~keep]).mean() > 5
+  with pytest.raises(edit_lib.EditError, match="SR stages only"):
+    cascade.sample(prompts, edit=edit_lib.Edit("upscale"), images=image)
+
+
+@pytest.mark.slow
+def test_edit_command_as_typed_with_relative_paths(tiny_cascade, tmp_path):
+  from conftest import run_cli  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
+  for name, workdir in zip(("base", "sr"), tiny_cascade):
+    os.symlink(workdir, tmp_path / name)
+  image = shapes_image()
+  write(tmp_path / "in.png", image)
+  mask = np.zeros_like(image)
+  mask[16:, :] = 255
+  write(tmp_path / "mask.png", mask)
+  edit = lambda *args: run_cli("edit", "--steps=3", "--prompt=a red square at the top", *args,
+                               cwd=tmp_path, env={"JAX_PLATFORMS": "cpu"})
+  result = edit("--mode=inpaint", "--stages=base,sr", "--image=in.png", "--mask=mask.png",
+                "--outdir=out", "--sampler=ddim,edm_heun", "--resample=2", "--jump=1",
+                "--num_samples=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  records, pictures = outdir_lib.read_samples(str(tmp_path / "out"))
+  assert len(records) == 2 and records[0]["edit"] == {
+      "mode": "inpaint", "strength": 1.0, "resample": 2, "jump": 1, "fit": "none"}
+  assert records[0]["image"] == str(tmp_path / "in.png") and len(records[0]["mask_sha256"]) == 64
+  for picture in pictures:
+    np.testing.assert_array_equal(picture[:16], image[:16])
+  assert np.abs(pictures[0].astype(int) - pictures[1]).max() > 0  # two samples, two fillings
+  # Another input under the same name is caught before anything is overwritten.
+  write(tmp_path / "in.png", image[::-1])
+  again = edit("--mode=inpaint", "--stages=base,sr", "--image=in.png", "--mask=mask.png",
+               "--outdir=out", "--sampler=ddim,edm_heun", "--resample=2", "--jump=1",
+               "--num_samples=2")
+  assert again.returncode == 2 and "input image" in again.stderr
+  # Upscaling: the SR stage alone, on a 16x16 image.
+  write(tmp_path / "small.png", edit_lib.at_size(image[None], 16)[0])
+  up = edit("--mode=upscale", "--stages=sr", "--image=small.png", "--outdir=up")
+  assert up.returncode == 0, up.stderr[-3000:]
+  assert outdir_lib.read_samples(str(tmp_path / "up"))[1][0].shape == (32, 32, 3)
+  wrong = edit("--mode=upscale", "--stages=base,sr", "--image=small.png", "--outdir=up2")
+  assert wrong.returncode == 2 and "upscaling an image runs SR stages only" in wrong.stderr
+  assert not os.path.exists(tmp_path / "up2")

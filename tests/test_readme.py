@@ -31,7 +31,8 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
   commands = readme_commands("Every command on a CPU, in a minute each")
   assert [c.split()[:2] for c in commands if c.startswith("imagen-jax")] == [
       ["imagen-jax", "train"], ["imagen-jax", "train"], ["imagen-jax", "sample"],
-      ["imagen-jax", "eval"], ["imagen-jax", "inspect"], ["imagen-jax", "inspect"],
+      ["imagen-jax", "eval"], ["imagen-jax", "edit"], ["imagen-jax", "inspect"],
+      ["imagen-jax", "inspect"],
       ["imagen-jax", "encode"], ["imagen-jax", "encode"]]
   outputs = {}
   for command in commands:
@@ -41,7 +42,8 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
     outputs[name + (" --memory" if " --memory" in command else "")] = out
     # Every path was relative: nothing lands outside the fresh directory.
     assert all(not os.path.isabs(a.split("=", 1)[-1]) for a in shlex.split(command)
-               if a.startswith(("--workdir=", "--outdir=", "--samples=", "--config.output=")))
+               if a.startswith(("--workdir=", "--outdir=", "--samples=", "--config.output=",
+                                "--image=")))
   for stage in ("base", "sr"):
     total = config_lib.load_config(f"configs/demo_{stage}.py:quick").total_steps
     assert os.listdir(tmp_path / "runs" / stage / "checkpoints") == [str(total)]
@@ -51,6 +53,10 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
   assert pngs == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
   records = [json.loads(line) for line in open(tmp_path / "samples" / "samples.jsonl")]
   assert [r["stages"][0]["workdir"] for r in records] == [str(tmp_path / "runs" / "base")] * 4
+  edited = [json.loads(line) for line in open(tmp_path / "edits" / "samples.jsonl")]
+  assert edited[0]["image"] == str(tmp_path / "samples" / "00000.png")
+  assert edited[0]["edit"]["mode"] == "img2img" and edited[0]["edit"]["strength"] == 0.6
+  assert (tmp_path / "edits" / "00000.png").is_file()
   scores = json.loads((tmp_path / "samples" / "scores.json").read_text())
   assert scores["all"]["n"] == 4 and 0 <= scores["all"]["all_correct"] <= 1
   assert '"batch_size": 64' in outputs["inspect"].stdout

@@ -179,7 +179,8 @@ def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
   notebook = nbformat.read(os.path.join(REPO, "notebooks", "sampling.ipynb"), as_version=4)
   env = dict(IMAGEN_STAGES=",".join(tiny_cascade), IMAGEN_STEPS="3",
              IMAGEN_OUTDIR=str(tmp_path / "nb"), IMAGEN_NUM_SAMPLES="1",
-             IMAGEN_SAMPLER="dpmpp_2m,unipc", IMAGEN_GUIDANCE_INTERVAL="0.3:5,all")
+             IMAGEN_SAMPLER="dpmpp_2m,unipc", IMAGEN_GUIDANCE_INTERVAL="0.3:5,all",
+             IMAGEN_EDIT_OUTDIR=str(tmp_path / "edits"))
   os.environ.update(env)
   try:
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
@@ -192,9 +193,17 @@ def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
       ("dpmpp_2m", [0.3, 5.0]), ("unipc", [])]
   grid = pixels(tmp_path / "nb", "grid.png")
   assert grid.shape == (32, 64, 3)  # two prompts, one 32x32 image each, side by side
+  # The edit section inpaints the centre of the first sample and keeps the rest exactly.
+  edit_record = outdir_lib.read_records(str(tmp_path / "edits"))[0]
+  assert edit_record["edit"]["mode"] == "inpaint"
+  source, edited = pixels(tmp_path / "nb", "00000.png"), pixels(tmp_path / "edits", "00000.png")
+  outside = np.ones((32, 32), bool)
+  outside[8:24, 8:24] = False
+  np.testing.assert_array_equal(edited[outside], source[outside])
+  assert np.abs(edited[~outside].astype(int) - source[~outside]).max() > 0
   shown = [o for cell in notebook.cells if cell.cell_type == "code"
            for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-  assert len(shown) == 1
+  assert len(shown) == 2
 
 
 def test_notebook_install_cell_installs_this_checkout(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@
 - `objectives`: forward process q(z_t | x), eps / x0 / v parameterizations, weighted losses.
 - `samplers`: samplers by name (DDPM, DDIM, EDM Heun, DPM-Solver++, UniPC), evaluation counts.
 - `multistep`: DPM-Solver++ and UniPC as precomputed linear multistep updates.
+- `editing`: sampling with an input: start level (image-to-image), known region (inpainting),
+  RePaint's resampling jumps.
 - `guidance`: classifier-free guidance and the null (zeroed) text condition.
 - `thresholding`: static and dynamic thresholding of x0.
 - `augmentation`: noise conditioning augmentation of the low-res input of SR stages.
@@ -14,6 +16,7 @@
 
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
+from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise

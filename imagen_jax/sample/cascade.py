@@ -6,6 +6,10 @@
     # uint8 [1, 1024, 1024, 3]: the last stage's images
 
 Each workdir's checkpoint carries its resolved config, so nothing but the workdirs is needed.
+The same cascade edits images (`editing`: inpaint, img2img; `first_stage="sr"`: upscale):
+
+    images = cascade.sample(prompts, edit=editing.Edit("inpaint"), images=x, masks=m)[-1]
+
 The chain is checked before any parameter is loaded: the first stage is a base stage, each SR
 stage's low-res input is the previous stage's output resolution, and all stages expect the same
 text encoder and width.
@@ -29,6 +33,7 @@ from imagen_jax.core import fileio
 from imagen_jax.core import partitioning
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
+from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import sampling
 from imagen_jax.sample import editing
 
@@ -163,14 +168,15 @@ class Cascade:
     """
     if not prompts:
       raise ValueError("no prompts to sample")
+    settings = list(settings or self.default_settings())
+    if len(settings) != len(self.stages):
+      raise ValueError(f"{len(settings)} stage settings for {len(self.stages)} stages")
     if edit is None and self.upscales:
       raise ValueError("this cascade starts at an SR stage: it upscales given images "
                        "(edit=editing.Edit('upscale') and images)")
     if edit is not None:
-      self._check_edit(edit, images, masks, len(prompts))
-    settings = list(settings or self.default_settings())
-    if len(settings) != len(self.stages):
-      raise ValueError(f"{len(settings)} stage settings for {len(self.stages)} stages")
+      self.check_edit(edit, settings)
+      self._check_edit_inputs(edit, images, masks, len(prompts))
     indices = np.arange(len(prompts)) if indices is None else np.asarray(indices)
     n = len(prompts)
     multiple = self.mesh.size
@@ -201,14 +207,25 @@ class Cascade:
       outputs.append(np.asarray(preprocess.to_uint8(out))[:n])
     return outputs
 
-  def _check_edit(self, edit: editing.Edit, images: np.ndarray | None, masks: np.ndarray | None,
-                  n: int) -> None:
+  def check_edit(self, edit: editing.Edit, settings: Sequence[sampling.StageSettings]) -> None:
+    """Raises EditError naming the problem if this cascade cannot make `edit` with `settings`
+    (before any compute)."""
     if edit.mode == "upscale" and not self.upscales:
       raise editing.EditError(f"upscaling runs SR stages only, but stage 1 "
                               f"({self.stages[0].workdir}) is a base stage")
     if edit.mode != "upscale" and self.upscales:
       raise editing.EditError(f"mode {edit.mode!r} needs a cascade from its base stage; stage 1 "
                               f"({self.stages[0].workdir}) is an SR stage")
+    if edit.resample > 1:
+      for k, (stage, stage_settings) in enumerate(zip(self.stages, settings)):
+        if samplers.parse_sampler(stage_settings.sampler)[0] not in samplers.ONE_STEP:
+          raise editing.EditError(
+              f"resampling jumps need a one-step sampler ({', '.join(samplers.ONE_STEP)}) at "
+              f"every stage; stage {k + 1} ({stage.workdir}) samples with "
+              f"{stage_settings.sampler!r}: give e.g. --sampler=ddpm")
+
+  def _check_edit_inputs(self, edit: editing.Edit, images: np.ndarray | None,
+                         masks: np.ndarray | None, n: int) -> None:
     if images is None or len(images) != n or images.ndim != 4 or images.shape[1] != images.shape[2]:
       raise editing.EditError(f"an edit needs one square uint8 input image [S, S, 3] per prompt "
                               f"({n}), got {None if images is None else images.shape}")

@@ -201,6 +201,7 @@ def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]]
   outdir = fileio.resolve(outdir)
   inputs = {}
   if edit is not None:
+    cascade.check_edit(edit, settings)
     prompts, inputs = _edit_inputs(cascade, prompts, edit)
   fileio.makedirs(outdir)
   # As samples.jsonl will read back (tuples become lists), to compare with finished records.
