@@ -5,7 +5,8 @@
     emb, mask = encoder.encode(["a red circle at the top left corner"])
 
 Modules: `t5` (the Flax encoder), `tokenizer`, `weights` (Hugging Face, t5x, Orbax),
-`encoder` (`load_text_encoder`, `TextEncoder`), `builtin` (builtin:shapes-tiny), `cache` (the
+`encoder` (`load_text_encoder`, `TextEncoder`), `builtin` (builtin:shapes-tiny and its
+text-pretrained twin), `pretrain` (T5's span corruption for it), `cache` (the
 embedding cache and its reader), `encode_job` (encode a caption source into a cache: the
 library behind `imagen-jax encode`).
 """

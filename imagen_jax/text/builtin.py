@@ -1,6 +1,8 @@
-"""`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions.
+"""`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions, and
+`builtin:shapes-tiny-pretrained`: the same encoder trained on the grammar's text alone (T5's span
+corruption, `pretrain`; about a minute on a CPU the first time it is used).
 
-The demo and the tiny configs condition on it (text.width 64, max_length 16). It is written
+The demo and the tiny configs condition on them (text.width 64, max_length 16). Each is written
 once as a real Hugging Face directory (config.json, model.safetensors, spiece.model) under
 `$IMAGEN_JAX_CACHE` (default ~/.cache/imagen_jax) and loaded through the Hugging Face path like
 any user checkpoint.
@@ -98,23 +100,53 @@ def write_hf_dir(path: str, config: t5.T5Config, tensors: dict[str, np.ndarray],
     f.write(vocab)
 
 
+MODELS = ("shapes-tiny", "shapes-tiny-pretrained")
+
+
+def pretrained_params(config: t5.T5Config, vocab: bytes) -> tuple[dict[str, np.ndarray],
+                                                                  dict[str, float]]:
+  """The random weights trained with span corruption on every caption of the grammar (HF
+  layout), and the pretraining's metrics."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import shapes_grammar  # pylint: disable=g-import-not-at-top
+  from imagen_jax.text import pretrain  # pylint: disable=g-import-not-at-top
+  processor = spm.SentencePieceProcessor(model_proto=vocab)
+  captions = [np.asarray(processor.encode(c)) for c in shapes_grammar.vocabulary_corpus()]
+  start = weights.hf_to_params(random_params(config), config)
+  logging.info("Pretraining builtin:shapes-tiny-pretrained on %d captions (span corruption)",
+               len(captions))
+  trained, metrics = pretrain.pretrain(config, start, captions, pretrain.PretrainConfig())
+  logging.info("Span corruption: loss %.3f -> %.3f, held-out span-token accuracy %.3f",
+               metrics["first_loss"], metrics["last_loss"], metrics["span_token_accuracy"])
+  return weights.params_to_hf(trained, config), metrics
+
+
 def materialize(name: str) -> str:
-  """The directory of builtin model `name` ("builtin:shapes-tiny"), written once, atomically."""
+  """The directory of builtin model `name` (`MODELS`, with or without "builtin:"), written
+  once, atomically."""
   short = name[len(PREFIX):] if name.startswith(PREFIX) else name
-  if short != "shapes-tiny":
-    raise ValueError(f"unknown builtin text encoder {name!r}; available: builtin:shapes-tiny")
-  target = os.path.join(cache_root(), "builtin", f"shapes-tiny-v{VERSION}")
+  if short not in MODELS:
+    raise ValueError(f"unknown builtin text encoder {name!r}; available: "
+                     f"{', '.join(PREFIX + m for m in MODELS)}")
+  target = os.path.join(cache_root(), "builtin", f"{short}-v{VERSION}")
   if os.path.exists(os.path.join(target, "model.safetensors")):
     return target
   os.makedirs(os.path.dirname(target), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".shapes-tiny-{uuid.uuid4().hex[:8]}-",
+  tmp = tempfile.mkdtemp(prefix=f".{short}-{uuid.uuid4().hex[:8]}-",
                          dir=os.path.dirname(target))
   try:
     vocab = shapes_vocabulary()
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     vocab_size = spm.SentencePieceProcessor(model_proto=vocab).get_piece_size()
     config = shapes_tiny_config(vocab_size)
-    write_hf_dir(tmp, config, random_params(config), vocab)
+    if short == "shapes-tiny":
+      write_hf_dir(tmp, config, random_params(config), vocab)
+    else:
+      tensors, metrics = pretrained_params(config, vocab)
+      write_hf_dir(tmp, config, tensors, vocab)
+      with open(os.path.join(tmp, "pretraining.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
     try:
       os.rename(tmp, target)  # atomic; fails if another process got there first
     except OSError:
