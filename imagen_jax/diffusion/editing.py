@@ -40,11 +40,17 @@ class Known(NamedTuple):
   keep: jax.Array
 
 
+def keep_nothing(z: jax.Array, log_snr: jax.Array) -> jax.Array:
+  """The projection without a known region: every pixel is the sampler's."""
+  del log_snr
+  return z
+
+
 def known_region(known: Known | None, noise: jax.Array) -> Project:
   """project(z [B, ...], log_snr []) -> z with the known region replaced by the input noised to
-  log_snr with `noise` (the sampler's starting noise); the identity without `known`."""
+  log_snr with `noise` (the sampler's starting noise); `keep_nothing` without `known`."""
   if known is None:
-    return lambda z, log_snr: z
+    return keep_nothing
 
   def project(z, log_snr):
     levels = jnp.full((z.shape[0],), log_snr, jnp.float32)

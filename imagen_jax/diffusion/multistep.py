@@ -179,7 +179,7 @@ def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, solver: str, order:
   if not 1 <= order <= 3:
     raise ValueError(f"solver order must be 1, 2 or 3, got {order}")
   log_snr = schedules.log_snr_grid(num_steps, log_snr_fn, spacing, start)
-  project = project or (lambda z, level: z)
+  project = project or editing.keep_nothing
   if not np.all(np.diff(log_snr) > 0):
     raise ValueError(f"{num_steps} {spacing}-spaced steps repeat a noise level (the schedule is "
                      f"clipped at its ends): use fewer steps or spacing 'logsnr'")

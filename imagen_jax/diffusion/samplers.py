@@ -63,19 +63,12 @@ def _progress(on_step: Callable[[int], None] | None, i: jax.Array) -> None:
     jax.debug.callback(on_step, i)
 
 
-def _transitions(num_steps: int, resample: int, jump: int
-                 ) -> tuple[jax.Array, jax.Array, jax.Array, bool]:
-  """The scan inputs of a one-step sampler's path (`editing.repaint_path`): (transition index,
-  from level, to level), and whether any transition goes back up."""
-  path = editing.repaint_path(num_steps, resample, jump)
-  return (jnp.arange(len(path) - 1), jnp.asarray(path[:-1]), jnp.asarray(path[1:]),
-          bool(np.any(np.diff(path) < 0)))
-
-
 def _walk(down, up, z: jax.Array, num_steps: int, resample: int, jump: int) -> jax.Array:
-  """Runs `down(z, k, a)` (level a to a + 1) and `up(z, k, a)` (a to a - 1) along the path;
-  k, the transition index, picks the fresh noise. Without resampling only `down` is traced."""
-  index, level_from, level_to, has_up = _transitions(num_steps, resample, jump)
+  """Runs `down(z, k, a)` (level a to a + 1) and `up(z, k, a)` (a to a - 1) along RePaint's
+  path (`editing.repaint_path`); k, the transition index, picks the fresh noise. Without
+  resampling only `down` is traced."""
+  path = editing.repaint_path(num_steps, resample, jump)
+  has_up = bool(np.any(np.diff(path) < 0))
 
   def transition(z, inputs):
     k, a, b = inputs
@@ -83,7 +76,8 @@ def _walk(down, up, z: jax.Array, num_steps: int, resample: int, jump: int) -> j
       return down(z, k, a), None
     return jax.lax.cond(b > a, down, up, z, k, a), None
 
-  z, _ = jax.lax.scan(transition, z, (index, level_from, level_to))
+  z, _ = jax.lax.scan(transition, z, (jnp.arange(len(path) - 1), jnp.asarray(path[:-1]),
+                                      jnp.asarray(path[1:])))
   return z
 
 
@@ -109,7 +103,7 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
   """
   batch = noise.shape[0]
   grid = jnp.asarray(schedules.log_snr_grid(num_steps, log_snr_fn, spacing, start), jnp.float32)
-  project = project or (lambda z, log_snr: z)
+  project = project or editing.keep_nothing
 
   def down(z, k, i):
     lt, ls = grid[i], grid[i + 1]
@@ -159,7 +153,7 @@ def edm_heun(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
   """
   batch = noise.shape[0]
   sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-  vp_project = project or (lambda z, log_snr: z)
+  vp_project = project or editing.keep_nothing
 
   def project_x(x, sigma):  # the VP projection in EDM space: x = z sqrt(1 + sigma^2)
     scale = jnp.sqrt(1.0 + sigma ** 2)
@@ -271,7 +265,7 @@ def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_s
     return editing.paste(known, init)
   if start == 1.0:
     init = None  # strength 1: pure noise, exactly as without an input
-  project = None if known is None else editing.known_region(known, noise)
+  project = editing.known_region(known, noise)
   common = dict(num_steps=num_steps, threshold_fn=threshold_fn, init=init, project=project,
                 on_step=on_step)
   if family in ("ddpm", "ddim"):
