@@ -329,7 +329,58 @@ def test_builtin_shapes_tiny_is_reproducible(tmp_path, monkeypatch):
   np.testing.assert_array_equal(retrained(corpus).ids, encoder.tokenize(corpus)[0])
 
 
-SHAPES_TINY_WEIGHTS_SHA256 = "9f047bf70c30c78086120f29554e64541cd52335f727d59998d9c45f0cccedba"
+def test_builtin_vocabulary_spells_new_words_and_keeps_v1(tmp_path, monkeypatch):
+  """Byte fallback: a word the grammar never used is spelled in pieces and bytes (fine-tuning
+  can teach it), and nothing the grammar uses moved (v1 cascades see the same embeddings)."""
+  from imagen_jax.data import shapes_grammar  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path))
+  encoder = load_text_encoder("builtin:shapes-tiny", max_length=16)
+  tok = encoder.tokenizer
+  assert tok.vocab_size == builtin.GRAMMAR_PIECES + 256
+  unk = tok._sp.unk_id()  # pylint: disable=protected-access
+  new_words = ["blicket", "dax", "zyx", "quokka", "ünï", "日本"]
+  spelled = {w: tok.pieces(f"a {w}") for w in new_words}
+  for word, ids in spelled.items():
+    assert unk not in ids, (word, ids)
+    assert tok._sp.decode(ids) == f"a {word}"  # pylint: disable=protected-access
+  assert len({tuple(ids) for ids in spelled.values()}) == len(new_words)
+  # The grammar's captions tokenize exactly as with the 128-piece vocabulary of v1.
+  v1_vocab = tmp_path / "v1.model"
+  with open(str(v1_vocab), "wb") as f:
+    f.write(_without_byte_pieces(builtin.shapes_vocabulary()))
+  v1 = tokenizer_lib.Tokenizer.from_file(str(v1_vocab), max_length=16)
+  assert v1.vocab_size == builtin.GRAMMAR_PIECES
+  corpus = shapes_grammar.vocabulary_corpus()
+  np.testing.assert_array_equal(v1(corpus).ids, tok(corpus).ids)
+  assert unk in v1.pieces("a blicket")  # what v1 did with the new word
+  # v1's weights are v2's: the same stream, the byte rows drawn after it.
+  config = builtin.shapes_tiny_config(tok.vocab_size)
+  v2_weights = builtin.random_params(config)
+  v1_weights = builtin.random_params(builtin.shapes_tiny_config(builtin.GRAMMAR_PIECES),
+                                     stream_vocab=builtin.GRAMMAR_PIECES)
+  assert v1_weights.keys() == v2_weights.keys()
+  for name, v1_array in v1_weights.items():
+    np.testing.assert_array_equal(v2_weights[name][:len(v1_array)], v1_array, err_msg=name)
+  import hashlib  # pylint: disable=g-import-not-at-top
+  builtin.write_hf_dir(str(tmp_path / "v1"), builtin.shapes_tiny_config(builtin.GRAMMAR_PIECES),
+                       v1_weights, b"")
+  with open(str(tmp_path / "v1" / "model.safetensors"), "rb") as f:
+    assert hashlib.sha256(f.read()).hexdigest() == SHAPES_TINY_V1_WEIGHTS_SHA256
+  embedding = [n for n in v2_weights if v2_weights[n].shape[0] == tok.vocab_size]
+  assert len(embedding) == 1 and np.std(v2_weights[embedding[0]][builtin.GRAMMAR_PIECES:]) > 0.5
+
+
+def _without_byte_pieces(model_proto: bytes) -> bytes:
+  from sentencepiece import sentencepiece_model_pb2 as model_pb2  # pylint: disable=g-import-not-at-top
+  proto = model_pb2.ModelProto()
+  proto.ParseFromString(model_proto)
+  del proto.pieces[builtin.GRAMMAR_PIECES:]
+  proto.trainer_spec.byte_fallback = False
+  return proto.SerializeToString()
+
+
+SHAPES_TINY_WEIGHTS_SHA256 = "24a45064f7040481f614a9cac0626cefe4f681a816df98c4a850a02c49405f30"
+SHAPES_TINY_V1_WEIGHTS_SHA256 = "9f047bf70c30c78086120f29554e64541cd52335f727d59998d9c45f0cccedba"
 
 
 # -------------------------------------------------------------- Orbax conversion, sharding

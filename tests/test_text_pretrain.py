@@ -11,7 +11,7 @@ from imagen_jax.text import builtin
 from imagen_jax.text import pretrain
 from imagen_jax.text import weights
 
-VOCAB = 128
+VOCAB = 128  # a vocabulary size for span corruption alone
 
 
 def restore(inputs, targets):
@@ -49,7 +49,7 @@ def test_pretraining_learns_the_grammar_and_keeps_the_encoder_shapes(monkeypatch
   monkeypatch.setattr(pretrain, "PretrainConfig",
                       functools.partial(pretrain.PretrainConfig, steps=150))
   path = builtin.materialize("builtin:shapes-tiny-pretrained")
-  assert path.endswith("shapes-tiny-pretrained-v1")
+  assert path.endswith(f"shapes-tiny-pretrained-v{builtin.VERSION}")
   metrics = json.load(open(os.path.join(path, "pretraining.json")))
   assert metrics["last_loss"] < 0.7 * metrics["first_loss"]
   # Half the hidden words are colors and shapes the context cannot tell (every pair is in the
@@ -62,5 +62,5 @@ def test_pretraining_learns_the_grammar_and_keeps_the_encoder_shapes(monkeypatch
   for name, value in flat_trained.items():
     assert value.shape == flat_random[name].shape, name
   embedding = "token_embedder/embedding"
-  assert flat_trained[embedding].shape[0] == config.vocab_size == VOCAB
+  assert flat_trained[embedding].shape[0] == config.vocab_size == builtin.GRAMMAR_PIECES + 256
   assert np.abs(flat_trained[embedding] - flat_random[embedding]).max() > 1e-3

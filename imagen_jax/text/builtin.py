@@ -2,7 +2,10 @@
 `builtin:shapes-tiny-pretrained`: the same encoder trained on the grammar's text alone (T5's span
 corruption, `pretrain`; about a minute on a CPU the first time it is used).
 
-The demo and the tiny configs condition on them (text.width 64, max_length 16). Each is written
+The demo and the tiny configs condition on them (text.width 64, max_length 16). The vocabulary
+is the grammar's 128 pieces (each grammar word one piece) plus SentencePiece's 256 byte pieces:
+a word the grammar never used ("blicket", a name, any script) is spelled in known pieces and
+bytes, never collapsed into the one unknown id, so fine-tuning can teach it (`finetune`). Each is written
 once as a real Hugging Face directory (config.json, model.safetensors, spiece.model) under
 `$IMAGEN_JAX_CACHE` (default ~/.cache/imagen_jax) and loaded through the Hugging Face path like
 any user checkpoint.
@@ -32,8 +35,11 @@ from imagen_jax.text import weights
 
 PREFIX = "builtin:"
 SEED = 20220523  # Imagen's arXiv date
-VERSION = 1
+# v2: byte fallback (ids 128-383). The grammar's ids and the rows of every weight they reach
+# are v1's, so a cascade trained with v1 sees the same embeddings for every grammar caption.
+VERSION = 2
 VOCAB_ASSET = "shapes_spiece.model"
+GRAMMAR_PIECES = 128  # pieces of the trained vocabulary; the byte pieces follow them
 
 
 def shapes_tiny_config(vocab_size: int) -> t5.T5Config:
@@ -42,7 +48,8 @@ def shapes_tiny_config(vocab_size: int) -> t5.T5Config:
 
 
 def train_shapes_vocabulary() -> bytes:
-  """Trains the BPE vocabulary of the shape captions (128 pieces: each grammar word is one).
+  """Trains the BPE vocabulary of the shape captions (128 pieces: each grammar word is one),
+  then appends the 256 byte pieces (`with_byte_fallback`).
 
   pad 0, EOS 1, unk 2, no BOS: T5's special ids. Normalisation is nmt_nfkc, as T5's.
   """
@@ -53,16 +60,38 @@ def train_shapes_vocabulary() -> bytes:
       sentence_iterator=iter(shapes_grammar.vocabulary_corpus()), model_writer=out,
       vocab_size=128, model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
       pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
-  return out.getvalue()
+  return with_byte_fallback(out.getvalue())
+
+
+def with_byte_fallback(model_proto: bytes) -> bytes:
+  """The SentencePiece model with the 256 byte pieces <0x00>..<0xFF> appended and byte fallback
+  on: a character outside the pieces becomes its UTF-8 bytes instead of the unknown id.
+
+  Appended, not trained in (`byte_fallback=True` at training puts them at ids 3-258): every
+  existing piece keeps its id. Needs protobuf (only to remake the shipped asset).
+  """
+  from sentencepiece import sentencepiece_model_pb2 as model_pb2  # pylint: disable=g-import-not-at-top
+  proto = model_pb2.ModelProto()
+  proto.ParseFromString(model_proto)
+  if proto.trainer_spec.byte_fallback:
+    return model_proto
+  for byte in range(256):
+    proto.pieces.add(piece=f"<0x{byte:02X}>", score=0.0,
+                     type=model_pb2.ModelProto.SentencePiece.BYTE)
+  proto.trainer_spec.byte_fallback = True
+  return proto.SerializeToString()
 
 
 def shapes_vocabulary() -> bytes:
   return importlib.resources.files("imagen_jax.text").joinpath("assets", VOCAB_ASSET).read_bytes()
 
 
-def random_params(config: t5.T5Config, seed: int = SEED) -> dict[str, np.ndarray]:
+def random_params(config: t5.T5Config, seed: int = SEED,
+                  stream_vocab: int = GRAMMAR_PIECES) -> dict[str, np.ndarray]:
   """Float32 weights with T5's initialisation scales, from a stream fixed by `seed`.
 
+  The first `stream_vocab` embedding rows come from the main stream (so every other weight is
+  the same for any vocabulary size: v1's weights); rows past them from a stream of their own.
   Returns flat Hugging Face names in HF layout, in a fixed order.
   """
   rng = np.random.RandomState(seed)
@@ -77,6 +106,10 @@ def random_params(config: t5.T5Config, seed: int = SEED) -> dict[str, np.ndarray
     leaf = name.split("/")[-2 if name.endswith("kernel") else -1]
     if name.endswith("scale"):
       flat[name] = np.ones(shape, np.float32)
+    elif leaf == "embedding" and shape[0] > stream_vocab:
+      extra = np.random.RandomState(seed + 1).standard_normal((shape[0] - stream_vocab,) + shape[1:])
+      flat[name] = np.concatenate([rng.standard_normal((stream_vocab,) + shape[1:]), extra]
+                                  ).astype(np.float32)
     else:
       flat[name] = (rng.standard_normal(shape) * std[leaf]).astype(np.float32)
   return weights.params_to_hf(weights.unflatten(flat), c)
