@@ -72,8 +72,8 @@ class CompiledStep:
     train.check_config(config, mesh)
     setup = train.build_train_step(config, mesh,
                                    text_encoder=train.load_text_encoder_if_needed(config))
-    self.state, self.text_params, self.compiled = (setup.state, setup.text_params,
-                                                   setup.compiled_step)
+    self.state, self.frozen, self.compiled = (setup.state, setup.frozen,
+                                              setup.compiled_step)
     self.batch = random_batch(setup.batch_shapes)
     self.compile_s, self.flops = setup.compile_seconds, setup.flops_per_step
     self.params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
@@ -85,7 +85,7 @@ class CompiledStep:
     import jax  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     for _ in range(steps):
-      self.state, self.metrics = self.compiled(self.state, self.batch, self.text_params)
+      self.state, self.metrics = self.compiled(self.state, self.batch, self.frozen)
     jax.block_until_ready((self.state, self.metrics))
     return (time.perf_counter() - start) / steps
 

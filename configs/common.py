@@ -91,6 +91,30 @@ def stage_config() -> ml_collections.ConfigDict:
   c.sample_every = 20_000
   c.nonfinite = "error"     # a NaN/Inf loss or gradient: "error" stops, "skip" drops the update
 
+  # Fine-tuning a trained stage (`imagen-jax finetune`, imagen_jax/train/finetune.py). method
+  # "none" trains from scratch; "full" starts every parameter from the base stage's EMA
+  # parameters (fresh optimizer and schedule); "lora" freezes them and trains low-rank adapters
+  # (models/lora.py): the workdir's checkpoints then hold only the adapters, and name the base.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.method = "none"          # "none", "full" or "lora"
+  c.finetune.base = ""                # the trained stage's workdir (`finetune --base`)
+  c.finetune.base_step = -1           # its checkpoint (-1: latest; the run records the step)
+  c.finetune.lora_rank = 8
+  c.finetune.lora_alpha = 8.0         # adapters' weight alpha / rank (times --lora_scale)
+  c.finetune.lora_layers = "attention,dense"  # comma-separated: attention, dense, conv
+  # What `imagen-jax finetune` sets in place of the stage's own training values: a few hundred
+  # steps at a constant rate on a subject set of 3-20 images (repeated to fill batches).
+  c.finetune.steps = 400
+  c.finetune.lr = 1e-3
+  c.finetune.warmup_steps = 20
+  c.finetune.batch_size = 0           # 0: the stage's batch_size
+  # Class-prior preservation (DreamBooth): with a class prompt, the command first samples
+  # `prior_images` images of it from the base stage (resumable, in WORKDIR/prior) and trains on
+  # instance and class examples half and half, the class loss weighted by `prior_weight`.
+  c.finetune.prior_class = ""         # e.g. "a triangle" ("": no prior preservation)
+  c.finetune.prior_images = 64
+  c.finetune.prior_weight = 1.0
+
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_at_step = -1  # fault injection for tests: the loss at this step becomes NaN
 

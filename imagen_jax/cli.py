@@ -22,6 +22,8 @@ from imagen_jax.core import config_lib
 # name -> (module with main(argv), one-line description).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("imagen_jax.commands.train", "train one cascade stage from its config"),
+    "finetune": ("imagen_jax.commands.finetune",
+                 "adapt a trained stage to a subject (LoRA or full, class-prior preservation)"),
     "encode": ("imagen_jax.commands.encode", "precompute T5 caption embeddings; convert T5 weights"),
     "sample": ("imagen_jax.commands.sample", "sample a cascade stitched from stage workdirs"),
     "edit": ("imagen_jax.commands.edit", "inpaint, change (img2img) or upscale an image with a cascade"),

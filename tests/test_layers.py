@@ -27,8 +27,9 @@ ALLOWED = {
     "sample": {"core", "diffusion", "models", "data", "text"},
     "eval": {"core", "diffusion", "models", "data", "text", "sample"},
     "demo": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
+    "finetune": {"core", "diffusion", "models", "data", "text", "train", "sample"},
     "commands": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval",
-                 "demo"},
+                 "demo", "finetune"},
     "cli": {"core"},  # it loads `commands.<name>` by name, one per process
     "main": {"cli"},  # python -m imagen_jax
     "configs": set(),

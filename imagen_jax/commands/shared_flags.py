@@ -60,6 +60,9 @@ GUIDANCE_INTERVAL = flags.DEFINE_list(
     "step. E.g. 0.28:5.42,all.")
 AUG_LEVEL = flags.DEFINE_list("aug_level", None, "Noise-aug level per SR stage (or one).")
 THRESHOLD = flags.DEFINE_list("threshold", None, "dynamic, static or none per stage (or one).")
+LORA_SCALE = flags.DEFINE_float(
+    "lora_scale", 1.0, "Weight of the adapters of LoRA stages (`imagen-jax finetune` workdirs "
+    "given in --stages): 1 as trained, 0 the base stage alone.")
 BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 16, "Images sampled together (inspect --memory: examples per device).")
 # Prompts and outputs of the commands that write sampling outdirs (`sample`, `edit`).
@@ -69,7 +72,8 @@ PROMPTS_FILE = config_lib.DEFINE_path(
     "fields, e.g. `split`, are copied to samples.jsonl).")
 SAVE_STAGES = flags.DEFINE_bool("save_stages", False, "Also save every stage's output.")
 SAMPLING = ("stages", "outdir", "num_samples", "seed", "ckpt_steps", "guidance", "steps",
-            "sampler", "spacing", "guidance_interval", "aug_level", "threshold", "batch_size")
+            "sampler", "spacing", "guidance_interval", "aug_level", "threshold", "batch_size",
+            "lora_scale")
 
 
 def use(*names: str) -> None:
@@ -98,4 +102,4 @@ def sampling_options() -> dict[str, Any]:
   return {"ckpt_steps": CKPT_STEPS.value, "guidance": GUIDANCE.value, "steps": STEPS.value,
           "sampler": SAMPLER.value, "spacing": SPACING.value,
           "guidance_interval": GUIDANCE_INTERVAL.value, "aug_level": AUG_LEVEL.value,
-          "threshold": THRESHOLD.value}
+          "threshold": THRESHOLD.value, "lora_scale": LORA_SCALE.value}

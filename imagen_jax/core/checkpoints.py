@@ -168,6 +168,14 @@ class Checkpointer:
             partial_restore=True)))
     return restored["state"][which]
 
+  def param_shapes(self, step: int, which: str = "ema_params") -> dict[str, tuple[int, ...]]:
+    """{"module/.../kernel": shape} of `which` as stored at `step` (metadata only, no arrays)."""
+    metadata = self.manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "tree", metadata)[which]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves}
+
   def wait(self) -> None:
     """Waits for a save in flight; raises CheckpointError if it failed."""
     self.check(wait=True)

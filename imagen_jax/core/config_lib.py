@@ -76,6 +76,7 @@ PATH_FIELDS = {
     "data.embed_cache": fileio.resolve,
     "data.source": fileio.resolve_spec,
     "text.encoder": lambda spec: spec if spec.startswith("builtin:") else fileio.resolve(spec),
+    "finetune.base": fileio.resolve,
     "source": fileio.resolve_spec,
     "data_dir": fileio.resolve,
     "output": fileio.resolve,

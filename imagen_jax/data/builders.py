@@ -141,6 +141,9 @@ class _ImageCaptionBuilder(LocalBuilder):
           yield index, result[1]
           index += 1
     counts = {k: dict(sorted(v.items())) for k, v in self._counts.items()}
+    if index == 0:  # TFDS would fail with "No examples were yielded", naming nothing
+      raise FileNotFoundError(f"{self._location_kind}:{self._location} holds no usable image "
+                              f"with a caption (skipped: {counts['skipped'] or 'none found'})")
     self.info.metadata.update(counts, examples=index)
     logging.info("Converted %s:%s: %d examples, skipped %s, converted %s", self._location_kind,
                  self._location, index, counts["skipped"], counts["converted"])

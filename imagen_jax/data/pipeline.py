@@ -302,6 +302,53 @@ class Pipeline:
       close()
 
 
+class Mixture:
+  """Batches made of several pipelines' batches side by side, each example with its part's
+  `loss_weight` (float32 [b]): fine-tuning's instance and class-prior examples, half and half.
+  The same interface as `Pipeline`; its state is the parts' states."""
+
+  def __init__(self, parts: list[Pipeline], weights: list[float]):
+    if len(parts) != len(weights) or not parts:
+      raise ValueError(f"a mixture needs one weight per pipeline, got {len(parts)} and "
+                       f"{len(weights)}")
+    self.parts, self.weights = parts, [float(w) for w in weights]
+    self.local_batch_size = sum(p.local_batch_size for p in parts)
+
+  def __iter__(self) -> "Mixture":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(p) for p in self.parts]
+    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    out["loss_weight"] = np.concatenate([np.full(len(b["image"]), w, np.float32)
+                                         for b, w in zip(batches, self.weights)])
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    return {"mixture": [p.get_state() for p in self.parts]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not state:
+      return
+    if len(state.get("mixture", ())) != len(self.parts):
+      raise ValueError(f"the saved input-pipeline state is not that of a mixture of "
+                       f"{len(self.parts)} pipelines: {sorted(state)}")
+    for part, part_state in zip(self.parts, state["mixture"]):
+      part.set_state(part_state)
+
+  def skip_counts(self) -> dict[str, int]:
+    return dict(sum((collections.Counter(p.skip_counts()) for p in self.parts),
+                    collections.Counter()))
+
+  def convert_counts(self) -> dict[str, int]:
+    return dict(sum((collections.Counter(p.convert_counts()) for p in self.parts),
+                    collections.Counter()))
+
+  def close(self) -> None:
+    for part in self.parts:
+      part.close()
+
+
 def make_pipeline(config: Any, *, split: str | None = None, tokenize_fn: TokenizeFn | None = None,
                   embedding_lookup: EmbeddingLookup | None = None,
                   process_index: int | None = None, process_count: int | None = None) -> Pipeline:
@@ -330,8 +377,7 @@ def make_pipeline(config: Any, *, split: str | None = None, tokenize_fn: Tokeniz
       sources.get_builder(config.data)
     multihost_utils.sync_global_devices(f"imagen_jax.data: {config.data.source} is built")
   data_source, info = sources.get_data_source(config.data, split)
-  if len(data_source) == 0:
-    raise ValueError(f"config.data.source={config.data.source!r} split {info.split!r} is empty")
+  sources.check_not_empty(data_source, info)
 
   ds = grain.MapDataset.range(len(data_source)).seed(int(config.seed))
   ds = ds.shuffle().repeat()  # reshuffled each epoch

@@ -180,6 +180,26 @@ def render(placed: Sequence[Placed], size: int) -> np.ndarray:
   return image
 
 
+def write_subject_folder(folder: str, obj: grammar.Obj, word: str,
+                         cells: Sequence[tuple[int, int]], size: int = 64, seed: int = 0
+                         ) -> list[dict[str, str]]:
+  """A fine-tuning subject: one image of `obj` per cell (placed as the dataset places single
+  objects), captioned with a new `word` in its place ("a blicket at the top left corner"),
+  as a `folder:` source (PNGs and captions.jsonl). Returns the caption rows."""
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i, cell in enumerate(cells):
+    name = f"{i:03d}.png"
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(encode_png(render([_place_single(rng, obj, cell)], size)))
+    rows.append({"file": name, "caption": f"a {word} at the {grammar.POSITIONS[cell]}"})
+  with open(os.path.join(folder, "captions.jsonl"), "w", encoding="utf-8") as f:
+    f.write("".join(json.dumps(row) + "\n" for row in rows))
+  return rows
+
+
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
   return (struct.pack(">I", len(data)) + tag + data
           + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))

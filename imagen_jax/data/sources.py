@@ -176,6 +176,16 @@ def get_data_source(data_config: Any, split: str | None = None, need_image: bool
                                  build_counts=build_counts, tfds_info=info)
 
 
+def check_not_empty(data_source: Any, info: SourceInfo) -> None:
+  """Raises SourceError naming the source if its split has no example (an empty folder, or
+  one whose every image was unreadable: the conversion's skip counts say which)."""
+  if len(data_source) == 0:
+    skipped = info.build_counts.get("skipped")
+    raise SourceError(f"config.data.source={info.source!r} split {info.split!r} has no example"
+                      + (f": every input was skipped at conversion ({skipped})" if skipped
+                         else ""))
+
+
 def _keys(data_config: Any, spec: SourceSpec) -> tuple[str, str]:
   # Our own builders name their features `image` and `caption`, whatever the config says for
   # other TFDS datasets.

@@ -35,6 +35,7 @@ from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import sampling
+from imagen_jax.models import lora as lora_lib
 from imagen_jax.sample import editing
 
 
@@ -49,6 +50,7 @@ class Stage:
   config: ml_collections.ConfigDict
   model: nn.Module
   params: Any
+  lora: dict[str, Any] | None = None  # a LoRA stage: its base workdir, base step and scale
 
 
 def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
@@ -82,6 +84,34 @@ def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
                          f"uses {configs[0].text[key]!r}: every stage needs the same encoder")
 
 
+def stage_params(config: ml_collections.ConfigDict, workdir: str, step: int,
+                 sharding: jax.sharding.Sharding, use_ema: bool = True,
+                 lora_scale: float = 1.0) -> Any:
+  """The parameters a stage samples with, on `sharding`: its checkpoint's (EMA) parameters,
+  or for a LoRA workdir (`imagen-jax finetune`) its base's EMA parameters (config.finetune.base
+  at base_step) with the adapters merged in once: W + lora_scale * alpha / rank * a b."""
+  which = "ema_params" if use_ema else "params"
+  abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nn.unbox(tree))
+  model_shapes = abstract(models.param_shapes(config))
+  spec = lora_lib.stage_spec(config)
+  if spec is None:
+    return checkpoints.Checkpointer(workdir, read_only=True).restore_params(
+        step, model_shapes, which)
+  base, base_step = config.finetune.base, int(config.finetune.base_step)
+  try:
+    base_params = checkpoints.Checkpointer(base, read_only=True).restore_params(
+        base_step, model_shapes, "ema_params")
+  except FileNotFoundError as e:
+    raise ChainError(f"the LoRA stage {workdir} adapts {base} at step {base_step}, which "
+                     f"cannot be read: {e}") from e
+  model = models.build_model(config)
+  adapters = checkpoints.Checkpointer(workdir, read_only=True).restore_params(
+      step, abstract(jax.eval_shape(lambda k: lora_lib.init_adapters(k, model, config, spec),
+                                    jax.random.PRNGKey(0))), which)
+  return lora_lib.merge(base_params, adapters, spec, lora_scale)
+
+
 def sampling_mesh() -> jax.sharding.Mesh:
   """Every device on the batch axis: each device samples its share of the images, with every
   stage's parameters replicated (sampling has no optimizer state to shard)."""
@@ -101,9 +131,11 @@ class Cascade:
   @classmethod
   def from_workdirs(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None,
                     use_ema: bool = True, text_encoder: Any = None,
-                    first_stage: str = "base") -> "Cascade":
+                    first_stage: str = "base", lora_scale: float = 1.0) -> "Cascade":
     """Loads each stage's (EMA) params from its latest or given checkpoint step. `first_stage`
-    "sr": a chain of SR stages that upscales given images (`editing.Edit("upscale")`)."""
+    "sr": a chain of SR stages that upscales given images (`editing.Edit("upscale")`). A LoRA
+    workdir (`imagen-jax finetune`) in place of a stage samples its base stage with the
+    adapters merged in, weighted by `lora_scale` (0: the base stage itself)."""
     workdirs = [fileio.resolve(str(w)) for w in workdirs]  # the records name them from anywhere
     steps = list(steps) if steps is not None else [None] * len(workdirs)
     if len(steps) != len(workdirs):
@@ -122,14 +154,14 @@ class Cascade:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     stages = []
     for workdir, step, config in zip(workdirs, found_steps, configs):
-      abstract = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-          nn.unbox(models.param_shapes(config)))
-      ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-      params = ckpt.restore_params(step, abstract, "ema_params" if use_ema else "params")
-      stages.append(Stage(workdir, step, config, models.build_model(config), params))
-      logging.info("Loaded %s (%s, %dx%d) at step %d", workdir, config.stage, config.image_size,
-                   config.image_size, step)
+      params = stage_params(config, workdir, step, replicated, use_ema, lora_scale)
+      lora = None
+      if lora_lib.stage_spec(config) is not None:
+        lora = {"base": config.finetune.base, "base_step": int(config.finetune.base_step),
+                "scale": float(lora_scale)}
+      stages.append(Stage(workdir, step, config, models.build_model(config), params, lora))
+      logging.info("Loaded %s (%s, %dx%d) at step %d%s", workdir, config.stage, config.image_size,
+                   config.image_size, step, f", LoRA on {lora['base']}" if lora else "")
     if text_encoder is None:
       from imagen_jax import text  # pylint: disable=g-import-not-at-top
       base = configs[0]

@@ -140,10 +140,12 @@ def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, samp
 
 
 def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
-                 first_stage: str = "base", **overrides: Sequence[str] | None
+                 first_stage: str = "base", lora_scale: float = 1.0,
+                 **overrides: Sequence[str] | None
                  ) -> tuple[cascade_lib.Cascade, list[sampling.StageSettings]]:
-  """The cascade of `stages` (workdirs, base first; SR stages only with `first_stage` "sr")
-  and its per-stage settings.
+  """The cascade of `stages` (workdirs, base first; SR stages only with `first_stage` "sr";
+  a LoRA workdir in place of a stage, its adapters weighted by `lora_scale`) and its
+  per-stage settings.
 
   `ckpt_steps` and the `overrides` (guidance, steps, sampler, spacing, guidance_interval,
   aug_level, threshold) are lists of strings as the command line gives them: one per stage, or one for all; None for the configs'.
@@ -154,7 +156,8 @@ def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
     if name != "aug_level" and values and len(values) not in (1, len(stages)):
       raise SampleError(f"--{name} has {len(values)} values for {len(stages)} stages")
   steps = per_stage(ckpt_steps, len(stages), "ckpt_steps", int)
-  cascade = cascade_lib.Cascade.from_workdirs(stages, steps=steps, first_stage=first_stage)
+  cascade = cascade_lib.Cascade.from_workdirs(stages, steps=steps, first_stage=first_stage,
+                                              lora_scale=lora_scale)
   return cascade, stage_settings(cascade, **overrides)
 
 
@@ -207,7 +210,8 @@ def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]]
   # As samples.jsonl will read back (tuples become lists), to compare with finished records.
   stage_info = json.loads(json.dumps([
       {"workdir": s.workdir, "checkpoint_step": s.step, "image_size": s.config.image_size,
-       **dataclasses.asdict(st)} for s, st in zip(cascade.stages, settings)]))
+       **({"lora": s.lora} if s.lora else {}), **dataclasses.asdict(st)}
+      for s, st in zip(cascade.stages, settings)]))
   edit_info = {} if edit is None else {"edit": dataclasses.asdict(edit)}
   plan = [{**item, "file": f"{i * num_samples + j:05d}.png",
            "index": i * num_samples + j, "sample": j, "seed": seed, "stages": stage_info,

@@ -1,6 +1,8 @@
 """One training step of a cascade stage: the diffusion objective, accumulation, update, EMA.
 
-The step is a pure function of (state, batch, text_params); its randomness is derived from the
+The step is a pure function of (state, batch, frozen); `frozen` holds what it reads but never
+updates: {"text": the text encoder's params or None, "base": a LoRA run's base params or None}.
+Its randomness is derived from the
 config seed and the state's step, so a resumed run draws exactly the numbers the uninterrupted run
 would have drawn, on any mesh (threefry is partitionable).
 """
@@ -21,9 +23,11 @@ from imagen_jax.diffusion import edm
 from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import schedules
+from imagen_jax.models import lora
 from imagen_jax.train import state as state_lib
 
 TextApply = Callable[[Any, jax.Array, jax.Array], jax.Array]
+ApplyFn = Callable[..., jax.Array]  # (params, base_params, *model inputs) -> prediction
 
 
 def _quartile_average(q: int):
@@ -66,16 +70,24 @@ def text_inputs(batch: dict[str, jax.Array], text_params: Any, text_apply: TextA
   return emb.astype(jnp.float32), batch["text_mask"]
 
 
-def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None):
-  """loss_fn(params, batch, text_params, key) -> (mean loss, (per-example loss [B], log_snr [B]))."""
+def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None,
+                 apply_fn: ApplyFn | None = None):
+  """loss_fn(params, batch, frozen, key) -> (mean loss, (per-example loss [B], log_snr [B])).
+
+  `apply_fn` (default: the model's own apply) runs the network; a LoRA run's applies the
+  adapters `params` on the frozen base (`lora.network`). A batch with `loss_weight` [B]
+  (class-prior preservation) weights each example's loss in the mean.
+  """
+  apply_fn = apply_fn or lora.network(model, None)
   log_snr_fn = schedules.stage_log_snr_fn(config.diffusion)
   aug_log_snr_fn = schedules.get_log_snr_fn(config.lowres.aug_schedule)
   diff = config.diffusion
 
-  def loss_fn(params, batch, text_params, key):
+  def loss_fn(params, batch, frozen, key):
+    frozen = frozen or {}
     drop_key, aug_key, aug_noise_key, diffusion_key = jax.random.split(key, 4)
     x = preprocess.to_model_range(batch["image"])
-    text_emb, text_mask = text_inputs(batch, text_params, text_apply)
+    text_emb, text_mask = text_inputs(batch, frozen.get("text"), text_apply)
     text_emb = guidance.drop_text(drop_key, text_emb, config.cond_drop_rate)
     extra = {}
     if config.stage == "sr":
@@ -86,7 +98,7 @@ def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None):
           aug_noise_key, lowres, levels, aug_log_snr_fn)
 
     def net(z, log_snr):
-      return model.apply({"params": params}, z, log_snr, text_emb, text_mask, **extra)
+      return apply_fn(params, frozen.get("base"), z, log_snr, text_emb, text_mask, **extra)
 
     if diff.formulation == "edm":
       per_example, log_snr = edm.training_loss(
@@ -99,7 +111,9 @@ def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None):
           weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
     else:
       raise ValueError(f"config.diffusion.formulation: unknown {diff.formulation!r}; use vp or edm")
-    return per_example.mean(), (per_example, log_snr)
+    weights = batch.get("loss_weight")
+    loss = per_example.mean() if weights is None else (per_example * weights).mean()
+    return loss, (per_example, log_snr)
 
   return loss_fn
 
@@ -122,9 +136,10 @@ def _micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Arr
 
 
 def make_train_step(config: Any, model: Any, optimizer: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, text_apply: TextApply | None = None):
-  """train_step(state, batch, text_params) -> (state, TrainMetrics)."""
-  loss_fn = make_loss_fn(config, model, text_apply)
+                    lr_schedule: optax.Schedule, text_apply: TextApply | None = None,
+                    apply_fn: ApplyFn | None = None):
+  """train_step(state, batch, frozen) -> (state, TrainMetrics)."""
+  loss_fn = make_loss_fn(config, model, text_apply, apply_fn)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = int(config.optimizer.grad_accum_steps)
   log_snr_fn = schedules.stage_log_snr_fn(config.diffusion)
@@ -132,14 +147,14 @@ def make_train_step(config: Any, model: Any, optimizer: optax.GradientTransforma
   nan_at_step = int(config.debug.nan_at_step)
   skip_nonfinite = config.nonfinite == "skip"
 
-  def train_step(state: state_lib.TrainState, batch, text_params):
+  def train_step(state: state_lib.TrainState, batch, frozen):
     key = jax.random.fold_in(base_key, state.step)
     if accum == 1:
-      (loss, (per_example, log_snr)), grads = grad_fn(state.params, batch, text_params, key)
+      (loss, (per_example, log_snr)), grads = grad_fn(state.params, batch, frozen, key)
     else:
       def micro(carry, inputs):
         i, mb = inputs
-        (l, aux), g = grad_fn(state.params, mb, text_params, jax.random.fold_in(key, i))
+        (l, aux), g = grad_fn(state.params, mb, frozen, jax.random.fold_in(key, i))
         return jax.tree_util.tree_map(jnp.add, carry, g), (l, aux)
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
       grads, (losses, (per_example, log_snr)) = jax.lax.scan(

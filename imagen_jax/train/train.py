@@ -33,6 +33,8 @@ from imagen_jax.core import partitioning
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import sampling
+from imagen_jax.models import lora
+from imagen_jax.train import finetune
 from imagen_jax.train import metric_writers
 from imagen_jax.train import mfu
 from imagen_jax.train import state as state_lib
@@ -54,13 +56,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = partitioning.make_mesh(config.mesh, devices)
   check_config(config, mesh)
   check_workdir_writable(workdir)
+  # Fine-tuning: the base stage checked against the config, its step fixed, class images made.
+  config = finetune.prepare(config, workdir)
   lead = jax.process_index() == 0
 
   # --- 2. Text encoder and data: this process's shard of the global batch ------------------
   text_encoder = load_text_encoder_if_needed(config)
-  data = pipeline_lib.make_pipeline(
-      config, tokenize_fn=text_encoder.tokenize if text_encoder else None,
-      embedding_lookup=open_embedding_cache(config))
+  data = finetune.make_data(config, workdir, text_encoder.tokenize if text_encoder else None,
+                            open_embedding_cache(config))
 
   # --- 3. Model, state (created sharded or restored), the step compiled ahead of time ------
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -69,8 +72,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if setup.data_state is not None:
     logging.info("Resuming from the checkpoint at step %d in %s", start_step, ckpt.directory)
     data.set_state(setup.data_state)
-  compiled_step, text_params, batch_shapes = (setup.compiled_step, setup.text_params,
-                                              setup.batch_shapes)
+  compiled_step, frozen, batch_shapes = setup.compiled_step, setup.frozen, setup.batch_shapes
   distributed.barrier("compiled_train_step")  # hosts compile at different speeds
   peak_flops, _ = mfu.peak_tflops_per_device()
 
@@ -80,10 +82,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if lead:
     fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(config))
     logging.info("Parameters:\n%s\ntotal_params: %d", *models.parameter_table(config))
+    if setup.lora_spec is not None:
+      logging.info("LoRA adapters (%s): %d trained parameters; the base is frozen",
+                   setup.lora_spec, lora.count(state.params))
   flops_per_step = setup.flops_per_step
   logging.info("Compiled the train step in %.1f s; %s FLOPs per step per device",
                setup.compile_seconds, f"{flops_per_step:.3g}" if flops_per_step else "unknown")
-  preview = make_preview(config, model, text_encoder, mesh) if config.sample_every else None
+  preview = (make_preview(config, model, text_encoder, mesh, setup.sampling_params)
+             if config.sample_every else None)
   preemption = PreemptionWatcher()
 
   # --- 5. The loop -------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress.start(start_step)
     for step in range(start_step + 1, config.total_steps + 1):
       batch = pipeline_lib.global_batch(device_part(next(data), batch_shapes), mesh)
-      state, metrics = compiled_step(state, batch, text_params)
+      state, metrics = compiled_step(state, batch, frozen)
       train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
       ckpt.check()  # a checkpoint that failed in the background stops the run here
 
@@ -136,11 +142,20 @@ class TrainSetup:
   state: state_lib.TrainState | None      # restored, created, or None (init_state=False)
   start_step: int                         # the restored checkpoint's step, or 0
   data_state: Any                         # the input pipeline's state saved with it, or None
-  text_params: Any                        # the frozen encoder's params on the mesh, or None
+  # What the step reads but never updates: {"text": the frozen encoder's params on the mesh or
+  # None, "base": a LoRA run's frozen base params (abstract unless `init_state`) or None}.
+  frozen: dict[str, Any]
   batch_shapes: dict[str, jax.ShapeDtypeStruct]  # the global batch, with its shardings
-  compiled_step: Any = None               # (state, batch, text_params) -> (state, metrics)
+  lora_spec: lora.LoraSpec | None = None  # a LoRA run's adapters (state.params are adapters)
+  compiled_step: Any = None               # (state, batch, frozen) -> (state, metrics)
   compile_seconds: float = 0.0
   flops_per_step: float = 0.0             # per device, from the traced step
+
+  def sampling_params(self, params: Any) -> Any:
+    """The network's parameters for trained `params` (a LoRA run's: merged into the base)."""
+    if self.lora_spec is None:
+      return params
+    return lora.merge(self.frozen["base"], params, self.lora_spec)
 
 
 def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
@@ -151,14 +166,27 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   The abstract state and its shardings come from the boxed parameter shapes (nothing is
   allocated); the state is restored from `checkpointer` (its latest step, or `step`) when it
-  has one, otherwise created directly sharded (unless `init_state=False`); the step is traced
-  and AOT-compiled with the state donated, as maxdiffusion does.
+  has one, otherwise created directly sharded (unless `init_state=False`): from random
+  initialization, or for fine-tuning (`config.finetune`, already `finetune.prepare`d) from the
+  base stage's EMA parameters ("full") or as fresh adapters on them ("lora", whose frozen base
+  is restored whenever `init_state`). The step is traced and AOT-compiled with the state
+  donated, as maxdiffusion does.
   """
   model = models.build_model(config)
+  method, spec = finetune.method(config), finetune.lora_spec(config)
   optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
-  param_shapes = jax.eval_shape(functools.partial(init_params, config, model),
-                                jax.random.PRNGKey(config.seed))
+  key = jax.random.PRNGKey(config.seed)
+  model_shapes = jax.eval_shape(functools.partial(init_params, config, model), key)
+  if spec is None:
+    init_trainable = lambda k: nn.unbox(init_params(config, model, k))
+    param_shapes = model_shapes
+  else:  # the trained parameters are the adapters
+    init_trainable = lambda k: nn.unbox(lora.init_adapters(k, model, config, spec))
+    param_shapes = jax.eval_shape(lambda k: lora.init_adapters(k, model, config, spec), key)
   state_shardings, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
+  base_shardings = partitioning.tree_shardings(model_shapes, mesh)
+  abstract_base = checkpoints.abstract_like(nn.unbox(model_shapes), base_shardings)
+  base = finetune.Base(config.finetune.base, config.finetune.base_step) if method != "none" else None
   state, start_step, data_state = None, 0, None
   if checkpointer is not None:
     step = checkpointer.latest_step() if step is None else step
@@ -167,22 +195,33 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       start_step = step
   if state is None and init_state:
     with partitioning.mesh_context(mesh):
-      state = jax.jit(
-          lambda key: state_lib.create(nn.unbox(init_params(config, model, key)), optimizer),
-          out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+      if method == "full":  # every parameter starts from the base's EMA parameters
+        state = jax.jit(lambda p: state_lib.create(p, optimizer), out_shardings=state_shardings)(
+            finetune.restore_base_params(base, abstract_base))
+      else:
+        state = jax.jit(lambda k: state_lib.create(init_trainable(k), optimizer),
+                        out_shardings=state_shardings)(key)
   text_params, text_shardings = place_text_params(text_encoder, mesh)
+  frozen_base, frozen_base_shardings = None, None
+  if spec is not None:
+    frozen_base = (finetune.restore_base_params(base, abstract_base) if init_state
+                   else abstract_base)
+    frozen_base_shardings = base_shardings
+  frozen = {"text": text_params, "base": frozen_base}
   setup = TrainSetup(model, optimizer, abstract_state, state_shardings, state, start_step,
-                     data_state, text_params, batch_spec(config, mesh))
+                     data_state, frozen, batch_spec(config, mesh), spec)
   if compile_step:
     train_step = step_lib.make_train_step(config, model, optimizer, lr_schedule,
-                                          text_encoder.apply if text_encoder else None)
+                                          text_encoder.apply if text_encoder else None,
+                                          lora.network(model, spec))
+    frozen_shardings = {"text": text_shardings, "base": frozen_base_shardings}
     with partitioning.mesh_context(mesh):
       start = time.perf_counter()
       traced = jax.jit(
           train_step, in_shardings=(state_shardings, batch_shardings(setup.batch_shapes),
-                                    text_shardings),
+                                    frozen_shardings),
           out_shardings=(state_shardings, None), donate_argnums=(0,)
-      ).trace(abstract_state, setup.batch_shapes, text_params)
+      ).trace(abstract_state, setup.batch_shapes, frozen)
       setup.compiled_step = traced.lower().compile()
       setup.compile_seconds = time.perf_counter() - start
     setup.flops_per_step = mfu.model_flops(traced.jaxpr) / mesh.size
@@ -320,6 +359,8 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     shapes["text_emb"] = ((b, length, config.text.width), jnp.float32)
   else:
     shapes["tokens"] = ((b, length), jnp.int32)
+  if finetune.uses_prior(config):
+    shapes["loss_weight"] = ((b,), jnp.float32)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
           for k, (shape, dtype) in shapes.items()}
 
@@ -343,8 +384,11 @@ def check_finite(state: state_lib.TrainState, config: ml_collections.ConfigDict)
         f"config.nonfinite='skip' to drop such updates and count them.")
 
 
-def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encoder, mesh):
+def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encoder, mesh,
+                 sampling_params=lambda params: params):
   """preview(ema_params) -> uint8 grid [H, W, 3] of samples for fixed prompts / examples.
+
+  `sampling_params` turns the trained parameters into the network's (LoRA: merged adapters).
 
   Base stages with an encoder sample `config.sample.prompts`; otherwise the text (and SR
   low-res inputs) of the first examples of a fresh training pipeline, fixed by the seed.
@@ -370,7 +414,8 @@ def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encod
 
   def preview(ema_params):
     with partitioning.mesh_context(mesh):
-      images = sample_fn(ema_params, keys, jnp.asarray(emb), jnp.asarray(mask), lowres=lowres)
+      images = sample_fn(sampling_params(ema_params), keys, jnp.asarray(emb), jnp.asarray(mask),
+                         lowres=lowres)
     return images_lib.image_grid(np.asarray(preprocess.to_uint8(images)))
 
   return preview
