@@ -45,6 +45,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
   from imagen_jax import demo  # pylint: disable=g-import-not-at-top
+  from imagen_jax import finetune as finetune_run  # pylint: disable=g-import-not-at-top
   from imagen_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
@@ -79,7 +80,9 @@ def main(argv: Sequence[str]) -> None:
         f"configs/demo_base.py:{variant}", overrides))
     arm_dir = os.path.join(root, arm)
     start = time.perf_counter()
-    demo.train_stage(config, arm_dir)
+    if not os.path.isdir(arm_dir) or checkpoints.Checkpointer(
+        arm_dir, read_only=True).latest_step() != config.total_steps:
+      finetune_run.run(config, arm_dir)  # class images (prior arms), then the training loop
     train_seconds = time.perf_counter() - start
     ckpt = checkpoints.Checkpointer(arm_dir, read_only=True)
     step_dir = os.path.join(arm_dir, "checkpoints", str(ckpt.latest_step()))

@@ -108,6 +108,34 @@ def tiny_cascade(tmp_path_factory, shapes_data_dir):
   return [base, sr]
 
 
+# Fine-tuning the tiny cascade's 16x16 base: a few LoRA steps (tests/test_finetune.py).
+FINETUNE_RUN = {"image_size": 16, "finetune.steps": 4, "finetune.batch_size": 8,
+                "finetune.warmup_steps": 1, "finetune.lora_rank": 2, "checkpoint_every": 2}
+FINETUNE_PRIOR = {"finetune.prior_class": "a triangle", "finetune.prior_images": 3,
+                  "finetune.prior_weight": 0.5}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_cascade):
+  """A LoRA workdir made by `imagen-jax finetune` as a user types it (relative paths, class-prior
+  preservation) from the tiny cascade's base: {"workdir", "root" (where it ran: subject/, data/),
+  "settings" (its --config.* values, paths absolute)}. Read-only for the tests."""
+  from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import shapes_grammar  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("finetune")
+  shapes.write_subject_folder(str(root / "subject"), shapes_grammar.Obj("yellow", "triangle"),
+                              "blicket", [(0, 0), (1, 1), (2, 1)])
+  relative = {**FINETUNE_RUN, **FINETUNE_PRIOR, "data.source": "folder:subject",
+              "data.data_dir": "data"}
+  out = run_cli("finetune", "--config=configs/base64.py:tiny", "--workdir=lora",
+                f"--base={os.path.relpath(tiny_cascade[0], root)}", *config_flags(relative),
+                cwd=root)
+  assert out.returncode == 0, out.stderr[-3000:]
+  settings = {**relative, "data.source": f"folder:{root / 'subject'}",
+              "data.data_dir": str(root / "data"), "finetune.base": tiny_cascade[0]}
+  return {"workdir": str(root / "lora"), "root": str(root), "settings": settings}
+
+
 # --- The data tests' shapes set, configs and tokenizer -----------------------------------------
 
 SHAPES_DIR_SIZES = {"train": 200, "validation": 60, "heldout": 60}

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SMALL_BASE_NET, assert_trees_equal, run_cli, tiny_config
+from conftest import (FINETUNE_RUN, SMALL_BASE_NET, assert_trees_equal, run_cli,
+                      tiny_config)
 from imagen_jax import models
 from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
@@ -227,10 +228,8 @@ BLICKET = grammar.Obj("yellow", "triangle")
 
 def finetune_settings(base, subject, data_dir, **overrides):
   """A tiny fine-tuning run of the tiny cascade's 16x16 base stage."""
-  return {"image_size": 16, "data.source": f"folder:{subject}", "data.data_dir": data_dir,
-          "finetune.base": base, "finetune.steps": 4, "finetune.batch_size": 8,
-          "finetune.warmup_steps": 1, "finetune.lora_rank": 2, "checkpoint_every": 2,
-          **overrides}
+  return {**FINETUNE_RUN, "data.source": f"folder:{subject}", "data.data_dir": data_dir,
+          "finetune.base": base, **overrides}
 
 
 @pytest.fixture
@@ -246,26 +245,15 @@ def stored_state(workdir, step=None):
 
 
 @pytest.mark.slow
-def test_lora_finetune_command_resume_and_sampling(tiny_cascade, subject, tmp_path):
+def test_lora_finetune_command_resume_and_sampling(tiny_cascade, tiny_lora, tmp_path):
   from imagen_jax.diffusion import noise as noise_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax import finetune as imagen_finetune  # pylint: disable=g-import-not-at-top
   base, sr = tiny_cascade
-  base_files = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(base) for f in fs}
-  prior_settings = {"finetune.prior_class": "a triangle", "finetune.prior_images": 3,
-                    "finetune.prior_weight": 0.5}
-  # The command as a user types it, with paths relative to where it runs.
-  settings = finetune_settings(os.path.relpath(base, tmp_path), "subject", "data", **prior_settings)
-  del settings["finetune.base"]
-  out = run_cli("finetune", "--config=configs/base64.py:tiny", "--workdir=lora",
-                f"--base={os.path.relpath(base, tmp_path)}",
-                *[f"--config.{k}={v}" for k, v in settings.items()], cwd=tmp_path)
-  assert out.returncode == 0, out.stderr[-3000:]
-  lora_dir = str(tmp_path / "lora")
-  # The same run's config in-process (the command resolved its paths the same way).
-  config = finetune.finetune_config(tiny_config("base64", **finetune_settings(
-      base, subject, str(tmp_path / "data"), **prior_settings)))
+  # `tiny_lora` ran `imagen-jax finetune` (relative paths) on the base; its config in-process:
+  lora_dir = tiny_lora["workdir"]
+  config = finetune.finetune_config(tiny_config("base64", **tiny_lora["settings"]))
 
   # The class images: sampled from the base, listed for the folder source.
   prior = finetune.prior_folder(config, lora_dir)
@@ -288,8 +276,10 @@ def test_lora_finetune_command_resume_and_sampling(tiny_cascade, subject, tmp_pa
   assert attention and all(np.any(a["b"] != 0) for a in attention)
   assert stored["config"]["finetune"]["base"] == base
   assert stored["config"]["finetune"]["base_step"] == 2
-  assert base_files == {f: os.path.getmtime(os.path.join(r, f))
-                        for r, _, fs in os.walk(base) for f in fs}
+  # The base stage is read, never written: its newest file predates the fine-tuning.
+  newest_base_file = max(os.path.getmtime(os.path.join(r, f))
+                         for r, _, fs in os.walk(base) for f in fs)
+  assert newest_base_file < os.path.getmtime(os.path.join(lora_dir, "config.json"))
 
   # Resume: 2 steps, stop, then on to 4 = 4 straight (adapters, EMA, optimizer, data).
   resumed = str(tmp_path / "resumed")

@@ -31,19 +31,19 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
   commands = readme_commands("Every command on a CPU, in a minute each")
   assert [c.split()[:2] for c in commands if c.startswith("imagen-jax")] == [
       ["imagen-jax", "train"], ["imagen-jax", "train"], ["imagen-jax", "sample"],
-      ["imagen-jax", "eval"], ["imagen-jax", "edit"], ["imagen-jax", "inspect"],
-      ["imagen-jax", "inspect"],
+      ["imagen-jax", "eval"], ["imagen-jax", "edit"], ["imagen-jax", "finetune"],
+      ["imagen-jax", "sample"], ["imagen-jax", "inspect"], ["imagen-jax", "inspect"],
       ["imagen-jax", "encode"], ["imagen-jax", "encode"]]
   outputs = {}
   for command in commands:
     out = run_as_typed(command, tmp_path)
     assert out.returncode == 0, (command, out.stderr[-4000:])
     name = command.split(" ", 2)[1] if command.startswith("imagen-jax") else command
-    outputs[name + (" --memory" if " --memory" in command else "")] = out
+    outputs.setdefault(name + (" --memory" if " --memory" in command else ""), out)
     # Every path was relative: nothing lands outside the fresh directory.
     assert all(not os.path.isabs(a.split("=", 1)[-1]) for a in shlex.split(command)
                if a.startswith(("--workdir=", "--outdir=", "--samples=", "--config.output=",
-                                "--image=")))
+                                "--base=", "--image=")))
   for stage in ("base", "sr"):
     total = config_lib.load_config(f"configs/demo_{stage}.py:quick").total_steps
     assert os.listdir(tmp_path / "runs" / stage / "checkpoints") == [str(total)]
@@ -57,6 +57,14 @@ def test_every_cpu_command_runs_as_written_from_a_fresh_directory(tmp_path):
   assert edited[0]["image"] == str(tmp_path / "samples" / "00000.png")
   assert edited[0]["edit"]["mode"] == "img2img" and edited[0]["edit"]["strength"] == 0.6
   assert (tmp_path / "edits" / "00000.png").is_file()
+  # The LoRA workdir holds the adapters of 20 steps and names its base; it samples in its place.
+  assert os.listdir(tmp_path / "runs" / "blicket" / "checkpoints") == ["20"]
+  tuned = json.loads((tmp_path / "runs" / "blicket" / "config.json").read_text())
+  assert tuned["finetune"]["method"] == "lora"
+  assert tuned["finetune"]["base"] == str(tmp_path / "runs" / "base")
+  blickets = [json.loads(line) for line in open(tmp_path / "blickets" / "samples.jsonl")]
+  assert blickets[0]["stages"][0]["lora"] == {"base": str(tmp_path / "runs" / "base"),
+                                              "base_step": 30, "scale": 1.0}
   scores = json.loads((tmp_path / "samples" / "scores.json").read_text())
   assert scores["all"]["n"] == 4 and 0 <= scores["all"]["all_correct"] <= 1
   assert '"batch_size": 64' in outputs["inspect"].stdout

@@ -173,11 +173,13 @@ def test_empty_and_overlong_prompts(cascade, tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
+def test_notebook_runs_end_to_end(tiny_cascade, tiny_lora, tmp_path):
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
   notebook = nbformat.read(os.path.join(REPO, "notebooks", "sampling.ipynb"), as_version=4)
-  env = dict(IMAGEN_STAGES=",".join(tiny_cascade), IMAGEN_STEPS="3",
+  # The base stage as a LoRA workdir of `imagen-jax finetune`, its adapters at half weight.
+  env = dict(IMAGEN_STAGES=f"{tiny_lora['workdir']},{tiny_cascade[1]}", IMAGEN_STEPS="3",
+             IMAGEN_LORA_SCALE="0.5",
              IMAGEN_OUTDIR=str(tmp_path / "nb"), IMAGEN_NUM_SAMPLES="1",
              IMAGEN_SAMPLER="dpmpp_2m,unipc", IMAGEN_GUIDANCE_INTERVAL="0.3:5,all",
              IMAGEN_EDIT_OUTDIR=str(tmp_path / "edits"))
@@ -191,6 +193,8 @@ def test_notebook_runs_end_to_end(tiny_cascade, tmp_path):
   stages = outdir_lib.read_records(str(tmp_path / "nb"))[0]["stages"]
   assert [(s["sampler"], s["guidance_interval"]) for s in stages] == [
       ("dpmpp_2m", [0.3, 5.0]), ("unipc", [])]
+  assert stages[0]["lora"] == {"base": tiny_cascade[0], "base_step": 2, "scale": 0.5}
+  assert "lora" not in stages[1]
   grid = pixels(tmp_path / "nb", "grid.png")
   assert grid.shape == (32, 64, 3)  # two prompts, one 32x32 image each, side by side
   # The edit section inpaints the centre of the first sample and keeps the rest exactly.

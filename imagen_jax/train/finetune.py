@@ -217,6 +217,9 @@ def make_data(config: ml_collections.ConfigDict, workdir: str, tokenize_fn: Any 
   if config.batch_size % 2:
     raise FinetuneError(f"class-prior preservation fills half of each batch with class images: "
                         f"config.batch_size={config.batch_size} must be even")
+  if config.data.embed_cache:
+    raise FinetuneError("class-prior preservation encodes the class images' captions on the fly: "
+                        f"clear config.data.embed_cache={config.data.embed_cache!r}")
   instance = config_lib.from_json(config_lib.to_json(config))
   instance.batch_size = config.batch_size // 2
   prior = config_lib.from_json(config_lib.to_json(instance))
