@@ -141,6 +141,11 @@ def init_adapters(key: jax.Array, model: nn.Module, config: ml_collections.Confi
   return adapters
 
 
+def adapter_shapes(model: nn.Module, config: ml_collections.ConfigDict, spec: LoraSpec) -> Any:
+  """The boxed adapters as ShapeDtypeStructs (nothing allocated): restore targets, shardings."""
+  return jax.eval_shape(lambda k: init_adapters(k, model, config, spec), jax.random.PRNGKey(0))
+
+
 def adapter_paths(adapters: Any) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
   """(module path, {"a", "b"}) of every adapter in the tree."""
   def walk(node, path):

@@ -107,8 +107,7 @@ def stage_params(config: ml_collections.ConfigDict, workdir: str, step: int,
                      f"cannot be read: {e}") from e
   model = models.build_model(config)
   adapters = checkpoints.Checkpointer(workdir, read_only=True).restore_params(
-      step, abstract(jax.eval_shape(lambda k: lora_lib.init_adapters(k, model, config, spec),
-                                    jax.random.PRNGKey(0))), which)
+      step, abstract(lora_lib.adapter_shapes(model, config, spec)), which)
   return lora_lib.merge(base_params, adapters, spec, lora_scale)
 
 

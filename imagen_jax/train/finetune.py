@@ -45,11 +45,6 @@ def method(config: ml_collections.ConfigDict) -> str:
     raise config_lib.ConfigError(str(e)) from e
 
 
-def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
-  """The adapters' spec of a LoRA run, None otherwise."""
-  return lora.stage_spec(config)
-
-
 def uses_prior(config: ml_collections.ConfigDict) -> bool:
   return method(config) != "none" and bool(config.finetune.prior_class)
 
@@ -143,7 +138,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, require_prior: bool
   base = resolve_base(config)
   check_matches_base(config, base)
   config.finetune.base, config.finetune.base_step = base.workdir, base.step
-  lora_spec(config)  # a bad rank or layer list fails here
+  lora.stage_spec(config)  # a bad rank or layer list fails here
   check_subject(config)
   if uses_prior(config):
     check_prior(config)

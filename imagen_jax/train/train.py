@@ -173,7 +173,7 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   donated, as maxdiffusion does.
   """
   model = models.build_model(config)
-  method, spec = finetune.method(config), finetune.lora_spec(config)
+  method, spec = finetune.method(config), lora.stage_spec(config)
   optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
   key = jax.random.PRNGKey(config.seed)
   model_shapes = jax.eval_shape(functools.partial(init_params, config, model), key)
@@ -182,7 +182,7 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     param_shapes = model_shapes
   else:  # the trained parameters are the adapters
     init_trainable = lambda k: nn.unbox(lora.init_adapters(k, model, config, spec))
-    param_shapes = jax.eval_shape(lambda k: lora.init_adapters(k, model, config, spec), key)
+    param_shapes = lora.adapter_shapes(model, config, spec)
   state_shardings, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
   base_shardings = partitioning.tree_shardings(model_shapes, mesh)
   abstract_base = checkpoints.abstract_like(nn.unbox(model_shapes), base_shardings)
