@@ -30,6 +30,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       emb_dim=256,
       pool_width=128,
       text_dim=0,
+      text_pooling=True,        # the attention-pooled text vector joins the conditioning
       dropout=0.0,
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=2,             # space-to-depth: the U-Net runs at 16x16, 3-4x faster on a CPU

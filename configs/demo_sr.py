@@ -27,6 +27,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       emb_dim=128,
       pool_width=64,
       text_dim=0,
+      text_pooling=True,    # the attention-pooled text vector joins the conditioning
       dropout=0.0,
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=2,

@@ -33,3 +33,17 @@ def test_gpu_suite_runs_on_tiny_configs(tmp_path):
              for row in overhead)
   memory = json.loads(log.split("MEMORY_JSON ", 1)[1].splitlines()[0])
   assert memory["per_device_batch"] == 2 and memory["params"] > 0
+
+
+def test_demo_ablation_parses_arms():
+  from benchmarks import demo_ablation
+  name, overrides = demo_ablation.parse_arm(
+      "wide: model.attn_resolutions=(16,8,4) model.text_pooling=False optimizer.lr=1e-3 "
+      "text.encoder=builtin:shapes-tiny-pretrained")
+  assert name == "wide"
+  assert overrides == {"model.attn_resolutions": (16, 8, 4), "model.text_pooling": False,
+                       "optimizer.lr": 1e-3, "text.encoder": "builtin:shapes-tiny-pretrained"}
+  assert demo_ablation.parse_arm("demo:") == ("demo", {})
+  for bad in ("no colon here", ": optimizer.lr=1", "x: optimizer.lr"):
+    with pytest.raises(ValueError, match="arm"):
+      demo_ablation.parse_arm(bad)

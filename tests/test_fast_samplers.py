@@ -165,6 +165,12 @@ def test_guidance_interval_guides_inside_and_skips_the_unconditional_pass_outsid
   assert calls == [4, 2, 4]  # guided passes are 2B, the skipped one B
   with pytest.raises(ValueError, match="guidance interval"):
     guidance.guided_model_fn(fake_net([]), 4.0, (2.0, 0.5))
+  # No upper bound ("0.5:inf"): every noise level above lo is guided, however high.
+  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
+  open_ended = jax.jit(guidance.guided_model_fn(fake_net([]), 4.0,
+                                                outdir_lib.parse_interval("0.5:inf")))
+  np.testing.assert_allclose(open_ended(z, jnp.full((2,), -2 * np.log(1e3)), emb, mask), 40.0)
+  np.testing.assert_allclose(open_ended(z, jnp.full((2,), -2 * np.log(0.1)), emb, mask), 10.0)
 
 
 def test_guidance_interval_saves_the_evaluations_it_counts():

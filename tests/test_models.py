@@ -198,6 +198,22 @@ def test_padded_tokens_are_ignored_and_real_tokens_are_not(spec):
 
 
 @pytest.mark.parametrize("spec", TINY)
+def test_without_text_pooling_the_text_reaches_the_output_through_attention_only(spec):
+  config, _, params, apply = tiny_net(spec, **{"model.text_pooling": False})
+  assert not any("pool" in name for name in params["conditioning"])
+  pooled_params = tiny_net(spec)[2]["conditioning"]
+  assert {n for n in pooled_params if "pool" in n} == {"pool_in", "pool_query", "pool_key",
+                                                         "pool_value", "pool_out"}
+  inputs = random_inputs(config, batch=3)
+  out = apply(**inputs)
+  noise = jax.random.normal(jax.random.PRNGKey(7), inputs["text_emb"].shape)
+  padded_changed = jnp.where(inputs["text_mask"][..., None], inputs["text_emb"], 100.0 * noise)
+  assert max_diff(out, apply(**dict(inputs, text_emb=padded_changed))) <= 1e-6
+  changed = apply(**dict(inputs, text_emb=inputs["text_emb"].at[0, 1].set(noise[0, 1])))
+  assert max_diff(out[0], changed[0]) > 1e-3
+
+
+@pytest.mark.parametrize("spec", TINY)
 def test_empty_captions_and_the_null_condition_are_finite(spec):
   config, _, _, apply = tiny_net(spec)
   inputs = random_inputs(config)

@@ -55,8 +55,10 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 @pytest.mark.slow
 def test_loss_trajectory_is_the_same_on_every_mesh(tmp_path, shapes_data_dir):
   losses = {}
-  for name, mesh, ndev in [("1dev", (1, 1, 1), 1), ("8x1x1", (8, 1, 1), 8),
-                           ("2x4x1", (2, 4, 1), 8), ("2x2x2", (2, 2, 2), 8)]:
+  # Pure data parallelism (8x1x1) is the data axis of these two meshes and is left out: each
+  # mesh is a compile of its own.
+  for name, mesh, ndev in [("1dev", (1, 1, 1), 1), ("2x4x1", (2, 4, 1), 8),
+                           ("2x2x2", (2, 2, 2), 8)]:
     # The narrow 16x16 net compiles in half the time; its widths (16-64) still split over
     # every mesh axis here.
     config = tiny_config(**{**SMALL_BASE_NET, "data.data_dir": shapes_data_dir,

@@ -57,7 +57,8 @@ SPACING = flags.DEFINE_list("spacing", None,
 GUIDANCE_INTERVAL = flags.DEFINE_list(
     "guidance_interval", None, "Per stage (or one): LO:HI to guide only where LO < EDM sigma <= "
     "HI (sigma = exp(-log_snr / 2)), the conditional pass alone elsewhere; 'all' guides every "
-    "step. E.g. 0.28:5.42,all.")
+    "step. E.g. 0.28:5.42,all, or 0.3:inf (guidance only at the high noise levels, where the "
+    "layout is decided).")
 AUG_LEVEL = flags.DEFINE_list("aug_level", None, "Noise-aug level per SR stage (or one).")
 THRESHOLD = flags.DEFINE_list("threshold", None, "dynamic, static or none per stage (or one).")
 LORA_SCALE = flags.DEFINE_float(

@@ -60,6 +60,7 @@ class EfficientUNet(nn.Module):
   emb_dim: int = 2048
   pool_width: int = 2048
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
+  text_pooling: bool = True    # False: no pooled text vector in the conditioning embedding
   dropout: float = 0.0
   remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1
@@ -85,8 +86,9 @@ class EfficientUNet(nn.Module):
       raise ValueError("the Efficient U-Net is a super-resolution net: pass `lowres`")
     emb, text = layers.Conditioning(
         emb_dim=self.emb_dim, feature_dim=self.channels[0], pool_width=self.pool_width,
-        text_dim=self.text_dim, dtype=self.dtype, implementation=self.attention_impl,
-        name="conditioning")(log_snr, text_emb, text_mask, aug_log_snr)
+        text_dim=self.text_dim, text_pooling=self.text_pooling, dtype=self.dtype,
+        implementation=self.attention_impl, name="conditioning")(
+            log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)
 
     res_block = layers.maybe_remat(layers.ResBlock, self.remat, static_argnums=(3,))

@@ -314,7 +314,8 @@ class Conditioning(nn.Module):
 
   Returns (emb [B, emb_dim], text [B, L, D] in the compute dtype):
   - emb = MLP(sinusoidal features of log_snr), plus MLP(features of aug_log_snr) for SR stages
-    (noise conditioning augmentation), plus a projection of the attention-pooled text vector.
+    (noise conditioning augmentation), plus a projection of the attention-pooled text vector
+    (unless `text_pooling` is False).
   - text = LayerNorm(text_emb) with padded positions zeroed first (the paper's LayerNorm'd text
     embeddings, which every attention block concatenates into its keys and values), projected
     once to `text_dim` channels when `text_dim` > 0.
@@ -326,6 +327,7 @@ class Conditioning(nn.Module):
   pool_width: int
   text_dim: int = 0
   pool_head_dim: int = 64
+  text_pooling: bool = True  # False: text reaches the blocks through their attention only
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
 
@@ -349,6 +351,8 @@ class Conditioning(nn.Module):
       text = dense(self.text_dim, ("embed", "mlp"), self.dtype, name="text_proj")(text)
       text = constrain(text, TEXT_AXES)
 
+    if not self.text_pooling:
+      return emb, text
     # Attention pooling of the text into one vector, added to the noise-level embedding.
     width, heads = self.pool_width, max(1, self.pool_width // self.pool_head_dim)
     tokens = dense(width, ("embed", "mlp"), self.dtype, name="pool_in")(pool_source)

@@ -51,6 +51,7 @@ class UNet(nn.Module):
   emb_dim: int = 0             # 0: 4 * model_dim (ADM)
   pool_width: int = 0          # 0: emb_dim
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
+  text_pooling: bool = True    # False: no pooled text vector in the conditioning embedding
   dropout: float = 0.0
   remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1
@@ -73,7 +74,8 @@ class UNet(nn.Module):
     emb_dim = self.emb_dim or 4 * self.model_dim
     emb, text = layers.Conditioning(
         emb_dim=emb_dim, feature_dim=self.model_dim, pool_width=self.pool_width or emb_dim,
-        text_dim=self.text_dim, pool_head_dim=self.head_dim, dtype=self.dtype,
+        text_dim=self.text_dim, pool_head_dim=self.head_dim, text_pooling=self.text_pooling,
+        dtype=self.dtype,
         implementation=self.attention_impl, name="conditioning")(
             log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)

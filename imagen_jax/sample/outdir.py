@@ -106,7 +106,8 @@ def per_stage(values: Sequence[str] | None, num_stages: int, name: str, cast,
 
 
 def parse_interval(value: str) -> tuple[float, ...]:
-  """A --guidance_interval value: 'LO:HI' (EDM sigma) or 'all' (guidance at every step: ())."""
+  """A --guidance_interval value: 'LO:HI' (EDM sigma; HI may be 'inf') or 'all' (guidance at
+  every step: ())."""
   if value.strip().lower() == "all":
     return ()
   parts = value.split(":")
