@@ -16,13 +16,14 @@ smaller than that as none. Prints a table and a JSON line.
 
 from __future__ import annotations
 
-import ast
 import os
 import time
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+
+from imagen_jax.core import config_lib
 
 FLAGS = flags.FLAGS
 
@@ -49,10 +50,7 @@ def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
     key, eq, text = item.partition("=")
     if not eq:
       raise ValueError(f"arm {name!r}: override {item!r} is not key=value")
-    try:
-      overrides[key] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      overrides[key] = text  # a bare string: text.encoder=builtin:shapes-tiny
+    overrides[key] = config_lib.parse_value(text)  # text.encoder=builtin:shapes-tiny: a string
   return name.strip(), overrides
 
 
@@ -60,16 +58,9 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
   from imagen_jax import demo  # pylint: disable=g-import-not-at-top
-  from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   arms = [parse_arm(spec) for spec in FLAGS.arm]  # every arm's spelling checked before training
   workdir = FLAGS.workdir
-  data_dir = FLAGS.data_dir or os.path.join(workdir, "data")
-  if not FLAGS.data_dir:
-    shapes.build(data_dir, 64, num_examples=demo.QUICK_SHAPES if FLAGS.quick
-                 else demo.FULL_SHAPES)
+  data_dir = FLAGS.data_dir or demo.build_data(workdir, FLAGS.quick)
   variant = "quick" if FLAGS.quick else "full"
   configs = [config_lib.load_config(f"configs/demo_base.py:{variant}",
                                     {"data.data_dir": data_dir, **overrides})
@@ -81,11 +72,8 @@ def main(argv: Sequence[str]) -> None:
     start = time.perf_counter()
     demo.train_stage(config, arm)
     train_seconds = time.perf_counter() - start
-    cascade = cascade_lib.Cascade.from_workdirs([arm])
     outdir = os.path.join(arm, "samples")
-    outdir_lib.sample_to_outdir(cascade, prompts, outdir,
-                                settings=outdir_lib.stage_settings(cascade), batch_size=100,
-                                show_progress=False)
+    demo.sample([arm], prompts, outdir)  # the config's own sampler, as the demo samples
     scores = demo.score(outdir)[0]
     row = {"arm": name, "overrides": " ".join(f"{k}={v!r}" for k, v in overrides.items()),
            "train_s": round(train_seconds)}

@@ -18,7 +18,6 @@ xmanager, so the spec is testable where xmanager is not installed.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import itertools
 import json
@@ -137,14 +136,6 @@ def parse_sweeps(sweeps: Sequence[str]) -> list[dict[str, str]]:
   return [dict(point) for point in itertools.product(*axes)]
 
 
-def parse_value(text: str) -> Any:
-  """A command-line value as config_flags reads it: a Python literal, else the string."""
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
 def config_overrides(args: Sequence[str]) -> dict[str, str]:
   """{key: value} of the `--config.key=value` arguments among `args`."""
   out = {}
@@ -162,11 +153,11 @@ def check_config(config_spec: str, overrides: dict[str, str], points: list[dict[
   """Fails (config_lib.ConfigError naming the key) on a key or value the config rejects."""
   base = config_lib.load_config(config_spec)
   for key, value in overrides.items():
-    config_lib.set_by_path(base, key, parse_value(value))
+    config_lib.set_by_path(base, key, config_lib.parse_value(value))
   for point in points:
     config = config_lib.load_config(config_spec)
     for key, value in {**overrides, **point}.items():
-      config_lib.set_by_path(config, key, parse_value(value))
+      config_lib.set_by_path(config, key, config_lib.parse_value(value))
 
 
 def unit_name(index: int, point: dict[str, str]) -> str:

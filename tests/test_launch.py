@@ -274,18 +274,18 @@ def test_readme_pod_commands_run_as_written(xm_launch):
       job = words[words.index("--") + 1:]
       [started] = {c[-1] for c in commands(out.stdout) if c[-1].startswith("--command=PATH=")}
       assert shlex.split(started.split("=", 1)[1])[2:] == job
-      check_imagen_args(job[1:], xm_launch.parse_value)
+      check_imagen_args(job[1:], config_lib.parse_value)
     elif words[0] == "sbatch":
       script = next(w for w in words if w.startswith("launch/"))
       assert os.path.exists(os.path.join(REPO, script))
-      check_imagen_args(words[words.index(script) + 2:], xm_launch.parse_value)
+      check_imagen_args(words[words.index(script) + 2:], config_lib.parse_value)
     elif words[:3] == ["xmanager", "launch", "launch/xm_launch.py"]:
       out = subprocess.run([sys.executable, os.path.join(LAUNCH, "xm_launch.py"), "--dry_run",
                             *words[4:]], capture_output=True, text=True, timeout=120, cwd=REPO)
       assert out.returncode == 0, (words, out.stderr)
       assert len(json.loads(out.stdout)["work_units"]) == 2
     elif words[:2] == ["imagen-jax", "inspect"]:  # compiling a 500M step takes minutes: args only
-      check_imagen_args(words[2:], xm_launch.parse_value)
+      check_imagen_args(words[2:], config_lib.parse_value)
       from imagen_jax.train import memory  # pylint: disable=g-import-not-at-top
       flags_given = dict(w[2:].split("=", 1) for w in words[2:] if "=" in w)
       memory.parse_mesh(flags_given["mesh"])

@@ -7,6 +7,7 @@ command line (through ml_collections' `config_flags`) and Python callers (tests,
 
 from __future__ import annotations
 
+import ast
 import importlib.resources
 import importlib.util
 import json
@@ -149,6 +150,14 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   for key, value in (overrides or {}).items():
     set_by_path(config, key, value)
   return resolve_paths(config)
+
+
+def parse_value(text: str) -> Any:
+  """A command-line value as config_flags reads it: a Python literal, else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

@@ -75,8 +75,7 @@ class UNet(nn.Module):
     emb, text = layers.Conditioning(
         emb_dim=emb_dim, feature_dim=self.model_dim, pool_width=self.pool_width or emb_dim,
         text_dim=self.text_dim, pool_head_dim=self.head_dim, text_pooling=self.text_pooling,
-        dtype=self.dtype,
-        implementation=self.attention_impl, name="conditioning")(
+        dtype=self.dtype, implementation=self.attention_impl, name="conditioning")(
             log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)
 
