@@ -22,7 +22,7 @@ run() {
 if [[ "${TINY:-0}" == 1 ]]; then
   BASE=configs/base64.py:tiny; SR=configs/sr256.py:tiny; BATCH=2; SR_BATCH=2
   TIMING=(--steps=1 --repeats=1); SAMPLE_TIMING=(--steps=2 --repeats=1)
-  OVERHEAD=(--steps=4 --network_steps=1 --batch_size=2)
+  OVERHEAD=(--steps=4 --network_steps=1 --batch_size=2 --samplers=ddim,dpmpp_2m,unipc)
 else
   BASE=configs/base64.py:500m; SR=configs/sr256.py:paper; BATCH=64; SR_BATCH=32
   TIMING=(); SAMPLE_TIMING=(); OVERHEAD=(--network_steps=2 --batch_size=8)

@@ -95,7 +95,7 @@ def main(argv: Sequence[str]) -> None:
     outdir_lib.sample_to_outdir(cascade, prompts, outdir, settings=chosen,
                                 batch_size=_BATCH.value, show_progress=False)
     seconds = time.perf_counter() - start
-    scores, _, images = demo.score(outdir)
+    scores, _, images, _ = demo.score(outdir)
     if (sampler, steps, spacing) == reference:
       reference_images = np.stack(images).astype(np.float64)
     psnr = None

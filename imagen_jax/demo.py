@@ -104,12 +104,14 @@ def sample(stage_dirs: Sequence[str], prompts: list[dict[str, str]], outdir: str
                                      show_progress=False)
 
 
-def score(outdir: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[np.ndarray]]:
-  """(scores per split, records, images) of the samples in `outdir`."""
+def score(outdir: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[np.ndarray],
+                               list[dict[str, Any]]]:
+  """(scores per split, records, images, each image's verdict) of the samples in `outdir`."""
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   records, images = outdir_lib.read_samples(outdir)
-  return judge.score_by_split(records, images), records, images
+  verdicts = [judge.judge(image, r["prompt"]) for r, image in zip(records, images)]
+  return judge.score_verdicts_by_split(records, verdicts), records, images, verdicts
 
 
 def score_table(scores: dict[str, dict[str, float]],
@@ -129,10 +131,10 @@ def score_table(scores: dict[str, dict[str, float]],
 
 
 def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]],
-                 images: list[np.ndarray], timings: dict[str, float],
-                 dataset: dict[str, Any] | None = None) -> None:
+                 images: list[np.ndarray], verdicts: list[dict[str, Any]],
+                 timings: dict[str, float], dataset: dict[str, Any] | None = None) -> None:
   """A self-contained HTML page: the scores (beside the dataset renders' own), then per split
-  every image over its prompt and verdict."""
+  every image over its prompt and verdict (`score`'s)."""
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
 
   def data_uri(image):
@@ -153,10 +155,9 @@ def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]
            "<p>" + ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()) + "</p>"]
   for split in SPLITS:
     parts.append(f"<h2>{split}</h2>")
-    for record, image in zip(records, images):
+    for record, image, verdict in zip(records, images, verdicts):
       if record.get("split") != split:
         continue
-      verdict = judge.judge(image, record["prompt"])
       mark = ("<span class=ok>correct</span>" if verdict["all_correct"] else
               "<span class=bad>wrong: " + ", ".join(
                   a for a in judge.ATTRIBUTES[:-1] if not verdict[a]) + "</span>")
@@ -191,12 +192,13 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
   outdir = os.path.join(workdir, "samples")
   sample(stage_dirs, eval_prompts(data_dir, num_prompts), outdir)
   lap("sample")
-  scores, records, images = score(outdir)
+  scores, records, images, verdicts = score(outdir)
   dataset = dataset_scores(data_dir, num_prompts)
   lap("score")
   fileio.write_text(os.path.join(workdir, "scores.json"), json.dumps(
       {"scores": scores, "dataset": dataset, "seconds": timings, "quick": quick}, indent=2))
-  write_report(os.path.join(workdir, "report.html"), scores, records, images, timings, dataset)
+  write_report(os.path.join(workdir, "report.html"), scores, records, images, verdicts, timings,
+               dataset)
   print(score_table(scores, dataset))
   print(f"report: {os.path.join(workdir, 'report.html')}  ({sum(timings.values()):.0f} s: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")

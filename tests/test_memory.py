@@ -53,6 +53,18 @@ def test_fsdp_over_8_devices_holds_about_an_eighth_of_the_parameters(estimates):
   assert eight.inputs == one.inputs  # the same batch per device
 
 
+def test_a_lora_stage_counts_its_frozen_base(config, estimates):
+  from imagen_jax.train import finetune  # pylint: disable=g-import-not-at-top
+  one = memory.mesh_for(memory.parse_mesh("fsdp:1"))
+  tuned = memory.train_step_memory(finetune.finetune_config(config), one, 2)
+  full = estimates["b2"]
+  assert tuned.frozen == full.params  # the whole base, float32, held beside the adapters
+  assert 0 < tuned.params < 0.2 * full.params and tuned.ema == tuned.params
+  assert tuned.total == (tuned.params + tuned.optimizer + tuned.ema + tuned.frozen + tuned.inputs
+                         + tuned.temporaries)
+  assert "frozen base parameters (LoRA)" in memory.format_report(tuned)
+
+
 def test_largest_batch_is_read_off_the_line_through_two_compiles(estimates):
   b2, b4 = estimates["b2"], estimates["b4"]
   per_example = (b4.total - b2.total) / 2
@@ -90,7 +102,7 @@ def test_inspect_memory_command_makes_its_own_fake_devices(tmp_path):
   report = json.loads(out.stdout.split("MEMORY_JSON ", 1)[1])
   assert report["mesh"] == {"data": 2, "fsdp": 2, "model": 1}
   assert report["per_device_batch"] == 2 and report["device"] == "h100"
-  assert report["total"] == sum(report[k] for k in ("params", "optimizer", "ema", "inputs",
-                                                    "temporaries"))
+  assert report["total"] == sum(report[k] for k in ("params", "optimizer", "ema", "frozen",
+                                                    "inputs", "temporaries"))
   assert report["largest_per_device_batch"] > 2
   assert "estimate" in out.stdout and "h100" in out.stdout

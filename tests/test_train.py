@@ -197,13 +197,16 @@ def test_sigterm_saves_exits_0_and_rerun_continues(tmp_path, shapes_data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base64", "sr256"])
 def test_tiny_stage_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir, stage):
+  # The base stage's loss falls to 0.39 of its first 25 steps' within 100 steps (0.30 in 100 of
+  # 200); the SR stage's to 0.67 in 100 and below 0.6 in 200.
+  steps = {"base64": 100, "sr256": 200}[stage]
   config = config_lib.load_config(f"configs/{stage}.py:tiny", {
-      "data.data_dir": shapes_data_dir, "total_steps": 200, "batch_size": 16, "log_every": 25,
-      "checkpoint_every": 200, "optimizer.warmup_steps": 20, "model.stem_patch": 2})
+      "data.data_dir": shapes_data_dir, "total_steps": steps, "batch_size": 16, "log_every": 25,
+      "checkpoint_every": steps, "optimizer.warmup_steps": 20, "model.stem_patch": 2})
   workdir = str(tmp_path / stage)
   train_lib.train_and_evaluate(config, workdir)
   loss = read_scalars(workdir, "loss")
-  assert loss[200] < 0.6 * loss[25], loss
+  assert loss[steps] < 0.6 * loss[25], loss
 
 
 def loss_on_shapes(workdir, data_dir, steps=60, **overrides):

@@ -197,9 +197,16 @@ def score(verdicts: Iterable[dict[str, Any]]) -> dict[str, float]:
 def score_by_split(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray]
                    ) -> dict[str, dict[str, float]]:
   """{split: score} for samples.jsonl records (`prompt`, optional `split`) and their images."""
-  by_split: dict[str, list[dict[str, bool]]] = {}
-  for record, image in zip(records, images):
-    by_split.setdefault(record.get("split", "all"), []).append(judge(image, record["prompt"]))
+  return score_verdicts_by_split(records, [judge(image, record["prompt"])
+                                           for record, image in zip(records, images)])
+
+
+def score_verdicts_by_split(records: Sequence[dict[str, Any]],
+                            verdicts: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+  """score_by_split of verdicts already judged (one per record, in order)."""
+  by_split: dict[str, list[dict[str, Any]]] = {}
+  for record, verdict in zip(records, verdicts, strict=True):
+    by_split.setdefault(record.get("split", "all"), []).append(verdict)
   return {split: score(v) for split, v in sorted(by_split.items())}
 
 

@@ -4,8 +4,9 @@ XLA compiles the real sharded step (`train.build_train_step`: the same model, op
 shardings and donation as `imagen-jax train`) for a mesh of devices, here fake CPU devices, and
 its buffer assignment gives the bytes per device: arguments, outputs and temporaries. The state's
 share is computed exactly from its shardings; activations and temporaries are XLA:CPU's figure,
-an estimate of what the GPU/TPU compilers assign (they fuse and schedule differently, typically
-within tens of percent). `imagen-jax inspect --memory` prints it.
+an estimate of what the GPU/TPU compilers assign (they fuse and schedule differently: XLA:CPU's
+scheduler favours concurrency over memory, so its figure is likely high, and rematerialization
+barely moves it; benchmarks/RESULTS.md). `imagen-jax inspect --memory` prints it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ DEVICE_MEMORY = {
 
 ESTIMATE_NOTE = ("XLA:CPU's buffer assignment for the real sharded program: parameters, "
                  "optimizer state and EMA are exact; activations and temporaries are an estimate "
-                 "of the GPU/TPU compilers' (they fuse and schedule differently).")
+                 "of the GPU/TPU compilers', likely high (XLA:CPU schedules for concurrency, "
+                 "they for memory; remat barely moves it: benchmarks/RESULTS.md).")
 
 
 @dataclasses.dataclass
@@ -48,6 +50,7 @@ class MemoryEstimate:
   params: int = 0
   optimizer: int = 0
   ema: int = 0
+  frozen: int = 0               # a LoRA stage's frozen base parameters
   inputs: int = 0               # the batch (and, for a sampler, text and keys)
   temporaries: int = 0          # activations kept for the backward pass, workspaces
   generated_code: int = 0
@@ -57,7 +60,8 @@ class MemoryEstimate:
   def total(self) -> int:
     """Peak bytes: arguments (the donated state's buffers are reused for its outputs) plus
     temporaries."""
-    return self.params + self.optimizer + self.ema + self.inputs + self.temporaries
+    return (self.params + self.optimizer + self.ema + self.frozen + self.inputs
+            + self.temporaries)
 
   def as_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "total": self.total}
@@ -122,7 +126,12 @@ def _for_planning(config: ml_collections.ConfigDict, global_batch: int
 
 def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                       per_device_batch: int) -> MemoryEstimate:
-  """Per-device bytes of `imagen-jax train`'s step for `config` on `mesh`."""
+  """Per-device bytes of `imagen-jax train`'s step for `config` on `mesh`.
+
+  Each mesh size is its own compile: at the same per-device batch the temporaries still change
+  with the mesh (the paper's SR 256 stage: 114 GiB on 8 devices, 149 GiB on 64), as the SPMD
+  partitioner lays out collectives and gathered weights per mesh.
+  """
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   config = _for_planning(config, per_device_batch * batch_devices)
   setup = train.build_train_step(config, mesh, init_state=False, compile_step=True)
@@ -132,6 +141,7 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
       what="train step", mesh=dict(mesh.shape), per_device_batch=per_device_batch,
       params=_bytes_per_device(state.params), ema=_bytes_per_device(state.ema_params),
       optimizer=_bytes_per_device(state.opt_state),
+      frozen=_bytes_per_device(setup.frozen["base"]) if setup.frozen["base"] else 0,
       inputs=_bytes_per_device(setup.batch_shapes),
       temporaries=int(analysis.temp_size_in_bytes),
       generated_code=int(analysis.generated_code_size_in_bytes),
@@ -192,7 +202,8 @@ def format_report(estimate: MemoryEstimate, device: str | None = None,
            f"({math.prod(estimate.mesh.values())} devices), batch {estimate.per_device_batch} "
            "per device"]
   rows = [("parameters", estimate.params), ("optimizer state", estimate.optimizer),
-          ("EMA parameters", estimate.ema), ("inputs", estimate.inputs),
+          ("EMA parameters", estimate.ema), ("frozen base parameters (LoRA)", estimate.frozen),
+          ("inputs", estimate.inputs),
           ("activations and temporaries", estimate.temporaries), ("total", estimate.total)]
   for name, value in rows:
     if value or name in ("parameters", "total"):
