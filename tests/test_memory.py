@@ -65,6 +65,16 @@ def test_a_lora_stage_counts_its_frozen_base(config, estimates):
   assert "frozen base parameters (LoRA)" in memory.format_report(tuned)
 
 
+def test_the_estimate_compiles_what_accelerators_run(config):
+  # "auto" would pick the CPU's chunked attention and matmul weight gradients on fake devices.
+  planned = memory._for_planning(config, 16)  # pylint: disable=protected-access
+  assert (planned.model.attention_impl, planned.model.conv_impl) == ("xla", "xla")
+  assert planned.batch_size == 16 and planned.data.embed_cache
+  assert config.model.attention_impl == "auto"  # the caller's config is left alone
+  chosen = config_lib.load_config(TINY, {"model.attention_impl": "chunked"})
+  assert memory._for_planning(chosen, 16).model.attention_impl == "chunked"  # pylint: disable=protected-access
+
+
 def test_largest_batch_is_read_off_the_line_through_two_compiles(estimates):
   b2, b4 = estimates["b2"], estimates["b4"]
   per_example = (b4.total - b2.total) / 2
