@@ -110,7 +110,7 @@ def score(outdir: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[np.nd
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   records, images = outdir_lib.read_samples(outdir)
-  verdicts = [judge.judge(image, r["prompt"]) for r, image in zip(records, images)]
+  verdicts = judge.judge_records(records, images)
   return judge.score_verdicts_by_split(records, verdicts), records, images, verdicts
 
 

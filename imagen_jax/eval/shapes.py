@@ -197,8 +197,13 @@ def score(verdicts: Iterable[dict[str, Any]]) -> dict[str, float]:
 def score_by_split(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray]
                    ) -> dict[str, dict[str, float]]:
   """{split: score} for samples.jsonl records (`prompt`, optional `split`) and their images."""
-  return score_verdicts_by_split(records, [judge(image, record["prompt"])
-                                           for record, image in zip(records, images)])
+  return score_verdicts_by_split(records, judge_records(records, images))
+
+
+def judge_records(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray]
+                  ) -> list[dict[str, Any]]:
+  """The verdict on each image for its record's prompt, in order."""
+  return [judge(image, record["prompt"]) for record, image in zip(records, images, strict=True)]
 
 
 def score_verdicts_by_split(records: Sequence[dict[str, Any]],

@@ -132,12 +132,8 @@ def _for_planning(config: ml_collections.ConfigDict, global_batch: int
 
 def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                       per_device_batch: int) -> MemoryEstimate:
-  """Per-device bytes of `imagen-jax train`'s step for `config` on `mesh`.
-
-  Each mesh size is its own compile: at the same per-device batch the temporaries still change
-  with the mesh (the paper's SR 256 stage: 114 GiB on 8 devices, 149 GiB on 64), as the SPMD
-  partitioner lays out collectives and gathered weights per mesh.
-  """
+  """Per-device bytes of `imagen-jax train`'s step for `config` on `mesh` (its own compile:
+  the SPMD partitioner lays out collectives and gathered weights per mesh)."""
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   config = _for_planning(config, per_device_batch * batch_devices)
   setup = train.build_train_step(config, mesh, init_state=False, compile_step=True)
