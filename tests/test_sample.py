@@ -73,6 +73,18 @@ def test_same_seed_same_pixels_other_seed_other_pixels(cascade, tmp_path):
 
 
 @pytest.mark.slow
+def test_each_call_gets_its_own_progress_from_one_compiled_sampler(cascade):
+  settings = outdir_lib.stage_settings(cascade, steps=["2"])
+  reports, compiled = [[], []], []
+  for seen in reports:
+    cascade.sample(PROMPTS[:1], settings=settings, progress=lambda *a, seen=seen: seen.append(a))
+    compiled.append(len(cascade._compiled))  # pylint: disable=protected-access
+  # (stage, step, steps): every step of both stages, reported to the call that ran them.
+  assert sorted(reports[0]) == sorted(reports[1]) == [(0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)]
+  assert compiled[1] == compiled[0]  # the second call compiled nothing
+
+
+@pytest.mark.slow
 def test_rerun_with_more_prompts_samples_only_new_images(cascade, tmp_path):
   settings = outdir_lib.stage_settings(cascade, steps=["2"])
   out = str(tmp_path / "out")

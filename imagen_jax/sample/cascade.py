@@ -126,6 +126,10 @@ class Cascade:
     self.text_encoder = text_encoder
     self.mesh = mesh or sampling_mesh()
     self._compiled: dict[Any, Callable[..., jax.Array]] = {}
+    # The running sample() call's progress callback. The compiled samplers report to whichever
+    # is current, so one compiled program serves every call (a callback baked into the program
+    # would make each call compile anew).
+    self._progress: Callable[[int, int, int], None] | None = None
 
   @classmethod
   def from_workdirs(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None,
@@ -230,12 +234,16 @@ class Cascade:
         inputs = {name: jax.device_put(value, batch_sharding(4)) for name, value in
                   editing.stage_inputs(edit, images, masks, stage.config.image_size).items()}
         statics = {"start": edit.strength, "resample": edit.resample, "jump": edit.jump}
-      fn = self._stage_fn(k, stage_settings, progress, **statics)
+      fn = self._stage_fn(k, stage_settings, progress is not None, **statics)
       stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
-      with partitioning.mesh_context(self.mesh):
-        out = fn(stage.params, stage_keys, emb, mask, lowres=lowres, **inputs)
-      lowres = out
-      outputs.append(np.asarray(preprocess.to_uint8(out))[:n])
+      self._progress = progress
+      try:
+        with partitioning.mesh_context(self.mesh):
+          out = fn(stage.params, stage_keys, emb, mask, lowres=lowres, **inputs)
+        lowres = out
+        outputs.append(np.asarray(preprocess.to_uint8(out))[:n])  # waits for the last report
+      finally:
+        self._progress = None
     return outputs
 
   def check_edit(self, edit: editing.Edit, settings: Sequence[sampling.StageSettings]) -> None:
@@ -264,15 +272,19 @@ class Cascade:
       raise editing.EditError(f"inpainting needs one bool mask [S, S] per image "
                               f"{images.shape[:3]}, got {None if masks is None else masks.shape}")
 
-  def _stage_fn(self, k: int, settings: sampling.StageSettings,
-                progress: Callable[[int, int, int], None] | None, **statics: float):
-    cache_key = (k, settings, progress, tuple(sorted(statics.items())))
+  def _stage_fn(self, k: int, settings: sampling.StageSettings, reports_progress: bool,
+                **statics: float):
+    cache_key = (k, settings, reports_progress, tuple(sorted(statics.items())))
     if cache_key not in self._compiled:
       stage = self.stages[k]
       on_step = None
-      if progress is not None:
-        on_step = lambda i: progress(k, int(i) + 1, settings.steps)
+      if reports_progress:
+        on_step = lambda i: self._report(k, int(i) + 1, settings.steps)
       self._compiled[cache_key] = jax.jit(functools.partial(
           sampling.sample, stage.config, stage.model, settings=settings, on_step=on_step,
           **statics))
     return self._compiled[cache_key]
+
+  def _report(self, k: int, step: int, steps: int) -> None:
+    if self._progress is not None:
+      self._progress(k, step, steps)

@@ -236,8 +236,6 @@ def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]]
   bars = {}
 
   def progress(k, step, steps):
-    if not show_progress:
-      return
     bar = bars.get(k)
     if bar is None:
       bar = bars[k] = tqdm.tqdm(total=steps, desc=f"stage {k + 1}", leave=False)
@@ -258,7 +256,7 @@ def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]]
                      "masks": np.stack([i[1] for i in chunk_inputs]) if edit.uses_mask else None}
     images = cascade.sample([r["prompt"] for r in chunk], seed=seed,
                             indices=[r["index"] for r in chunk], settings=settings,
-                            progress=progress, **edit_arrays)
+                            progress=progress if show_progress else None, **edit_arrays)
     for i, record in enumerate(chunk):
       images_lib.write_png(images[-1][i], fileio.join(outdir, record["file"]))
       if save_stages:

@@ -343,7 +343,8 @@ def place_text_params(text_encoder, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   shardings = encoder_lib.param_shardings(text_encoder.config, text_encoder.dtype,
                                           text_encoder.max_length, mesh)
-  return jax.device_put(text_encoder.params, shardings), shardings
+  host = jax.tree_util.tree_map(np.asarray, text_encoder.params)
+  return encoder_lib.put_sharded(host, shardings), shardings
 
 
 def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
