@@ -31,11 +31,12 @@ HEARTBEAT_S = 10
 
 
 def overrides(data_dir):
-  # conftest's small net (16x16, two levels) with attention: it compiles fast. Adam's eps is raised from 1e-8: some biases
-  # feed a normalization, so their true gradient is 0 and what they get is rounding noise
-  # (~1e-11) that depends on the order of the cross-device sums (XLA's in-process collectives
-  # vs gloo); eps=1e-8 would blow that noise up to 1e-6-sized steps, eps=1e-3 keeps it ~1e-11
-  # and leaves the real updates (gradients ~1e-3) of the same order.
+  # conftest's small net (16x16, two levels) with attention: it compiles fast. Adam's eps is
+  # raised from 1e-8: some biases feed a normalization, so their true gradient is 0 and what
+  # they get is rounding noise (~1e-11) that depends on the order of the cross-device sums
+  # (XLA's in-process collectives vs gloo); eps=1e-8 would blow that noise up to 1e-6-sized
+  # steps, eps=1e-3 keeps it ~1e-11 and leaves the real updates (gradients ~1e-3) of the same
+  # order.
   return short_run_settings(data_dir, **{
       "total_steps": STEPS, "checkpoint_every": EVERY, "optimizer.eps": 1e-3,
       "model.attn_resolutions": (8,)})

@@ -3,10 +3,12 @@ in the background, object-store writes that fail transiently or for good."""
 
 import json
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import short_run_config  # pylint: disable=g-bad-import-order
+from conftest import short_run_config, tiny_config  # pylint: disable=g-bad-import-order
 from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
 from imagen_jax.core import fileio
@@ -50,6 +52,28 @@ def test_a_relative_workdir_trains_checkpoints_and_resumes(tmp_path, monkeypatch
   assert int(state.step) == 4
   stored = json.loads((tmp_path / "run" / "config.json").read_text())
   assert stored["data"]["data_dir"] == shapes_data_dir
+
+
+def test_small_and_large_replicated_arrays_restore_bitwise(tmp_path):
+  # Above REPLICA_PARALLEL_MIN_BYTES per replica an array is written in slices by all 8
+  # replicas, below it whole by one: both paths come back bitwise, onto another sharding too.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  slice_floats = checkpoints.REPLICA_PARALLEL_MIN_BYTES // 4
+  rng = np.random.default_rng(0)
+  host = {"large": rng.standard_normal((8, slice_floats), np.float32),
+          "small": rng.standard_normal((3, 5), np.float32)}
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "w"))
+  ckpt.save(1, jax.device_put(host, replicated), b"data", tiny_config())
+  ckpt.wait()
+  ckpt.close()
+  abstract = {"large": jax.ShapeDtypeStruct(host["large"].shape, np.float32, sharding=rows),
+              "small": jax.ShapeDtypeStruct((3, 5), np.float32, sharding=replicated)}
+  state, data = checkpoints.Checkpointer(str(tmp_path / "w"), read_only=True).restore(1, abstract)
+  assert data == b"data" and state["large"].sharding == rows
+  for key in host:
+    np.testing.assert_array_equal(np.asarray(state[key]), host[key])
 
 
 class _FailingCommit:
