@@ -143,7 +143,7 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
       what="train step", mesh=dict(mesh.shape), per_device_batch=per_device_batch,
       params=_bytes_per_device(state.params), ema=_bytes_per_device(state.ema_params),
       optimizer=_bytes_per_device(state.opt_state),
-      frozen=_bytes_per_device(setup.frozen["base"]) if setup.frozen["base"] else 0,
+      frozen=_bytes_per_device(setup.frozen["base"]),  # None (no LoRA): 0
       inputs=_bytes_per_device(setup.batch_shapes),
       temporaries=int(analysis.temp_size_in_bytes),
       generated_code=int(analysis.generated_code_size_in_bytes),
