@@ -74,7 +74,8 @@ _ATTN_EVERY_BLOCK = flags.DEFINE_bool(
     "Ours: attention after every residual block at 32 and 16 (the paper's F.1), or, with "
     "--noattn_every_block, once per level and path, where imagen-pytorch puts its transformer.")
 _CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_grad"],
-                               "Our convolutions (models/conv.py; auto: matmul_grad on CPU).")
+                               "Our convolutions (models/conv.py; auto: matmul_grad on x86 "
+                               "CPUs without AVX-512).")
 _OUR_SAMPLER = flags.DEFINE_string(
     "our_sampler", "ddpm", "Our sampler (ddpm at --sample_steps matches the peer's; a fast one, "
     "e.g. dpmpp_2m with --our_sample_steps, gives the equal-quality comparison).")

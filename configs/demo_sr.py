@@ -32,7 +32,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=2,
       attention_impl="xla",
-      conv_impl="auto",         # on CPU: the weight gradient as matmuls (models/conv.py)
+      conv_impl="auto",         # models/conv.py: matmul weight gradient on x86 w/o AVX-512
   ))
   common.cpu_demo_stage(c, variant, total_steps=600, checkpoint_every=600, sample_steps=10,
                         quick_steps=20, quick_sample_steps=4)

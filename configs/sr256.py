@@ -29,7 +29,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution
       attention_impl="auto",  # cuDNN (GPU, bf16) / chunked (CPU) / XLA; or "xla", "cudnn", "chunked"
-      conv_impl="auto",       # XLA (GPU/TPU) / weight gradient as matmuls (CPU); or "xla", "matmul_grad"
+      conv_impl="auto",       # models/conv.py: matmul weight gradient on x86 w/o AVX-512
   ))
   if variant == "paper":
     pass

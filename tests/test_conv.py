@@ -90,9 +90,21 @@ def test_unsupported_layouts_fall_back_to_xla():
                                         dimension_numbers=NHWC), rtol=1e-6)
 
 
-def test_auto_is_the_matmul_gradient_on_cpu_and_bad_names_are_named():
+def test_auto_is_the_matmul_gradient_on_x86_cpus_without_avx512_and_bad_names_are_named(
+    tmp_path):
+  avx2 = tmp_path / "avx2"
+  avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                  "processor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n")
+  avx512 = tmp_path / "avx512"
+  avx512.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16\n")
+  assert conv.slow_xla_weight_gradient("x86_64", str(avx2))
+  assert not conv.slow_xla_weight_gradient("x86_64", str(avx512))
+  assert conv.slow_xla_weight_gradient("AMD64", str(tmp_path / "missing"))
+  assert not conv.slow_xla_weight_gradient("arm64", str(avx2))
   assert jax.default_backend() == "cpu"
-  assert conv.resolve("auto") == "matmul_grad"
+  expected = "matmul_grad" if conv.slow_xla_weight_gradient() else "xla"
+  assert conv.resolve("auto") == expected
+  assert conv.conv_function("auto") is (None if expected == "xla" else conv.conv_general_dilated)
   assert conv.conv_function("xla") is None
   with pytest.raises(ValueError, match="conv_impl 'cudnn'"):
     conv.resolve("cudnn")

@@ -11,13 +11,21 @@ shifted-input matmuls) was measured and is slower on this CPU (40-47 against 80-
 XLA:CPU's matmuls with a 128-deep contraction reach only ~52 GFLOP/s, and im2col's copies cost
 more than they save), so those stay XLA's. bf16 inputs accumulate in float32 here as well.
 
-`conv_impl` selects it like `attention_impl`: "auto" is "matmul_grad" on CPU and "xla" on GPU
-and TPU (whose convolution kernels have no such weakness); both compute the same function.
+Which CPUs: the weakness is XLA:CPU's kernel on x86 CPUs without AVX-512. On a 2-core Intel
+Xeon with AVX-512 (same JAX) XLA's weight gradient is as fast as the per-tap matmuls or faster:
+0.6-1.15x their time from 8x8 to 128x128 and 32 to 512 channels, 0.3-0.8x at the demo's
+16x16 shapes, where the matmuls' transposing copies of each tap dominate; the demo's base step
+takes 0.30 s with XLA's against 0.355 s (benchmarks/RESULTS.md, "The CPU convolution").
+
+`conv_impl` selects it like `attention_impl`: "auto" is "matmul_grad" on x86 CPUs without
+AVX-512 and "xla" everywhere else (AVX-512 CPUs, other CPUs, GPU and TPU); both compute the
+same function.
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,12 +40,29 @@ CHECKPOINT_NAME = "conv_out"
 
 
 def resolve(impl: str) -> str:
-  """"auto" -> "matmul_grad" on CPU, "xla" elsewhere; other names are checked and returned."""
+  """"auto" -> "matmul_grad" on x86 CPUs without AVX-512, "xla" elsewhere; other names are
+  checked and returned."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"unknown model.conv_impl {impl!r}: use one of {IMPLEMENTATIONS}")
   if impl == "auto":
-    return "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+    slow = jax.default_backend() == "cpu" and slow_xla_weight_gradient()
+    return "matmul_grad" if slow else "xla"
   return impl
+
+
+@functools.lru_cache(maxsize=None)
+def slow_xla_weight_gradient(machine: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether the host CPU is one where XLA:CPU's weight gradient was measured slow: x86 without
+  AVX-512 (no `avx512f` among Linux's /proc/cpuinfo flags; an x86 host without that file counts
+  as without). Other architectures: False (not measured; XLA's own kernels are the default)."""
+  machine = (machine or platform.machine()).lower()
+  if machine not in ("x86_64", "amd64", "i386", "i686"):
+    return False
+  try:
+    with open(cpuinfo) as f:
+      return not any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+  except OSError:
+    return True
 
 
 def conv_function(impl: str) -> Callable[..., jax.Array] | None:
