@@ -32,6 +32,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       pool_width=64,
       text_dim=0,
       text_pooling=True,    # the attention-pooled text vector joins the conditioning
+      text_positions=False,   # True: learned token positions (word order) join the text
       dropout=0.0,
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=2,

@@ -25,6 +25,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       pool_width=2048,      # text attention-pooling width
       text_dim=0,           # text projected once to this width for attention keys/values; 0: none
       text_pooling=True,    # the attention-pooled text vector joins the conditioning
+      text_positions=False,   # True: learned token positions (word order) join the text
       dropout=0.0,
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)
       stem_patch=1,         # >1: space-to-depth stem, the net runs at 1/stem_patch resolution

@@ -203,7 +203,8 @@ def test_stage_settings_reject_bad_values_by_name():
                                 ("unipc_variant", "bh3", "UniPC variant"),
                                 ("guidance_interval", (5.0, 1.0), "guidance interval"),
                                 ("threshold", "soft", "thresholding"),
-                                ("steps", 0, "at least one step")):
+                                ("steps", 0, "at least one step"),
+                                ("steps", 25.0, "must be an integer")):
     with pytest.raises(ValueError, match=message):
       sampling.StageSettings(**{**good, field: value})
 

@@ -26,7 +26,8 @@ from imagen_jax.train import step as step_lib
 TINY = ("configs/base64.py:tiny", "configs/sr256.py:tiny", "configs/sr1024.py:tiny")
 PAPER = (("configs/base64.py:paper", 2.0e9), ("configs/base64.py:500m", 0.5e9),
          ("configs/sr256.py:paper", 0.6e9), ("configs/sr1024.py:paper", 0.4e9))
-PARAM_AXES = {"embed", "mlp", "heads", "kv", "joined_kv", "conv_h", "conv_w", "norm"}
+PARAM_AXES = {"embed", "mlp", "heads", "kv", "joined_kv", "conv_h", "conv_w", "norm",
+              "text_length"}
 
 
 def is_box(x):
@@ -211,6 +212,30 @@ def test_without_text_pooling_the_text_reaches_the_output_through_attention_only
   assert max_diff(out, apply(**dict(inputs, text_emb=padded_changed))) <= 1e-6
   changed = apply(**dict(inputs, text_emb=inputs["text_emb"].at[0, 1].set(noise[0, 1])))
   assert max_diff(out[0], changed[0]) > 1e-3
+
+
+@pytest.mark.parametrize("spec", TINY[:2])
+def test_word_order_reaches_the_net_only_through_learned_text_positions(spec):
+  # Attention over the tokens and attention pooling are blind to their order: without
+  # positions, reordering the real tokens (the same words) cannot change the output.
+  config, _, _, apply = tiny_net(spec)
+  inputs = random_inputs(config, batch=3)
+  order = jnp.array([2, 0, 1] + list(range(3, config.text.max_length)))  # the first 3 real
+  reordered = dict(inputs, text_emb=inputs["text_emb"][:, order])
+  assert max_diff(apply(**inputs), apply(**reordered)) <= 1e-4  # summation order only
+
+  config, model, with_positions, apply = tiny_net(spec, **{"model.text_positions": True})
+  position = with_positions["conditioning"]["text_position"]
+  assert position.shape == (config.text.max_length, config.text.width)
+  assert max_diff(apply(**inputs), apply(**reordered)) > 1e-3
+  # Zero positions (their initial value) give the net without them, parameter for parameter.
+  zeroed = dict(with_positions, conditioning=dict(with_positions["conditioning"],
+                                                 text_position=jnp.zeros_like(position)))
+  without = dict(with_positions, conditioning={
+      k: v for k, v in with_positions["conditioning"].items() if k != "text_position"})
+  plain_model = tiny_net(spec)[1]
+  assert max_diff(model.apply({"params": zeroed}, **inputs),
+                  plain_model.apply({"params": without}, **inputs)) <= 1e-5
 
 
 @pytest.mark.parametrize("spec", TINY)

@@ -7,7 +7,8 @@ each name to mesh axes ('data', 'fsdp', 'model'). Change sharding here, never in
 Vocabulary
   parameters:  embed (model width, FSDP-sharded), mlp (hidden width / conv output channels),
                heads, kv (head dim), joined_kv (heads * head dim), vocab, relpos_buckets,
-               conv_h / conv_w (kernel window), norm (norm scale/bias)
+               conv_h / conv_w (kernel window), norm (norm scale/bias), text_length (a
+               U-Net's learned text positions)
   activations: batch, height, width, length (text tokens), act_embed, act_mlp, act_heads
 """
 
@@ -45,6 +46,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_h", None),
     ("conv_w", None),
     ("norm", None),
+    ("text_length", None),
 )
 
 

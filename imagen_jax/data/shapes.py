@@ -35,7 +35,11 @@ SPLITS = {"train": 100_000, "validation": 5_000, "heldout": 5_000}
 SIZES = (64, 256)
 # Split codes mixed into the random seed, so the splits are independent streams.
 _SPLIT_CODES = {"train": 0, "validation": 1, "heldout": 2}
-PAIR_FRACTION = 1 / 3
+# Fraction of two-object captions per split. The evaluation splits keep the grammar's mix (a
+# third); training sees pairs twice as often, because they are the hard prompts (two objects
+# bound to their own words and to each other's place) and each carries two color-shape examples
+# (benchmarks/RESULTS.md, "Pairs in the training mix").
+PAIR_FRACTION = {"train": 2 / 3, "validation": 1 / 3, "heldout": 1 / 3}
 CELL_MARGIN = 0.06     # min distance (fraction of the side) of a centre from its cell's edges
 PAIR_GAP = 0.04        # min empty space between the two objects of a pair caption
 
@@ -114,15 +118,16 @@ def _place_pair(rng: np.random.Generator, first: grammar.Obj, second: grammar.Ob
 def example(split: str, index: int, seed: int = 0) -> Example:
   """The example at `index` of `split`: a pure function of (split, index, seed).
 
-  Two thirds are single objects at a cell, one third two objects in a row or column that differ
-  in color or shape. `train` and `validation` never use `HELDOUT_PAIRS`; every `heldout`
-  caption has at least one of them.
+  Single objects at a cell, or two objects in a row or column that differ in color or shape
+  (`PAIR_FRACTION[split]` of them: two thirds in `train`, one third in `validation` and
+  `heldout`). `train` and `validation` never use `HELDOUT_PAIRS`; every `heldout` caption has
+  at least one of them.
   """
   if split not in _SPLIT_CODES:
     raise ValueError(f"unknown shapes split {split!r}: use one of {sorted(_SPLIT_CODES)}")
   rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], int(index)])
   heldout = split == "heldout"
-  if rng.random() >= PAIR_FRACTION:
+  if rng.random() >= PAIR_FRACTION[split]:
     pool = HELDOUT_OBJECTS if heldout else SEEN_OBJECTS
     obj = pool[int(rng.integers(len(pool)))]
     cell = (int(rng.integers(3)), int(rng.integers(3)))
@@ -245,7 +250,12 @@ class ImagenShapes(builders.LocalBuilder):
   `seed` the generator seed, `num_workers` render processes (0: one per CPU, at most 4).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "A third of the train split's captions name two objects.",
+      "1.1.0": "Two thirds of the train split's captions name two objects (evaluation splits "
+               "unchanged).",
+  }
   BUILDER_CONFIGS = [ShapesConfig(name=str(s), size=s, description=f"{s}x{s} images")
                      for s in SIZES]
   DEFAULT_CONFIG_NAME = "64"

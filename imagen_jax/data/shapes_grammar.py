@@ -3,9 +3,10 @@
 Shared by the dataset (rendering and captions), the demo's tiny T5 vocabulary, and the judge
 that scores samples, so all three agree on one spec:
 
-- single object (two thirds):  "a red circle at the top left corner"
+- single object:               "a red circle at the top left corner"
 - two objects in one row:      "a red circle to the left of a blue triangle"
 - two objects in one column:   "a white square above a green circle"
+(how often each kind occurs in each split: `shapes.PAIR_FRACTION`)
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ sampling loop is one jitted function (the samplers scan over steps).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -51,6 +52,9 @@ class StageSettings:
     if self.spacing not in schedules.SPACINGS:
       raise ValueError(f"unknown step spacing {self.spacing!r}; choose from {schedules.SPACINGS}")
     thresholding.get_threshold_fn(self.threshold, self.percentile)  # names a bad method
+    # A float here (steps=25.0 from a computed budget) would fail deep inside the sampler's jit.
+    if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+      raise ValueError(f"sampling steps must be an integer, got {self.steps!r}")
     if self.steps < 1:
       raise ValueError(f"sampling needs at least one step, got {self.steps}")
 

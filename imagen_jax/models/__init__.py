@@ -40,7 +40,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     raise ValueError(f"config.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
   common = dict(dropout=m.dropout, remat=m.remat, stem_patch=m.get("stem_patch", 1),
                 dtype=_DTYPES[config.dtype], attention_impl=m.get("attention_impl", "auto"),
-                conv_impl=m.get("conv_impl", "auto"), text_pooling=m.get("text_pooling", True))
+                conv_impl=m.get("conv_impl", "auto"), text_pooling=m.get("text_pooling", True),
+                text_positions=m.get("text_positions", False))
   if m.name == "unet":
     return UNet(model_dim=m.model_dim, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),

@@ -61,6 +61,7 @@ class EfficientUNet(nn.Module):
   pool_width: int = 2048
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
   text_pooling: bool = True    # False: no pooled text vector in the conditioning embedding
+  text_positions: bool = False  # True: learned token positions join the text (layers.py)
   dropout: float = 0.0
   remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1
@@ -86,7 +87,8 @@ class EfficientUNet(nn.Module):
       raise ValueError("the Efficient U-Net is a super-resolution net: pass `lowres`")
     emb, text = layers.Conditioning(
         emb_dim=self.emb_dim, feature_dim=self.channels[0], pool_width=self.pool_width,
-        text_dim=self.text_dim, text_pooling=self.text_pooling, dtype=self.dtype,
+        text_dim=self.text_dim, text_pooling=self.text_pooling,
+        text_positions=self.text_positions, dtype=self.dtype,
         implementation=self.attention_impl, name="conditioning")(
             log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)

@@ -317,8 +317,9 @@ class Conditioning(nn.Module):
     (noise conditioning augmentation), plus a projection of the attention-pooled text vector
     (unless `text_pooling` is False).
   - text = LayerNorm(text_emb) with padded positions zeroed first (the paper's LayerNorm'd text
-    embeddings, which every attention block concatenates into its keys and values), projected
-    once to `text_dim` channels when `text_dim` > 0.
+    embeddings, which every attention block concatenates into its keys and values), plus a
+    learned embedding of each token's position when `text_positions`, projected once to
+    `text_dim` channels when `text_dim` > 0.
   Attention pooling (CLIP-style): tokens are projected to `pool_width`; a query made from their
   masked mean attends over the real tokens; an example with no real token pools to zeros.
   """
@@ -328,6 +329,7 @@ class Conditioning(nn.Module):
   text_dim: int = 0
   pool_head_dim: int = 64
   text_pooling: bool = True  # False: text reaches the blocks through their attention only
+  text_positions: bool = False  # True: a learned [L, D] position embedding joins the tokens
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
 
@@ -345,7 +347,18 @@ class Conditioning(nn.Module):
 
     text_mask = text_mask.astype(bool)
     text = jnp.where(text_mask[..., None], text_emb.astype(jnp.float32), 0.0)
-    text = constrain(layer_norm(text, "text_norm").astype(self.dtype), TEXT_AXES)
+    text = layer_norm(text, "text_norm")
+    if self.text_positions:
+      # T5 encodes word order only through relative attention biases, which a small or
+      # untrained frozen encoder can leave too faint to tell "a red circle to the left of a
+      # blue square" from its mirror image. A learned absolute position per token (zero at
+      # init: the U-Net starts from the encoder's own tokens) lets every block read the order.
+      position = self.param(
+          "text_position", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                        ("text_length", "embed")),
+          text.shape[1:], jnp.float32)
+      text = jnp.where(text_mask[..., None], text + position, 0.0)
+    text = constrain(text.astype(self.dtype), TEXT_AXES)
     pool_source = text
     if self.text_dim:  # one shared projection instead of a wide key/value projection per block
       text = dense(self.text_dim, ("embed", "mlp"), self.dtype, name="text_proj")(text)

@@ -52,6 +52,7 @@ class UNet(nn.Module):
   pool_width: int = 0          # 0: emb_dim
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
   text_pooling: bool = True    # False: no pooled text vector in the conditioning embedding
+  text_positions: bool = False  # True: learned token positions join the text (layers.py)
   dropout: float = 0.0
   remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1
@@ -75,6 +76,7 @@ class UNet(nn.Module):
     emb, text = layers.Conditioning(
         emb_dim=emb_dim, feature_dim=self.model_dim, pool_width=self.pool_width or emb_dim,
         text_dim=self.text_dim, pool_head_dim=self.head_dim, text_pooling=self.text_pooling,
+        text_positions=self.text_positions,
         dtype=self.dtype, implementation=self.attention_impl, name="conditioning")(
             log_snr, text_emb, text_mask, aug_log_snr)
     text_mask = text_mask.astype(bool)
