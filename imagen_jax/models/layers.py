@@ -357,7 +357,7 @@ class Conditioning(nn.Module):
           "text_position", nn.with_logical_partitioning(nn.initializers.zeros,
                                                         ("text_length", "embed")),
           text.shape[1:], jnp.float32)
-      text = jnp.where(text_mask[..., None], text + position, 0.0)
+      text = text + position  # padded positions stay masked in every attention
     text = constrain(text.astype(self.dtype), TEXT_AXES)
     pool_source = text
     if self.text_dim:  # one shared projection instead of a wide key/value projection per block
