@@ -60,11 +60,14 @@ def main(argv: Sequence[str]) -> None:
   from imagen_jax import demo  # pylint: disable=g-import-not-at-top
   arms = [parse_arm(spec) for spec in FLAGS.arm]  # every arm's spelling checked before training
   workdir = FLAGS.workdir
-  data_dir = FLAGS.data_dir or demo.build_data(workdir, FLAGS.quick)
+  data_dir = FLAGS.data_dir or os.path.join(workdir, "data")
   variant = "quick" if FLAGS.quick else "full"
   configs = [config_lib.load_config(f"configs/demo_base.py:{variant}",
                                     {"data.data_dir": data_dir, **overrides})
              for _, overrides in arms]
+  demo.use_every_core({name: config for (name, _), config in zip(arms, configs)})  # as the demo
+  if not FLAGS.data_dir:
+    demo.build_data(workdir, FLAGS.quick)
   prompts = demo.eval_prompts(data_dir, FLAGS.num_prompts)
   rows = []
   for (name, overrides), config in zip(arms, configs):

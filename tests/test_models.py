@@ -228,7 +228,16 @@ def test_word_order_reaches_the_net_only_through_learned_text_positions(spec):
   position = with_positions["conditioning"]["text_position"]
   assert position.shape == (config.text.max_length, config.text.width)
   assert max_diff(apply(**inputs), apply(**reordered)) > 1e-3
-  # Zero positions (their initial value) give the net without them, parameter for parameter.
+  # They start as the transformer's sinusoids: order is readable from the first step.
+  initial = nn.unbox(model.init(jax.random.PRNGKey(3), **models.init_inputs(config))["params"])
+  length, width = config.text.max_length, config.text.width
+  table = np.zeros((length, width))
+  for p in range(length):
+    for i in range(width // 2):
+      table[p, i] = np.cos(p / 10_000 ** (i / (width // 2)))
+      table[p, width // 2 + i] = np.sin(p / 10_000 ** (i / (width // 2)))
+  np.testing.assert_allclose(initial["conditioning"]["text_position"], table, atol=1e-5)
+  # Zero positions give the net without them, parameter for parameter.
   zeroed = dict(with_positions, conditioning=dict(with_positions["conditioning"],
                                                  text_position=jnp.zeros_like(position)))
   without = dict(with_positions, conditioning={
@@ -236,6 +245,27 @@ def test_word_order_reaches_the_net_only_through_learned_text_positions(spec):
   plain_model = tiny_net(spec)[1]
   assert max_diff(model.apply({"params": zeroed}, **inputs),
                   plain_model.apply({"params": without}, **inputs)) <= 1e-5
+
+
+def test_text_positions_reach_the_attention_tokens_and_leave_the_pooled_vector_a_bag_of_words():
+  # The pooled vector (the conditioning every block hears) stays blind to word order, so colors
+  # and shapes combine as they do without positions; the tokens the attention blocks read carry it.
+  conditioning = layers.Conditioning(emb_dim=32, feature_dim=16, pool_width=32, pool_head_dim=16,
+                                     text_positions=True)
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  text_emb = jax.random.normal(keys[0], (2, 6, 8))
+  mask = jnp.array([[True] * 4 + [False] * 2, [True] * 6])
+  log_snr = jnp.array([-1.0, 2.0])
+  params = conditioning.init(keys[1], log_snr, text_emb, mask)
+  order = jnp.array([2, 0, 3, 1, 4, 5])  # the first 4 (every first example's real token) permuted
+  emb, text = conditioning.apply(params, log_snr, text_emb, mask)
+  emb_r, text_r = conditioning.apply(params, log_snr, text_emb[:, order], mask)
+  assert max_diff(emb[0], emb_r[0]) <= 1e-5
+  moved_to = jnp.argsort(order)[:4]  # where each of the first 4 tokens went
+  assert max_diff(text[0, :4], text_r[0, moved_to]) > 0.1  # same words, other positions
+  position = params["params"]["text_position"].value
+  np.testing.assert_allclose(text[0, :4] - text_r[0, moved_to], position[:4] - position[moved_to],
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", TINY)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -48,6 +49,44 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("text_length", None),
 )
+
+
+def cpu_cores() -> int:
+  """The cores this process may run on (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS, Windows
+    return os.cpu_count() or 1
+
+
+def user_set_cpu_devices() -> bool:
+  """Whether the CPU device count was chosen outside the program (XLA_FLAGS or
+  JAX_NUM_CPU_DEVICES / jax.config), which `use_cpu_devices` then leaves alone."""
+  return ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+          or jax.config.jax_num_cpu_devices != -1)
+
+
+def use_cpu_devices(count: int) -> bool:
+  """Asks for `count` CPU devices; takes effect only before JAX's backends start. Returns False
+  when they had already started (the devices are then what they are)."""
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    return False
+  return True
+
+
+def cpu_devices_per_core(batch_sizes: Sequence[int]) -> int:
+  """One CPU device per core, at most as many as divide every batch size evenly.
+
+  XLA:CPU runs one program's small convolutions on fewer threads than a 2-core machine has
+  (the demo's base step kept ~1.5 of 2 cores busy); two devices, each with half the batch,
+  keep both busy: 0.41 -> 0.30 s per step, 2.33 -> 3.03 steps/s in the training loop, where four
+  devices on 2 cores were slower than two (0.36 s). benchmarks/RESULTS.md, "Data parallel over
+  a CPU's cores".
+  """
+  cores = cpu_cores()
+  return max(n for n in range(1, cores + 1) if all(b % n == 0 for b in batch_sizes))
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:

@@ -126,6 +126,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def sinusoidal_features(position: jax.Array, dim: int) -> jax.Array:
+  """Transformer sinusoids [N, dim] of positions [N] (periods 2 pi to 2 pi * 10^4; an odd dim
+  gets a zero last feature)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+  args = position.astype(jnp.float32)[:, None] * freqs[None, :]
+  features = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(features, ((0, 0), (0, dim - 2 * half)))
+
+
 def noise_level_features(log_snr: jax.Array, dim: int) -> jax.Array:
   """Sinusoidal features [B, dim] of a noise level given as log-SNR [B].
 
@@ -136,10 +146,7 @@ def noise_level_features(log_snr: jax.Array, dim: int) -> jax.Array:
   """
   span = schedules.LOG_SNR_MAX - schedules.LOG_SNR_MIN
   position = (schedules.LOG_SNR_MAX - log_snr.astype(jnp.float32)) * (1000.0 / span)
-  half = dim // 2
-  freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = position[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return sinusoidal_features(position, dim)
 
 
 def downsample(x: jax.Array) -> jax.Array:
@@ -309,6 +316,11 @@ class AttentionBlock(nn.Module):
     return constrain(x + out.reshape(b, height, width, c).astype(x.dtype), IMAGE_AXES)
 
 
+def _sinusoidal_init(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
+  del key  # deterministic: the table every transformer starts from
+  return sinusoidal_features(jnp.arange(shape[0]), shape[1]).astype(dtype)
+
+
 class Conditioning(nn.Module):
   """The conditioning vector and the text tokens shared by every block of a U-Net.
 
@@ -318,10 +330,11 @@ class Conditioning(nn.Module):
     (unless `text_pooling` is False).
   - text = LayerNorm(text_emb) with padded positions zeroed first (the paper's LayerNorm'd text
     embeddings, which every attention block concatenates into its keys and values), plus a
-    learned embedding of each token's position when `text_positions`, projected once to
-    `text_dim` channels when `text_dim` > 0.
-  Attention pooling (CLIP-style): tokens are projected to `pool_width`; a query made from their
-  masked mean attends over the real tokens; an example with no real token pools to zeros.
+    learned embedding of each token's position when `text_positions` (initialized to the
+    transformer's sinusoids), projected once to `text_dim` channels when `text_dim` > 0.
+  Attention pooling (CLIP-style) of the LayerNorm'd tokens without positions: they are projected
+  to `pool_width`; a query made from their masked mean attends over the real tokens; an example
+  with no real token pools to zeros.
   """
   emb_dim: int
   feature_dim: int
@@ -329,7 +342,7 @@ class Conditioning(nn.Module):
   text_dim: int = 0
   pool_head_dim: int = 64
   text_pooling: bool = True  # False: text reaches the blocks through their attention only
-  text_positions: bool = False  # True: a learned [L, D] position embedding joins the tokens
+  text_positions: bool = False  # True: a learned [L, D] position embedding (sinusoids at init)
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
 
@@ -348,18 +361,20 @@ class Conditioning(nn.Module):
     text_mask = text_mask.astype(bool)
     text = jnp.where(text_mask[..., None], text_emb.astype(jnp.float32), 0.0)
     text = layer_norm(text, "text_norm")
+    # The pooled vector stays a bag of words (colors and shapes combine additively, which is
+    # how unseen color-shape pairs are drawn); word order goes to the attention blocks only.
+    pool_source = constrain(text.astype(self.dtype), TEXT_AXES)
     if self.text_positions:
       # T5 encodes word order only through relative attention biases, which a small or
       # untrained frozen encoder can leave too faint to tell "a red circle to the left of a
-      # blue square" from its mirror image. A learned absolute position per token (zero at
-      # init: the U-Net starts from the encoder's own tokens) lets every block read the order.
+      # blue square" from its mirror image. A learned absolute position per token, starting
+      # from the transformer's sinusoids, lets every attention block read the order.
       position = self.param(
-          "text_position", nn.with_logical_partitioning(nn.initializers.zeros,
+          "text_position", nn.with_logical_partitioning(_sinusoidal_init,
                                                         ("text_length", "embed")),
           text.shape[1:], jnp.float32)
       text = text + position  # padded positions stay masked in every attention
     text = constrain(text.astype(self.dtype), TEXT_AXES)
-    pool_source = text
     if self.text_dim:  # one shared projection instead of a wide key/value projection per block
       text = dense(self.text_dim, ("embed", "mlp"), self.dtype, name="text_proj")(text)
       text = constrain(text, TEXT_AXES)

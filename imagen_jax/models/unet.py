@@ -52,7 +52,7 @@ class UNet(nn.Module):
   pool_width: int = 0          # 0: emb_dim
   text_dim: int = 0            # 0: text keys/values projected from the encoder's width
   text_pooling: bool = True    # False: no pooled text vector in the conditioning embedding
-  text_positions: bool = False  # True: learned token positions join the text (layers.py)
+  text_positions: bool = False  # True: token positions join the attention's text (layers.py)
   dropout: float = 0.0
   remat: bool | str = "none"   # per block: "none", "full" or "dots" (layers.maybe_remat)
   stem_patch: int = 1

@@ -87,10 +87,9 @@ def use_fake_cpu_devices(count: int) -> bool:
                              " --xla_backend_optimization_level=0").strip()
   try:
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
   except RuntimeError:
     return False
-  return True
+  return partitioning.use_cpu_devices(max(count, jax.config.jax_num_cpu_devices))
 
 
 def mesh_for(sizes: dict[str, int]) -> jax.sharding.Mesh:
