@@ -22,6 +22,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       channel_mult=(1, 2, 3, 4),
       num_res_blocks=3,
       attn_resolutions=(32, 16, 8),
+      cross_attn_resolutions=(),  # text-only attention (imagen-pytorch's layer_cross_attns)
       attn_every_block=True,  # F.1/ADM; False: one attention block per level and path, after
                               # its last residual block (imagen-pytorch's and IF's placement)
       head_dim=64,

@@ -26,6 +26,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       channel_mult=(1, 2, 2),
       num_res_blocks=1,
       attn_resolutions=(8, 4),  # feature-map sizes after the 2x2 stem: 16, 8, 4
+      cross_attn_resolutions=(),  # text-only attention at these sizes
       head_dim=32,
       emb_dim=256,
       pool_width=128,

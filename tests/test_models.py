@@ -247,6 +247,22 @@ def test_word_order_reaches_the_net_only_through_learned_text_positions(spec):
                   plain_model.apply({"params": without}, **inputs)) <= 1e-5
 
 
+def test_cross_attention_resolutions_add_text_only_attention_blocks_to_the_unet():
+  config, model, params, apply = tiny_net("configs/base64.py:tiny", **{
+      "model.attn_resolutions": (8,), "model.cross_attn_resolutions": (32,)})
+  cross = sorted(name for name in params if "attn" in name and "text_key" in params[name]
+                 and "key" not in params[name])
+  # Level 0 (32x32) on both paths: one block after each residual block (1 down, 2 up).
+  assert cross == ["down0_attn0", "up0_attn0", "up0_attn1"]
+  assert all(set(params[n]) == {"norm", "query", "text_key", "text_value", "out"} for n in cross)
+  assert "key" in params["down2_attn0"] and "down1_attn0" not in params  # 8x8 self+text; 16: none
+  inputs = random_inputs(config, batch=2)
+  silenced = dict(params, **{n: dict(params[n], out=jax.tree_util.tree_map(jnp.zeros_like,
+                                                                           params[n]["out"]))
+                             for n in cross})
+  assert max_diff(apply(**inputs), model.apply({"params": silenced}, **inputs)) > 1e-3
+
+
 def test_text_positions_reach_the_attention_tokens_and_leave_the_pooled_vector_a_bag_of_words():
   # The pooled vector (the conditioning every block hears) stays blind to word order, so colors
   # and shapes combine as they do without positions; the tokens the attention blocks read carry it.

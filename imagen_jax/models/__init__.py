@@ -45,7 +45,9 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   if m.name == "unet":
     return UNet(model_dim=m.model_dim, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-                attn_every_block=m.get("attn_every_block", True), head_dim=m.head_dim,
+                attn_every_block=m.get("attn_every_block", True),
+                cross_attn_resolutions=tuple(m.get("cross_attn_resolutions", ())),
+                head_dim=m.head_dim,
                 emb_dim=m.get("emb_dim", 0),
                 pool_width=m.get("pool_width", 0), text_dim=m.get("text_dim", 0),
                 coord_channels=m.get("coord_channels", False), **common)

@@ -5,7 +5,9 @@ Layout (ADM, Dhariwal & Nichol 2021, which F.1 adapts):
 - encoder: per level (channels model_dim * channel_mult[i]) `num_res_blocks` BigGAN-style
   residual blocks with scale-shift norm, each followed by an attention block where the feature
   map's resolution is in `attn_resolutions` (with `attn_every_block=False` only the level's last
-  one is: imagen-pytorch's and DeepFloyd IF's placement, num_res_blocks times less attention);
+  one is: imagen-pytorch's and DeepFloyd IF's placement, num_res_blocks times less attention),
+  or a text-only cross-attention block where it is in `cross_attn_resolutions` (imagen-pytorch's
+  `layer_cross_attns`: the text reaches a resolution whose self-attention would cost too much);
   between levels a residual block that down-samples (2x2 average pool inside the block,
   BigGAN-style);
 - middle: residual block, attention block, residual block at the lowest resolution;
@@ -47,6 +49,7 @@ class UNet(nn.Module):
   num_res_blocks: int
   attn_resolutions: Sequence[int]
   attn_every_block: bool = True  # False: attention only after a level's last residual block
+  cross_attn_resolutions: Sequence[int] = ()  # text-only attention where there is no self-attention
   head_dim: int = 64
   emb_dim: int = 0             # 0: 4 * model_dim (ADM)
   pool_width: int = 0          # 0: emb_dim
@@ -89,9 +92,15 @@ class UNet(nn.Module):
                        conv_impl=self.conv_impl, name=name)(h, emb, train)
 
     def maybe_attend(h, name, last_of_level):
-      if h.shape[1] not in self.attn_resolutions or not (self.attn_every_block or last_of_level):
+      if h.shape[1] in self.attn_resolutions:
+        mode = "self_and_text"
+      elif h.shape[1] in self.cross_attn_resolutions:
+        mode = "cross"  # image positions read the text only: cheap at high resolution
+      else:
         return h
-      return attn_block(num_heads=h.shape[-1] // self.head_dim, mode="self_and_text",
+      if not (self.attn_every_block or last_of_level):
+        return h
+      return attn_block(num_heads=max(1, h.shape[-1] // self.head_dim), mode=mode,
                         dtype=self.dtype, implementation=self.attention_impl, name=name)(
                             h, text, text_mask)
 
