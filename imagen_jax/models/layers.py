@@ -361,9 +361,10 @@ class Conditioning(nn.Module):
     text_mask = text_mask.astype(bool)
     text = jnp.where(text_mask[..., None], text_emb.astype(jnp.float32), 0.0)
     text = layer_norm(text, "text_norm")
+    text = constrain(text.astype(self.dtype), TEXT_AXES)
     # The pooled vector stays a bag of words (colors and shapes combine additively, which is
     # how unseen color-shape pairs are drawn); word order goes to the attention blocks only.
-    pool_source = constrain(text.astype(self.dtype), TEXT_AXES)
+    pool_source = text
     if self.text_positions:
       # T5 encodes word order only through relative attention biases, which a small or
       # untrained frozen encoder can leave too faint to tell "a red circle to the left of a
@@ -373,8 +374,8 @@ class Conditioning(nn.Module):
           "text_position", nn.with_logical_partitioning(_sinusoidal_init,
                                                         ("text_length", "embed")),
           text.shape[1:], jnp.float32)
-      text = text + position  # padded positions stay masked in every attention
-    text = constrain(text.astype(self.dtype), TEXT_AXES)
+      # Padded positions stay masked in every attention.
+      text = constrain((text + position).astype(self.dtype), TEXT_AXES)
     if self.text_dim:  # one shared projection instead of a wide key/value projection per block
       text = dense(self.text_dim, ("embed", "mlp"), self.dtype, name="text_proj")(text)
       text = constrain(text, TEXT_AXES)
