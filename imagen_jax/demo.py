@@ -4,17 +4,20 @@
     scores = demo.run("demo_run", quick=True)  # under 2 minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
-2. trains the base stage, configs/demo_base.py (text -> 32x32), in WORKDIR/base;
-3. trains the SR stage, configs/demo_sr.py (32 -> 64), in WORKDIR/sr;
-4. samples prompts of the `validation` and `heldout` splits through the cascade, with guidance,
+2. writes the text encoder, once per machine: a tiny T5 v1.1 with the grammar's vocabulary,
+   pretrained on the grammar's text alone (`builtin:shapes-tiny-pretrained`; the quick variant
+   uses the random `builtin:shapes-tiny`);
+3. trains the base stage, configs/demo_base.py (text -> 32x32), in WORKDIR/base;
+4. trains the SR stage, configs/demo_sr.py (32 -> 64), in WORKDIR/sr;
+5. samples prompts of the `validation` and `heldout` splits through the cascade, with guidance,
    into WORKDIR/samples (an ordinary `imagen-jax sample` output);
-5. judges every image from its pixels (imagen_jax/eval/shapes.py): prompt adherence, background
+6. judges every image from its pixels (imagen_jax/eval/shapes.py): prompt adherence, background
    cleanliness and edge fidelity, beside the same judge's figures on the dataset's own renders
    of those prompts; prints them and writes WORKDIR/scores.json and WORKDIR/report.html (every
    image with its prompt and verdict).
 
 Each step is an ordinary run of the project's commands, and a second run reuses what is done.
-The text encoder is a tiny random T5 v1.1 with a shapes vocabulary: real use loads real T5.
+Real use loads real T5 weights instead of the builtin encoder.
 """
 
 from __future__ import annotations
@@ -66,6 +69,15 @@ def build_data(workdir: str, quick: bool) -> str:
   data_dir = os.path.join(workdir, "data")
   shapes.build(data_dir, 64, num_examples=QUICK_SHAPES if quick else FULL_SHAPES)
   return data_dir
+
+
+def prepare_text_encoders(configs: dict[str, ml_collections.ConfigDict]) -> None:
+  """Writes the stages' builtin encoders once per machine (the pretrained one trains on the
+  grammar's text first, about 2 minutes on 2 cores), so the time shows as its own step."""
+  from imagen_jax.text import builtin  # pylint: disable=g-import-not-at-top
+  for name in sorted({c.text.encoder for c in configs.values()}):
+    if name.startswith(builtin.PREFIX):
+      logging.info("demo: text encoder %s in %s", name, builtin.materialize(name))
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -200,6 +212,8 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
                  devices)
   data_dir = build_data(workdir, quick)
   lap("data")
+  prepare_text_encoders(configs)
+  lap("text_encoder")
   stage_dirs = [os.path.join(workdir, name) for name in configs]
   for (name, config), stage_dir in zip(configs.items(), stage_dirs):
     train_stage(config, stage_dir)
