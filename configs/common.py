@@ -20,7 +20,8 @@ def stage_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"       # compute dtype; params and optimizer state stay float32
 
   # Frozen text encoder. `encoder`: a Hugging Face / t5x / converted directory (local or gs://)
-  # or "builtin:shapes-tiny" (random T5 v1.1 with a shapes vocabulary, for the demo and tests).
+  # or "builtin:shapes-tiny" (random T5 v1.1 with a shapes vocabulary, for tests) or
+  # "builtin:shapes-tiny-pretrained" (the same trained on the shapes grammar's text: the demo's).
   c.text = ml_collections.ConfigDict()
   c.text.encoder = "t5-v1_1-xxl"
   c.text.width = T5_WIDTHS["xxl"]

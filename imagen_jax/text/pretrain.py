@@ -1,7 +1,9 @@
 """Text-only pretraining of the builtin encoder: T5's span corruption on the shapes grammar.
 
 Imagen's central finding is that a frozen encoder pretrained on text alone is what gives the
-cascade its prompt understanding. `builtin:shapes-tiny-pretrained` is the demo's encoder
+cascade its prompt understanding; in miniature it holds here too (the demo's base: 83% -> 93% of
+validation prompts, two-object prompts' shapes bound to the right object; benchmarks/RESULTS.md,
+"Text encoder, again"). `builtin:shapes-tiny-pretrained` is the demo's encoder
 (`builtin.shapes_tiny_config`, the random `builtin:shapes-tiny`'s initial weights) trained with
 T5's objective (Raffel et al. 2020, sec. 3.1.4) on every caption the grammar can make, single
 objects at every cell and every ordered pair in both relations, so every color-shape pair is in
