@@ -163,10 +163,10 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
     raise ValueError(f"unknown demo {c.stage} variant {variant!r}: use full or quick")
   quick = variant == "quick"
   # The encoder pretrained on the grammar's text alone (span corruption, every color-shape pair
-  # in text, `text/pretrain.py`; 130 s once per machine, then cached): Imagen's finding in
-  # miniature. With word order in the U-Net's attention it binds each shape to its color: the
-  # base alone 83% / 60% -> 93% / 71% (benchmarks/RESULTS.md, "Text encoder, again"). The quick
-  # variant (tests, CI) keeps the random one and skips the pretraining.
+  # in text, `text/pretrain.py`; about 2 minutes once per machine, then cached): Imagen's finding
+  # in miniature. With word order in the U-Net's attention, two-object prompts' shapes go to the
+  # right object: the base alone 83% / 60% -> 93% / 71% (benchmarks/RESULTS.md, "Text encoder,
+  # again"). The quick variant (tests, CI) keeps the random one and skips the pretraining.
   c.text.encoder = "builtin:shapes-tiny" if quick else "builtin:shapes-tiny-pretrained"
   c.text.width = 64
   c.text.max_length = 16
