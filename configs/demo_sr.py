@@ -39,13 +39,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
       attention_impl="xla",
       conv_impl="auto",         # models/conv.py: matmul weight gradient on x86 w/o AVX-512
   ))
-  common.cpu_demo_stage(c, variant, total_steps=1800, checkpoint_every=1800, sample_steps=10,
+  common.cpu_demo_stage(c, variant, total_steps=2400, checkpoint_every=2400, sample_steps=10,
                         quick_steps=20, quick_sample_steps=4)
-  # Three times the steps at half the batch (the base's 32): the SR stage's cleanliness follows
+  # Four times the steps at half the batch (the base's 32): the SR stage's cleanliness follows
   # its steps, and throughput is flat in batch size on a CPU. 600 at 32 -> 1,200 at 16 (the same
-  # time): background 5.1 / 5.9 -> 3.3 / 3.6; -> 1,800 at 16 (1.3x the time): 3.7 / 4.1 -> 3.0 /
-  # 3.3 on the pretrained encoder's base, edge IoU 0.877 -> 0.885, the same all-correct
-  # (benchmarks/RESULTS.md, "The SR stage at batch 16", "Text encoder, again").
+  # time): background 5.1 / 5.9 -> 3.3 / 3.6; on the pretrained encoder's base, 1,200 / 1,800 /
+  # 2,400 at 16: 3.7 / 4.1, 3.0 / 3.3, 2.7 / 3.0, edge IoU 0.877 / 0.885 / 0.886, the same
+  # all-correct (benchmarks/RESULTS.md, "The SR stage at batch 16", "Text encoder, again").
   c.batch_size = 16  # (the quick variant's already)
   # UniPC at 10 log-SNR steps: 55.6 dB PSNR to the converged SR sample where DDIM at 25 (the
   # former default) gives 49.8, with the same judged scores (benchmarks/RESULTS.md, "Fast
