@@ -76,8 +76,7 @@ def prepare_text_encoders(configs: dict[str, ml_collections.ConfigDict]) -> None
   grammar's text first, about 2 minutes on 2 cores), so the time shows as its own step."""
   from imagen_jax.text import builtin  # pylint: disable=g-import-not-at-top
   for name in sorted({c.text.encoder for c in configs.values()}):
-    if name.startswith(builtin.PREFIX):
-      logging.info("demo: text encoder %s in %s", name, builtin.materialize(name))
+    logging.info("demo: text encoder %s in %s", name, builtin.resolve(name))
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:

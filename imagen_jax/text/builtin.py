@@ -190,6 +190,12 @@ def materialize(name: str) -> str:
   return target
 
 
+def resolve(path: str) -> str:
+  """The directory of an encoder `path`: a builtin name's, written once (`materialize`); any
+  other path as given."""
+  return materialize(path) if path.startswith(PREFIX) else path
+
+
 def directory_digest(path: str) -> str:
   """sha256 over the builtin directory's files (a reproducibility check)."""
   h = hashlib.sha256()

@@ -194,8 +194,7 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
   """
   compute = _dtype(dtype)
   source = path
-  if path.startswith(builtin.PREFIX):
-    path = builtin.materialize(path)
+  path = builtin.resolve(path)
   if not (weights.is_converted_dir(path) or weights.is_hf_dir(path) or weights.is_t5x_dir(path)):
     raise FileNotFoundError(_not_found_message(path))
   tok = tokenizer_lib.Tokenizer.from_file(_find_vocab(path, vocab), max_length,
