@@ -1,8 +1,11 @@
 """The input pipeline: exact resume, epochs, process shards, SR pairs and crops, embeddings,
 global batches on a mesh, worker processes."""
 
+import concurrent.futures
 import json
+import pickle
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -78,6 +81,38 @@ def test_batch_contents_match_the_source_records(shapes_dir):
     np.testing.assert_array_equal(image, preprocess.decode_image(record["image"])[0])
     np.testing.assert_array_equal(tokens, fake_tokenize([record["caption"].decode()])[0][0])
     assert captions[int(index)] == record["caption"].decode()
+
+
+class CountingSource:
+  """Records "record-<i>", counting batched reads (what array_record serves fast)."""
+
+  def __init__(self, size):
+    self.size, self.calls = size, []
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    return f"record-{index}"
+
+  def __getitems__(self, indices):
+    self.calls.append(list(indices))
+    return [f"record-{i}" for i in indices]
+
+
+def test_records_are_read_a_block_per_call_and_match_reading_one_at_a_time():
+  source = CountingSource(50)
+  order = grain.MapDataset.range(50).seed(3).shuffle().repeat()
+  blocks = pipeline_lib.ReadInBlocks(order, source, block=8)
+  positions = list(range(4, 36))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # grain's reader threads, racing
+    got = list(pool.map(blocks.__getitem__, positions[::-1]))[::-1]
+  assert got == [(int(order[p]), f"record-{order[p]}") for p in positions]
+  # Positions 4..35 lie in the blocks starting at 0, 8, 16, 24 and 32: one read each.
+  assert sorted(call[0] for call in source.calls) == sorted(int(order[b]) for b in range(0, 40, 8))
+  assert all(len(call) == 8 for call in source.calls)
+  copy = pickle.loads(pickle.dumps(blocks))  # grain's worker processes get a copy
+  assert copy[35] == got[-1]
 
 
 @pytest.mark.parametrize("stage,image,low", [("sr256", 32, 16), ("sr1024", 32, 8)])

@@ -326,6 +326,28 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, shapes_data_dir, monk
   assert_trees_close(four, one)  # params, EMA params, optimizer state
 
 
+def test_metrics_merged_in_one_dispatch_average_like_clus_own_merge():
+  from imagen_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+
+  def step_metrics(i):
+    return step_lib.TrainMetrics.single_from_model_output(
+        loss=jnp.float32(rng.random()), grad_norm=jnp.float32(rng.random()),
+        param_norm=jnp.float32(10 + i), learning_rate=jnp.float32(i / 10),
+        skipped_updates=jnp.int32(i // 2), per_example=jnp.asarray(rng.random(8), jnp.float32),
+        quartile=jnp.asarray(rng.integers(0, 4, 8)))
+
+  steps = [step_metrics(i) for i in range(5)]
+  merged, expected = steps[0], steps[0]
+  for m in steps[1:]:
+    merged, expected = train_lib.merge_metrics(merged, m), expected.merge(m)
+  got, want = merged.compute(), expected.compute()
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-6, err_msg=key)
+  assert float(got["param_norm"]) == 14 and float(got["learning_rate"]) == np.float32(0.4)
+
+
 @pytest.mark.slow
 def test_events_hold_scalars_and_a_sample_grid(tmp_path, shapes_data_dir):
   config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 2, "log_every": 2,
