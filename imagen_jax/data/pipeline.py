@@ -10,10 +10,11 @@ epoch differently, all processes alike); global batch k is positions [kB, (k + 1
 endless stream, and process p of P takes its p-th block of B / P positions, so the processes'
 shards are disjoint and cover each epoch, and a global batch holds the same examples, in the
 same order, whatever the number of processes.
-Records are read, decoded, preprocessed and matched with their cached embeddings in threads
-(`config.data.prefetch` batches ahead) or in `config.data.num_workers` processes; bad examples
-come back as markers that the batching step, in the main process, counts and drops. Random crops and caption choices draw from a
-generator seeded by (seed, stream position), so they repeat exactly after a restore.
+Records are read (a local batch's in one call), decoded, preprocessed and matched with their
+cached embeddings in threads (`config.data.prefetch` batches ahead) or in
+`config.data.num_workers` processes; bad examples come back as markers that the batching step, in
+the main process, counts and drops. Random crops and caption choices draw from a generator
+seeded by (seed, stream position), so they repeat exactly after a restore.
 
 A batch (local batch b = config.batch_size / process_count, S = config.train_crop or
 config.image_size):
