@@ -1,6 +1,6 @@
 """The shapes demo: train, sample and score a tiny cascade on a CPU (`imagen-jax demo`).
 
-    scores = demo.run("demo_run")              # 25-55 minutes on 2 cores, by CPU
+    scores = demo.run("demo_run")              # 20-55 minutes on 2 cores, by CPU
     scores = demo.run("demo_run", quick=True)  # under 2 minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
