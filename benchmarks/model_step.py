@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax.core import hugepages
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base64.py:tiny.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Examples per step.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps after the compiling one.")
@@ -56,5 +58,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.reexecute_with_huge_pages()  # as `imagen-jax` runs (core/hugepages.py)
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
+from imagen_jax.core import hugepages
+
 from imagen_jax.core import config_lib
 
 
@@ -144,6 +146,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.reexecute_with_huge_pages()  # as `imagen-jax` runs (core/hugepages.py)
   define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)

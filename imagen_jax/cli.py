@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 from imagen_jax.core import config_lib
+from imagen_jax.core import hugepages
 
 # name -> (module with main(argv), one-line description).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -110,6 +111,8 @@ class _QuietLibraries(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  if argv is None:  # the real command, not a test calling main(): see core/hugepages.py
+    hugepages.reexecute_with_huge_pages()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
