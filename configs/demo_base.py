@@ -6,10 +6,9 @@ configs/demo_sr.py; both are ordinary stage configs, so the same run by hand is
     imagen-jax train --config=configs/demo_base.py --workdir=demo_run/base \
         --config.data.data_dir=demo_run/data
 
-The text encoder is a tiny T5 v1.1 with a vocabulary of the shapes grammar, pretrained on the
-grammar's text alone ("builtin:shapes-tiny-pretrained"; the quick variant: the random
-"builtin:shapes-tiny"): enough for a synthetic grammar, not for real captions (real use loads
-real T5 weights, see the README).
+The text encoder is a random tiny T5 v1.1 with a vocabulary of the shapes grammar
+("builtin:shapes-tiny"; configs/common.py says why not its text-pretrained copy): enough for a
+synthetic grammar, not for real captions (real use loads real T5 weights, see the README).
 """
 
 import ml_collections

@@ -1,12 +1,12 @@
 """The shapes demo: train, sample and score a tiny cascade on a CPU (`imagen-jax demo`).
 
-    scores = demo.run("demo_run")              # 20-55 minutes on 2 cores, by CPU
+    scores = demo.run("demo_run")              # 19-55 minutes on 2 cores, by CPU
     scores = demo.run("demo_run", quick=True)  # under 2 minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
-2. writes the text encoder, once per machine: a tiny T5 v1.1 with the grammar's vocabulary,
-   pretrained on the grammar's text alone (`builtin:shapes-tiny-pretrained`; the quick variant
-   uses the random `builtin:shapes-tiny`);
+2. writes the text encoder, once per machine: a random tiny T5 v1.1 with the grammar's
+   vocabulary (`builtin:shapes-tiny`; its copy pretrained on the grammar's text,
+   `builtin:shapes-tiny-pretrained`, is an option: configs/common.py says why not the default);
 3. trains the base stage, configs/demo_base.py (text -> 32x32), in WORKDIR/base;
 4. trains the SR stage, configs/demo_sr.py (32 -> 64), in WORKDIR/sr;
 5. samples prompts of the `validation` and `heldout` splits through the cascade, with guidance,
@@ -72,8 +72,8 @@ def build_data(workdir: str, quick: bool) -> str:
 
 
 def prepare_text_encoders(configs: dict[str, ml_collections.ConfigDict]) -> None:
-  """Writes the stages' builtin encoders once per machine (the pretrained one trains on the
-  grammar's text first, about 2 minutes on 2 cores), so the time shows as its own step."""
+  """Writes the stages' builtin encoders once per machine (a pretrained one trains on the
+  grammar's text first, 1-2 minutes on 2 cores), so the time shows as its own step."""
   from imagen_jax.text import builtin  # pylint: disable=g-import-not-at-top
   for name in sorted({c.text.encoder for c in configs.values()}):
     logging.info("demo: text encoder %s in %s", name, builtin.resolve(name))

@@ -114,17 +114,16 @@ def test_a_cpu_device_count_the_user_chose_is_left_alone(monkeypatch):
   assert partitioning.user_set_cpu_devices() == (jax.config.jax_num_cpu_devices != -1)
 
 
-def test_the_full_demo_trains_on_the_text_pretrained_encoder_and_the_quick_one_skips_it(
-    monkeypatch):
+def test_both_demo_variants_share_the_random_builtin_encoder_written_once(monkeypatch):
   from imagen_jax.text import builtin
-  # Both stages of a cascade must share one encoder (sample/cascade.py checks it).
-  assert {c.text.encoder for c in demo.stage_configs("unused", quick=False).values()} == {
-      "builtin:shapes-tiny-pretrained"}
-  assert {c.text.encoder for c in demo.stage_configs("unused", quick=True).values()} == {
-      "builtin:shapes-tiny"}
+  # Both stages of a cascade must share one encoder (sample/cascade.py checks it); the
+  # pretrained copy is a lottery on held-out prompts (configs/common.py), so neither uses it.
+  for quick in (False, True):
+    assert {c.text.encoder for c in demo.stage_configs("unused", quick=quick).values()} == {
+        "builtin:shapes-tiny"}
   written = []
   monkeypatch.setattr(builtin, "materialize", lambda name: written.append(name) or "/x/" + name)
   configs = demo.stage_configs("unused", quick=False)
   configs["other"] = ml_collections.ConfigDict({"text": {"encoder": "/weights/t5-small"}})
   demo.prepare_text_encoders(configs)
-  assert written == ["builtin:shapes-tiny-pretrained"]  # once, and only builtin names
+  assert written == ["builtin:shapes-tiny"]  # once, and only builtin names

@@ -1,6 +1,6 @@
 """`imagen-jax demo`: train, sample and score a tiny shapes cascade on a CPU (the README's main job).
 
-    imagen-jax demo --workdir=demo_run          # 20-55 minutes on 2 cores, by CPU
+    imagen-jax demo --workdir=demo_run          # 19-55 minutes on 2 cores, by CPU
     imagen-jax demo --workdir=demo_run --quick  # under 2 minutes; the scores then mean little
 
 Builds the shapes data, trains the base and SR stages, samples the validation and held-out
