@@ -30,15 +30,14 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds per process.")
 
 
 def child_environment(huge_pages: bool) -> dict[str, str]:
-  """This environment with the glibc tunable set or removed (other tunables kept)."""
+  """This environment without the glibc tunable (other tunables kept), and huge pages left to
+  train_step's own start-up (`hugepages.reexecute_with_huge_pages`, as `imagen-jax` does) or
+  turned off."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES.value}"
-  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
-          if t and not t.startswith(hugepages.TUNABLE)]
-  if huge_pages:
-    kept.append(f"{hugepages.TUNABLE}=1")
-  env["GLIBC_TUNABLES"] = ":".join(kept)
-  env[hugepages.OPT_OUT] = "1" if huge_pages else "0"  # train_step would turn them on itself
+  env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                                   if t and not t.startswith(hugepages.TUNABLE))
+  env[hugepages.OPT_OUT] = "1" if huge_pages else "0"
   return env
 
 

@@ -22,9 +22,8 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
-from imagen_jax.core import hugepages
-
 from imagen_jax.core import config_lib
+from imagen_jax.core import hugepages
 
 
 class CompiledSampler:

@@ -32,9 +32,8 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
-from imagen_jax.core import hugepages
-
 from imagen_jax.core import config_lib
+from imagen_jax.core import hugepages
 
 
 def random_batch(batch_shapes: dict[str, Any], vocab: int = 100, seed: int = 0) -> dict[str, Any]:
