@@ -17,6 +17,7 @@ def get_config(variant: str = "xxl") -> ml_collections.ConfigDict:
   # A Hugging Face / t5x / converted directory (local or gs://), or builtin:shapes-tiny.
   c.text.encoder = "t5-v1_1-xxl"
   c.text.max_length = 128
+  c.text.output_layer = -1      # as the stage configs' text.output_layer (configs/common.py)
   c.dtype = "bfloat16"          # compute dtype (parameters are held in it too)
 
   # Captions: any data source (shapes, tfds:NAME[:CONFIG], folder:PATH, wds:PATTERN; read as

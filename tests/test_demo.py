@@ -72,6 +72,13 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
     np.testing.assert_array_equal(shown, image.repeat(scale, 0).repeat(scale, 1))
     assert (verdict == "correct") == judge.judge(image, record["prompt"])["all_correct"]
 
+  # The stages trained side by side, base to its switch step on one core, then on both.
+  switch = round(demo.BASE_SHARE_BESIDE_SR * demo.stage_configs("x", quick=True)["base"].total_steps)
+  assert f"demo: training base in {workdir / 'base'} on core(s) 0, 1 device(s), to step {switch}" \
+      in first.stderr
+  assert f"Resuming from the checkpoint at step {switch}" in first.stderr
+  assert "[sr] " in first.stderr and "[base] " in first.stderr
+
   # A second run reuses the data, both stages and the samples.
   second = run_as_typed(command, tmp_path, timeout=900)
   assert second.returncode == 0, second.stderr[-4000:]
@@ -112,6 +119,52 @@ def test_a_cpu_device_count_the_user_chose_is_left_alone(monkeypatch):
   assert demo.use_every_core(configs) == 0  # not even attempted
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
   assert partitioning.user_set_cpu_devices() == (jax.config.jax_num_cpu_devices != -1)
+
+
+def test_side_by_side_training_splits_the_cores_and_stops_the_base_at_its_share(
+    monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(partitioning, "cpu_cores", lambda: 4)
+  monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+  monkeypatch.setattr(demo.os, "sched_setaffinity", lambda pid, cores: pinned.append(set(cores)))
+  assert demo.side_by_side_cores(0) is None  # the user chose the device count
+  assert demo.side_by_side_cores(4) == ([0, 1], [2, 3])
+  monkeypatch.setattr(partitioning, "cpu_cores", lambda: 1)
+  assert demo.side_by_side_cores(1) is None
+
+  monkeypatch.setattr(partitioning, "cpu_cores", lambda: 4)
+  started, pinned = [], []
+
+  class FakeProcess:
+    def __init__(self, command, env, **unused_kwargs):
+      started.append((command, env["JAX_NUM_CPU_DEVICES"], pinned[-1]))
+      self.stdout = iter(["a line\n"])
+
+    def wait(self):
+      return 0
+
+  monkeypatch.setattr(demo.subprocess, "Popen", FakeProcess)
+  trained = []
+  monkeypatch.setattr(demo, "train_stage", lambda config, workdir: trained.append(workdir))
+  laps = []
+  demo.train_stages(str(tmp_path), quick=False, device_count=4, lap=laps.append)
+  configs = demo.stage_configs(str(tmp_path), quick=False)
+  switch = round(demo.BASE_SHARE_BESIDE_SR * configs["base"].total_steps)
+  assert 0.5 * configs["base"].total_steps < switch < configs["base"].total_steps
+  (base_cmd, base_devices, base_cores), (sr_cmd, sr_devices, sr_cores) = started
+  assert base_cmd[1:4] == ["-m", "imagen_jax", "train"]
+  assert "--config=configs/demo_base.py:full" in base_cmd and base_cmd[-1] == f"--stop_at_step={switch}"
+  assert "--config=configs/demo_sr.py:full" in sr_cmd
+  assert not any(a.startswith("--stop_at_step") for a in sr_cmd)
+  for cmd, name in ((base_cmd, "base"), (sr_cmd, "sr")):
+    assert f"--workdir={tmp_path / name}" in cmd
+    assert f"--config.data.data_dir={tmp_path / 'data'}" in cmd
+  assert (base_cores, sr_cores) == ({0, 1}, {2, 3}) and (base_devices, sr_devices) == ("2", "2")
+  assert pinned[-1] == {0, 1, 2, 3}  # the parent's own cores back
+  # Then the base stage continues in this process on every core (and the SR stage is reused).
+  assert trained == [str(tmp_path / "base"), str(tmp_path / "sr")]
+  assert laps == ["train_side_by_side", "train_base", "train_sr"]
+  err = capsys.readouterr().err  # each child's output, forwarded under its name
+  assert "[base] a line\n" in err and "[sr] a line\n" in err
 
 
 def test_both_demo_variants_share_the_random_builtin_encoder_written_once(monkeypatch):

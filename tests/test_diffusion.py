@@ -269,6 +269,16 @@ def test_condition_dropout_rate():
   assert np.all(np.asarray(dropped)[~rows_zero] == 1)
 
 
+def test_token_dropout_rate():
+  emb = jnp.ones((400, 10, 3))
+  dropped = np.asarray(guidance.drop_tokens(jax.random.PRNGKey(0), emb, 0.2))
+  tokens_zero = np.all(dropped == 0, axis=2)
+  assert abs(tokens_zero.mean() - 0.2) < 0.02
+  assert np.all(dropped[~tokens_zero] == 1)
+  # Per token, not per caption: most captions lose a token (1 - 0.8^10 = 0.89), hardly any all.
+  assert 0.85 < tokens_zero.any(axis=1).mean() < 0.93 and tokens_zero.all(axis=1).sum() == 0
+
+
 def test_noise_augmentation_levels():
   lowres = jax.random.uniform(jax.random.PRNGKey(0), (3, 16, 16, 3), minval=-1, maxval=1)
   levels = jnp.array([0.0, 0.25, 1.0])

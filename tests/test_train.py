@@ -195,6 +195,30 @@ def test_sigterm_saves_exits_0_and_rerun_continues(tmp_path, shapes_data_dir):
 
 
 @pytest.mark.slow
+def test_stop_at_step_saves_there_and_another_mesh_continues_the_same_run(tmp_path,
+                                                                          shapes_data_dir):
+  """The demo trains its base stage's first steps on one core, then the rest on every core."""
+  config = tiny_config(**{"data.data_dir": shapes_data_dir, "total_steps": 6,
+                          "checkpoint_every": 100, "log_every": 1})
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  train_lib.train_and_evaluate(config, straight, devices=jax.devices()[:1])
+  state = train_lib.train_and_evaluate(config, split, devices=jax.devices()[:1], stop_at_step=4)
+  assert int(state.step) == 4 and _complete_checkpoints(split) == [4]
+  # The same 4 steps as the straight run's (the schedules are those of total_steps).
+  lr_straight = read_scalars(straight, "learning_rate")
+  assert read_scalars(split, "learning_rate") == {s: lr_straight[s] for s in range(1, 5)}
+  train_lib.train_and_evaluate(config, split, devices=jax.devices()[:2])
+  assert _complete_checkpoints(split) == [4, 6]
+  assert read_scalars(split, "learning_rate") == lr_straight  # steps 1-6
+  state_a, data_a = params_of(straight, 6)
+  state_b, data_b = params_of(split, 6)
+  assert data_a == data_b  # the input iterator stands at the same example
+  assert_trees_close(state_a, state_b, rtol=1e-4, atol=1e-5)  # 1 vs 2 devices: rounding only
+  with pytest.raises(config_lib.ConfigError, match="stop_at_step=7"):
+    train_lib.train_and_evaluate(config, split, stop_at_step=7)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base64", "sr256"])
 def test_tiny_stage_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir, stage):
   # The base stage's loss falls to 0.39 of its first 25 steps' within 100 steps (0.30 in 100 of

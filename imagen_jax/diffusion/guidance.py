@@ -32,6 +32,14 @@ def drop_text(key: jax.Array, text_emb: jax.Array, rate: float) -> jax.Array:
   return jnp.where(keep, text_emb, jnp.zeros_like(text_emb))
 
 
+def drop_tokens(key: jax.Array, text_emb: jax.Array, rate: float) -> jax.Array:
+  """Zeroes each token's embedding [B, L, D] with probability `rate`, independently (word
+  dropout): the net also learns what each word means with any other word missing, as a whole
+  caption's dropout teaches the unconditional model."""
+  keep = jax.random.uniform(key, text_emb.shape[:2] + (1,)) >= rate
+  return jnp.where(keep, text_emb, jnp.zeros_like(text_emb))
+
+
 def combine(cond: jax.Array, uncond: jax.Array, weight: float | jax.Array) -> jax.Array:
   """eps = w * eps_c + (1 - w) * eps_u: w = 1 is exactly the conditional, w = 0 the unconditional.
 

@@ -77,11 +77,14 @@ def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
     if cur.lowres.size != prev.image_size:
       raise ChainError(f"{name(i)} takes {cur.lowres.size}x{cur.lowres.size} low-res inputs but "
                        f"{name(i - 1)} outputs {prev.image_size}x{prev.image_size}")
+  from imagen_jax import text  # pylint: disable=g-import-not-at-top
   for i in range(1, len(configs)):
-    for key in ("encoder", "width", "max_length"):
-      if configs[i].text[key] != configs[0].text[key]:
-        raise ChainError(f"{name(i)} expects text.{key}={configs[i].text[key]!r} but {name(0)} "
-                         f"uses {configs[0].text[key]!r}: every stage needs the same encoder")
+    for key, value in (("encoder", lambda c: c.text.encoder), ("width", lambda c: c.text.width),
+                       ("max_length", lambda c: c.text.max_length),
+                       ("output_layer", lambda c: text.output_layer_of(c.text))):
+      if value(configs[i]) != value(configs[0]):
+        raise ChainError(f"{name(i)} expects text.{key}={value(configs[i])!r} but {name(0)} "
+                         f"uses {value(configs[0])!r}: every stage needs the same encoder")
 
 
 def stage_params(config: ml_collections.ConfigDict, workdir: str, step: int,
@@ -168,7 +171,7 @@ class Cascade:
     if text_encoder is None:
       from imagen_jax import text  # pylint: disable=g-import-not-at-top
       base = configs[0]
-      text_encoder = text.load_text_encoder(base.text.encoder, max_length=base.text.max_length)
+      text_encoder = text.load_configured(base.text)
     return cls(stages, text_encoder, mesh)
 
   def default_settings(self, **overrides) -> list[sampling.StageSettings]:

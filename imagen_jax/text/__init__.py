@@ -11,5 +11,7 @@ embedding cache and its reader), `encode_job` (encode a caption source into a ca
 library behind `imagen-jax encode`).
 """
 
+from imagen_jax.text.encoder import load_configured
 from imagen_jax.text.encoder import load_text_encoder
+from imagen_jax.text.encoder import output_layer_of
 from imagen_jax.text.encoder import TextEncoder

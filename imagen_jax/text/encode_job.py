@@ -71,8 +71,7 @@ def run(config) -> dict[str, Any]:
   num_processes, process = jax.process_count(), jax.process_index()
   source = open_source(config)
   mesh = partitioning.make_mesh(config.mesh)
-  encoder = encoder_lib.load_text_encoder(config.text.encoder, config.text.max_length,
-                                          config.dtype, mesh=mesh)
+  encoder = encoder_lib.load_configured(config.text, config.dtype, mesh=mesh)
   metadata = cache_lib.Metadata(
       num_examples=len(source), part_size=int(config.part_size), width=encoder.width,
       max_length=encoder.max_length, dtype=config.storage_dtype,

@@ -46,17 +46,22 @@ class TextEncoder:
   """
 
   def __init__(self, config: t5.T5Config, params: Any, tokenizer: tokenizer_lib.Tokenizer,
-               dtype: Any = "float32", path: str = "", mesh: jax.sharding.Mesh | None = None):
+               dtype: Any = "float32", path: str = "", mesh: jax.sharding.Mesh | None = None,
+               output_layer: int = -1):
     self.config = config
     self.dtype = _dtype(dtype)
-    self.module = t5.T5Encoder(config, dtype=self.dtype, param_dtype=self.dtype)
+    t5.check_output_layer(output_layer, config)
+    self.output_layer = output_layer
+    # The parameters stay whole (layers past `output_layer` unused): one tree, one sharding.
+    self.module = t5.T5Encoder(config, dtype=self.dtype, param_dtype=self.dtype,
+                               output_layer=output_layer)
     self.params = params
     self.tokenizer = tokenizer
     self.max_length = tokenizer.max_length
     self.width = config.d_model
     self.path = path
     self.mesh = mesh
-    self.spec = describe(config, tokenizer, path, self.dtype)
+    self.spec = describe(config, tokenizer, path, self.dtype, output_layer)
     self._batch_multiple = 1
     if mesh is not None:
       self._batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -129,12 +134,18 @@ def boxed_param_shapes(config: t5.T5Config, dtype: Any = jnp.float32, max_length
 
 
 def describe(config: t5.T5Config, tokenizer: tokenizer_lib.Tokenizer, path: str,
-             dtype: Any) -> dict[str, Any]:
-  """What identifies an encoder: cascade stages must agree on all but `path` and `dtype`."""
-  return {"path": path, "size": t5.size_name(config), "config": config.to_dict(),
+             dtype: Any, output_layer: int = -1) -> dict[str, Any]:
+  """What identifies an encoder: cascade stages must agree on all but `path` and `dtype`.
+
+  `output_layer` is named only when it is not T5's own output (-1), so the specs stored with
+  earlier embedding caches still match."""
+  spec = {"path": path, "size": t5.size_name(config), "config": config.to_dict(),
           "vocab_size": tokenizer.vocab_size, "vocab_sha256": tokenizer.sha256,
           "d_model": config.d_model, "max_length": tokenizer.max_length,
           "dtype": jnp.dtype(dtype).name}
+  if output_layer != -1:
+    spec["output_layer"] = output_layer
+  return spec
 
 
 def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -180,7 +191,8 @@ def _not_found_message(path: str) -> str:
 
 def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", *,
                       mesh: jax.sharding.Mesh | None = None, vocab: str | None = None,
-                      tokenizer_backend: str = "sentencepiece") -> TextEncoder:
+                      tokenizer_backend: str = "sentencepiece",
+                      output_layer: int = -1) -> TextEncoder:
   """Loads a frozen T5 v1.1 encoder (see the module docstring for `path`).
 
   Args:
@@ -191,6 +203,8 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
       None puts them on the default device.
     vocab: the SentencePiece model file if it is not `spiece.model` in (or next to) `path`.
     tokenizer_backend: "sentencepiece", or "seqio" with the tf extra.
+    output_layer: the output is the residual stream after this many layers, through T5's final
+      norm (-1: all, T5's own output; 0: each token's embedding alone, no context).
   """
   compute = _dtype(dtype)
   source = path
@@ -219,7 +233,18 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
   if tok.vocab_size > config.vocab_size:
     raise ValueError(f"the vocabulary has {tok.vocab_size} pieces but the embedding only "
                      f"{config.vocab_size} rows: {path} and its spiece.model do not belong together")
-  return TextEncoder(config, params, tok, compute, source, mesh)
+  return TextEncoder(config, params, tok, compute, source, mesh, output_layer)
+
+
+def output_layer_of(text_config: Any) -> int:
+  """A config's `text.output_layer` (-1 in configs saved before the key existed)."""
+  return int(text_config.get("output_layer", -1))
+
+
+def load_configured(text_config: Any, dtype: Any = "float32", **kwargs) -> TextEncoder:
+  """`load_text_encoder` for a config's `text` section (encoder, max_length, output_layer)."""
+  return load_text_encoder(text_config.encoder, max_length=text_config.max_length, dtype=dtype,
+                           output_layer=output_layer_of(text_config), **kwargs)
 
 
 def place(params: Any, config: t5.T5Config, dtype: Any, max_length: int,

@@ -219,6 +219,13 @@ class EncoderLayer(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
+def check_output_layer(output_layer: int, config: T5Config) -> None:
+  """`output_layer` must be -1 or 0..num_layers: a ValueError naming `text.output_layer`."""
+  if not -1 <= output_layer <= config.num_layers:
+    raise ValueError(f"text.output_layer={output_layer}: the encoder has {config.num_layers} "
+                     "layers; use -1 (all), or 0 (token embeddings) to num_layers")
+
+
 class T5Encoder(nn.Module):
   """T5 v1.1 encoder: token ids [B, L] int32 and mask [B, L] bool -> [B, L, d_model].
 
@@ -228,10 +235,15 @@ class T5Encoder(nn.Module):
   config: T5Config
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # The residual stream after this many layers, through the final norm, is the output (-1: all
+  # layers, T5's own output; 0: the token embeddings alone, with no context). See
+  # `check_output_layer`.
+  output_layer: int = -1
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     c = self.config
+    check_output_layer(self.output_layer, c)
     # float32 matmuls at full precision: TPUs and GPUs (TF32) otherwise round the inputs.
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=precision)
@@ -245,7 +257,7 @@ class T5Encoder(nn.Module):
     mask_bias = jnp.where(mask[:, None, None, :], 0.0, -1e10)
     bias = position_bias + mask_bias  # [B, H, L, L]
 
-    for i in range(c.num_layers):
+    for i in range(c.num_layers if self.output_layer < 0 else self.output_layer):
       x = EncoderLayer(c, name=f"layers_{i}", **kw)(x, bias)
     x = RMSNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="encoder_norm")(x)
     return jnp.where(mask[..., None], x.astype(jnp.float32), 0.0)

@@ -88,6 +88,9 @@ def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None,
     drop_key, aug_key, aug_noise_key, diffusion_key = jax.random.split(key, 4)
     x = preprocess.to_model_range(batch["image"])
     text_emb, text_mask = text_inputs(batch, frozen.get("text"), text_apply)
+    if config.token_drop_rate > 0:  # a key of its own only then: other runs keep their stream
+      drop_key, token_key = jax.random.split(drop_key)
+      text_emb = guidance.drop_tokens(token_key, text_emb, config.token_drop_rate)
     text_emb = guidance.drop_text(drop_key, text_emb, config.cond_drop_rate)
     extra = {}
     if config.stage == "sr":

@@ -46,11 +46,19 @@ class TrainingError(RuntimeError):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: Sequence[jax.Device] | None = None) -> state_lib.TrainState:
+                       devices: Sequence[jax.Device] | None = None,
+                       stop_at_step: int | None = None) -> state_lib.TrainState:
   """Trains `config`'s stage in `workdir` up to config.total_steps; returns the final state.
 
   `devices` (default: all) is the mesh's device set; tests use it to compare meshes.
+  `stop_at_step`: save a checkpoint at this step and return, the schedules still those of
+  config.total_steps, so that a later call (on any mesh) continues the same run. The demo trains
+  its base stage's first steps on one core this way while the SR stage trains on the other.
   """
+  if stop_at_step is not None and not 0 < stop_at_step <= config.total_steps:
+    raise config_lib.ConfigError(f"stop_at_step={stop_at_step}: it must be a step of the run, "
+                                 f"1 to total_steps={config.total_steps}")
+  last_step = config.total_steps if stop_at_step is None else stop_at_step
   # --- 1. Check the config and the workdir before anything is compiled ----------------------
   workdir = fileio.resolve(str(workdir))  # Orbax refuses relative paths (in a background thread)
   mesh = partitioning.make_mesh(config.mesh, devices)
@@ -96,13 +104,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     train_metrics = None
     progress.start(start_step)
-    for step in range(start_step + 1, config.total_steps + 1):
+    for step in range(start_step + 1, last_step + 1):
       batch = pipeline_lib.global_batch(device_part(next(data), batch_shapes), mesh)
       state, metrics = compiled_step(state, batch, frozen)
       train_metrics = metrics if train_metrics is None else merge_metrics(train_metrics, metrics)
       ckpt.check()  # a checkpoint that failed in the background stops the run here
 
-      if step % config.log_every == 0 or step == config.total_steps:
+      if step % config.log_every == 0 or step == last_step:
         # The host waits for the device only here, for previews and for checkpoints.
         check_finite(state, config)
         scalars = {k: float(v) for k, v in train_metrics.compute().items()}
@@ -117,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write_images(step, {"samples": preview(state.ema_params)})
 
       preempted = preemption.reached(step)
-      if preempted or step % config.checkpoint_every == 0 or step == config.total_steps:
+      if preempted or step % config.checkpoint_every == 0 or step == last_step:
         check_finite(state, config)  # never save a state that follows a non-finite update
         ckpt.save(step, state, data.get_state(), config)
         writer.flush()  # logs on gs:// are uploaded on flush: keep them in step with checkpoints
@@ -292,8 +300,7 @@ def load_text_encoder_if_needed(config: ml_collections.ConfigDict):
   if config.data.embed_cache:
     return None
   from imagen_jax import text  # pylint: disable=g-import-not-at-top
-  encoder = text.load_text_encoder(config.text.encoder, max_length=config.text.max_length,
-                                   dtype=config.dtype)
+  encoder = text.load_configured(config.text, config.dtype)
   if encoder.width != config.text.width:
     raise config_lib.ConfigError(
         f"config.text.width={config.text.width} but the encoder {config.text.encoder!r} "
@@ -311,6 +318,14 @@ def open_embedding_cache(config: ml_collections.ConfigDict):
         f"the embedding cache {config.data.embed_cache!r} holds width {embeddings.width}, "
         f"max_length {embeddings.max_length}; the config says text.width={config.text.width}, "
         f"text.max_length={config.text.max_length}")
+  from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  cached_layer, wanted = (embeddings.encoder_spec.get("output_layer", -1),
+                          encoder_lib.output_layer_of(config.text))
+  if cached_layer != wanted:
+    raise config_lib.ConfigError(
+        f"the embedding cache {config.data.embed_cache!r} holds the encoder's output after layer "
+        f"{cached_layer} (-1: all) but the config says text.output_layer={wanted}: encode the "
+        "captions again with that text.output_layer")
   return embeddings.__getitem__
 
 
