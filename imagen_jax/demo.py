@@ -1,7 +1,7 @@
 """The shapes demo: train, sample and score a tiny cascade on a CPU (`imagen-jax demo`).
 
-    scores = demo.run("demo_run")              # 19-55 minutes on 2 cores, by CPU
-    scores = demo.run("demo_run", quick=True)  # under 2 minutes; the scores then mean little
+    scores = demo.run("demo_run")              # 14-42 minutes on 2 cores, by CPU
+    scores = demo.run("demo_run", quick=True)  # about 2 minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
 2. writes the text encoder, once per machine: a random tiny T5 v1.1 with the grammar's
@@ -112,7 +112,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
 # than one process over both cores (XLA:CPU leaves a 2-device program's cores partly idle on the
 # demo's small convolutions). So the base stage's first steps train on half the cores while the
 # SR stage trains on the other half, then the base finishes on every core: the demo's stages in
-# ~790 s instead of ~1,030 (benchmarks/RESULTS.md, "Stages side by side"). The switch is a fixed
+# 829 s instead of 1,026-1,092 (benchmarks/RESULTS.md, "Stages side by side"). The switch is a fixed
 # step, so the scores stay those of the configured seeds. The share is the base steps one core
 # trains in the SR stage's time on the other: base 3.1 and SR 5.1 steps/s on one core each of
 # a 2-core AMD EPYC VM, so 2,400 SR steps take as long as ~1,460 of the base's 2,800. On a CPU

@@ -18,7 +18,7 @@ def test_ci_runs_the_quick_start_exactly():
   with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
     ci = [line.strip() for line in f]
   # CI types the same lines in a fresh, activated venv; the demo with --quick (the full one is
-  # 19-55 minutes; tests/test_demo.py runs it the same way in a fresh directory).
+  # 14-42 minutes; tests/test_demo.py runs it the same way in a fresh directory).
   activate = ci.index("source .venv-ci/bin/activate")
   assert ci[activate - 1] == "fresh_venv .venv-ci"
   assert ci[activate + 1:activate + 3] == [install_and_demo + " --quick", test]
