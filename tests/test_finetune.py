@@ -350,6 +350,8 @@ def test_finetune_bad_inputs_are_named_before_compute(tiny_cascade, tmp_path):
       ({"data.source": f"folder:{unreadable}"}, sources.SourceError,
        "unreadable.*no usable image.*corrupt_image"),
       ({"model.model_dim": 8}, finetune.FinetuneError, "parameter conditioning/.*kernel is"),
+      ({"text.output_layer": 0}, finetune.FinetuneError,
+       r"text.output_layer=0 but the base stage .* was trained with -1"),
       ({"finetune.base_step": 7}, finetune.FinetuneError, r"no checkpoint at step 7.*\[2\]"),
   ]
   subject = tmp_path / "subject"

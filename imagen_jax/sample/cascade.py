@@ -79,12 +79,10 @@ def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
                        f"{name(i - 1)} outputs {prev.image_size}x{prev.image_size}")
   from imagen_jax import text  # pylint: disable=g-import-not-at-top
   for i in range(1, len(configs)):
-    for key, value in (("encoder", lambda c: c.text.encoder), ("width", lambda c: c.text.width),
-                       ("max_length", lambda c: c.text.max_length),
-                       ("output_layer", lambda c: text.output_layer_of(c.text))):
-      if value(configs[i]) != value(configs[0]):
-        raise ChainError(f"{name(i)} expects text.{key}={value(configs[i])!r} but {name(0)} "
-                         f"uses {value(configs[0])!r}: every stage needs the same encoder")
+    if difference := text.text_difference(configs[i].text, configs[0].text):
+      key, mine, base = difference
+      raise ChainError(f"{name(i)} expects text.{key}={mine!r} but {name(0)} uses {base!r}: "
+                       "every stage needs the same encoder")
 
 
 def stage_params(config: ml_collections.ConfigDict, workdir: str, step: int,

@@ -14,4 +14,5 @@ library behind `imagen-jax encode`).
 from imagen_jax.text.encoder import load_configured
 from imagen_jax.text.encoder import load_text_encoder
 from imagen_jax.text.encoder import output_layer_of
+from imagen_jax.text.encoder import text_difference
 from imagen_jax.text.encoder import TextEncoder

@@ -241,6 +241,16 @@ def output_layer_of(text_config: Any) -> int:
   return int(text_config.get("output_layer", -1))
 
 
+def text_difference(a: Any, b: Any) -> tuple[str, Any, Any] | None:
+  """The first of (encoder, width, max_length, output_layer) in which two configs' `text`
+  sections differ, with both values; None when the U-Nets would read the same embeddings."""
+  for key in ("encoder", "width", "max_length", "output_layer"):
+    va, vb = ((output_layer_of(t) if key == "output_layer" else t[key]) for t in (a, b))
+    if va != vb:
+      return key, va, vb
+  return None
+
+
 def load_configured(text_config: Any, dtype: Any = "float32", **kwargs) -> TextEncoder:
   """`load_text_encoder` for a config's `text` section (encoder, max_length, output_layer)."""
   return load_text_encoder(text_config.encoder, max_length=text_config.max_length, dtype=dtype,

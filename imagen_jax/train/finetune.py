@@ -101,8 +101,18 @@ def resolve_base(config: ml_collections.ConfigDict) -> Base:
 
 
 def check_matches_base(config: ml_collections.ConfigDict, base: Base) -> None:
-  """Raises FinetuneError naming the first parameter of `config`'s network that the base
-  checkpoint lacks or holds with another shape (or the first it has that the network lacks)."""
+  """Raises FinetuneError naming the first text setting (encoder, width, max_length,
+  output_layer) in which `config` differs from the base's training config, else the first
+  parameter of `config`'s network that the base checkpoint lacks or holds with another shape
+  (or the first it has that the network lacks)."""
+  from imagen_jax import text  # pylint: disable=g-import-not-at-top
+  base_config, _ = checkpoints.restore_config(base.workdir, base.step)
+  if difference := text.text_difference(config.text, base_config.text):
+    key, mine, theirs = difference
+    raise FinetuneError(
+        f"the config says text.{key}={mine!r} but the base stage {base.workdir} (step "
+        f"{base.step}) was trained with {theirs!r}: its network reads other text embeddings. "
+        "Fine-tune with the base's own text settings.")
   expected = _flat_shapes(nn.unbox(models.param_shapes(config)))
   stored = checkpoints.Checkpointer(base.workdir, read_only=True).param_shapes(base.step)
   for name in sorted(expected.keys() | stored.keys()):
