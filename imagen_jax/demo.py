@@ -123,9 +123,11 @@ BASE_SHARE_BESIDE_SR = 0.52
 def side_by_side_cores(device_count: int) -> tuple[list[int], list[int]] | None:
   """(the base stage's cores, the SR stage's) for training side by side: only where the demo
   chose the CPU device count itself (`use_every_core`: `device_count` > 0) for 2+ cores, and JAX
-  runs on the CPU. None: train one stage after the other."""
+  runs on the CPU, on an OS that lets a process choose its cores (Linux). None: train one stage
+  after the other."""
   from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
-  if device_count == 0 or partitioning.cpu_cores() < 2:
+  if (device_count == 0 or not hasattr(os, "sched_setaffinity")
+      or partitioning.cpu_cores() < 2):
     return None
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":

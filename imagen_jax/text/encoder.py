@@ -51,7 +51,6 @@ class TextEncoder:
     self.config = config
     self.dtype = _dtype(dtype)
     t5.check_output_layer(output_layer, config)
-    self.output_layer = output_layer
     # The parameters stay whole (layers past `output_layer` unused): one tree, one sharding.
     self.module = t5.T5Encoder(config, dtype=self.dtype, param_dtype=self.dtype,
                                output_layer=output_layer)
@@ -237,7 +236,8 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
 
 
 def output_layer_of(text_config: Any) -> int:
-  """A config's `text.output_layer` (-1 in configs saved before the key existed)."""
+  """A config's `text.output_layer`, or an encoder spec's (-1 where it is not named: configs
+  saved before the key existed, specs of T5's own output)."""
   return int(text_config.get("output_layer", -1))
 
 

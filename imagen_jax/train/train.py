@@ -319,7 +319,7 @@ def open_embedding_cache(config: ml_collections.ConfigDict):
         f"max_length {embeddings.max_length}; the config says text.width={config.text.width}, "
         f"text.max_length={config.text.max_length}")
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-  cached_layer, wanted = (embeddings.encoder_spec.get("output_layer", -1),
+  cached_layer, wanted = (encoder_lib.output_layer_of(embeddings.encoder_spec),
                           encoder_lib.output_layer_of(config.text))
   if cached_layer != wanted:
     raise config_lib.ConfigError(
