@@ -53,7 +53,7 @@ def stage_config() -> ml_collections.ConfigDict:
   c.token_drop_rate = 0.0   # each token's embedding zeroed with this probability (word dropout)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adafactor"      # "adafactor" (base) or "adam" (SR)
+  c.optimizer.name = "adafactor"      # "adafactor" (base), "adam" (SR) or "muon"
   c.optimizer.lr = 1e-4
   c.optimizer.warmup_steps = 10_000
   c.optimizer.schedule = "cosine"     # after warm-up: "cosine" decay to end_lr_factor, or "constant"
@@ -62,6 +62,8 @@ def stage_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.0
+  c.optimizer.muon_beta = 0.95        # muon: momentum of the orthogonalized matrices
+  c.optimizer.muon_rms = 0.2          # muon: update RMS per unit learning rate (Adam's scale)
   c.optimizer.clip_norm = 1.0
   c.optimizer.grad_accum_steps = 1    # micro-batches per step (global batch / accum per micro-step)
 

@@ -114,8 +114,9 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
 # SR stage trains on the other half, then the base finishes on every core: the demo's stages in
 # 829 s instead of 1,026-1,092 (benchmarks/RESULTS.md, "Stages side by side"). The switch is a fixed
 # step, so the scores stay those of the configured seeds. The share is the base steps one core
-# trains in the SR stage's time on the other: base 3.1 and SR 5.1 steps/s on one core each of
-# a 2-core AMD EPYC VM, so 2,400 SR steps take as long as ~1,460 of the base's 2,800. On a CPU
+# trains in the SR stage's time on the other: base 2.3 (Muon's update included) and SR 5.1
+# steps/s on one core each of a 2-core AMD EPYC VM, so 2,400 SR steps take as long as ~1,090 of
+# the base's 2,100. On a CPU
 # with other ratios one side waits for the other; the result is the same.
 BASE_SHARE_BESIDE_SR = 0.52
 

@@ -259,6 +259,16 @@ def test_adafactor_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir):
 
 
 @pytest.mark.slow
+def test_muon_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir):
+  # Muon beside Adam (optimizer.name = muon) at Adam's learning rate: its updates are scaled to
+  # Adam's RMS, so the same schedule serves; the tiny stage's loss falls as fast as with Adam.
+  muon = loss_on_shapes(tmp_path / "muon", shapes_data_dir, **{"optimizer.name": "muon"})
+  adam = loss_on_shapes(tmp_path / "adam", shapes_data_dir, **{"optimizer.name": "adam"})
+  assert muon[60] < 0.6 * muon[10], muon
+  assert muon[60] < 1.2 * adam[60], (muon, adam)
+
+
+@pytest.mark.slow
 def test_edm_objective_reduces_the_loss_on_shapes(tmp_path, shapes_data_dir):
   # The output layer starts at 0: training starts at the loss of the denoiser c_skip * x. At
   # Adam's lr of 1e-3, 60 steps bring it to 0.56 of the first 10 steps' mean, near the bound;

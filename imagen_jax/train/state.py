@@ -41,9 +41,37 @@ def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
                    "use cosine or constant")
 
 
+# Parameters Muon leaves to Adam: the stem and output convolutions (a network's first and last
+# layers, as in Muon's own recipe) and embeddings (a table of rows, not a linear map).
+MUON_EXCLUDED = ("stem", "out_conv", "text_position")
+
+
+def muon_dimensions(params: Any) -> Any:
+  """Per parameter, how Muon reads it as a matrix (None: Adam updates it).
+
+  Dense kernels [in, out] are matrices; convolution kernels [kh, kw, in, out] are matrices
+  [kh * kw * in, out] (what the convolution multiplies); vectors (biases, norm scales) and the
+  layers in MUON_EXCLUDED go to Adam.
+  """
+  def rule(path, x):
+    names = {str(getattr(k, "key", k)) for k in path}
+    if x.ndim < 2 or names & set(MUON_EXCLUDED):
+      return None
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(x.ndim - 1)),
+                                              output_axis=(x.ndim - 1,))
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
 def make_optimizer(opt_config: Any, total_steps: int) -> tuple[optax.GradientTransformation,
                                                                 optax.Schedule]:
-  """Adafactor (base) or Adam (SR) with global-norm clipping; returns (optimizer, lr schedule)."""
+  """Adafactor (base), Adam (SR) or Muon with global-norm clipping; returns (optimizer, lr
+  schedule).
+
+  Muon (Jordan et al. 2024) orthogonalizes each weight matrix's momentum by Newton-Schulz
+  iterations; its updates are scaled to Adam's RMS (`muon_rms` x sqrt(max(fan_in, fan_out)), Liu
+  et al. 2025), so one learning rate serves both it and the Adam it keeps for vectors, embeddings
+  and the first and last layers (`muon_dimensions`).
+  """
   schedule = learning_rate_schedule(opt_config, total_steps)
   if opt_config.name == "adafactor":
     # optax defaults otherwise, as in the paper ("Adafactor (optax defaults)").
@@ -51,9 +79,15 @@ def make_optimizer(opt_config: Any, total_steps: int) -> tuple[optax.GradientTra
   elif opt_config.name == "adam":
     main = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
                        weight_decay=opt_config.weight_decay)
+  elif opt_config.name == "muon":
+    main = optax.contrib.muon(
+        schedule, beta=opt_config.get("muon_beta", 0.95), eps=opt_config.eps,
+        weight_decay=opt_config.weight_decay, adam_b1=opt_config.b1, adam_b2=opt_config.b2,
+        adam_weight_decay=opt_config.weight_decay, muon_weight_dimension_numbers=muon_dimensions,
+        consistent_rms=opt_config.get("muon_rms", 0.2))
   else:
     raise ValueError(f"config.optimizer.name: unknown optimizer {opt_config.name!r}; "
-                     "use adafactor or adam")
+                     "use adafactor, adam or muon")
   parts = [main]
   if opt_config.clip_norm and opt_config.clip_norm > 0:
     parts.insert(0, optax.clip_by_global_norm(opt_config.clip_norm))

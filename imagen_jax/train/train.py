@@ -346,10 +346,20 @@ def make_state_shardings(param_shapes: Any, optimizer: Any, mesh: jax.sharding.M
   param_shardings = partitioning.tree_shardings(param_shapes, mesh)
   params = nn.unbox(param_shapes)
   abstract = jax.eval_shape(lambda p: state_lib.create(p, optimizer), params)
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
-      abstract.opt_state, param_shardings, params,
-      transform_non_params=lambda _: replicated)
+  # An optimizer's state holds copies of the parameter tree (whole, or masked where optimizers
+  # are combined, e.g. Muon beside Adam): a leaf whose path ends in a parameter's path and whose
+  # shape is that parameter's is sharded like it.
+  by_path = {tuple(path): (param.shape, sharding) for (path, param), sharding in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_shardings))}
+
+  def opt_sharding(path, leaf):
+    for start in range(len(path)):  # the longest suffix that names a parameter
+      if tuple(path[start:]) in by_path:
+        shape, sharding = by_path[tuple(path[start:])]
+        return sharding if leaf.shape == shape else replicated
+    return replicated
+
+  opt_shardings = jax.tree_util.tree_map_with_path(opt_sharding, abstract.opt_state)
   shardings = state_lib.TrainState(
       step=replicated, params=param_shardings, ema_params=param_shardings,
       opt_state=opt_shardings, nonfinite_step=replicated, skipped_updates=replicated)
