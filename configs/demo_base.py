@@ -45,11 +45,11 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   ))
   common.cpu_demo_stage(c, variant, total_steps=2100, checkpoint_every=1050, sample_steps=15,
                         quick_steps=30, quick_sample_steps=5)
-  # Muon (orthogonalized momentum on every weight matrix; Adam for the rest) at Adam's learning
+  # Muon (orthogonalized momentum on the weight matrices; Adam for the rest) at Adam's learning
   # rate: the loss of Adam's step 2,400 by step 1,000. Base alone on 400 + 400 prompts: Adam at
   # 2,800 steps 85-91% validation / 56-69% held-out over four runs; Muon at 2,800 steps 97.8% /
-  # 86.8%, and at 2,100 (its update costs 0.11 s a step on a core: what fits the same time)
-  # 94.5% / 78.2% (benchmarks/RESULTS.md, "Muon").
+  # 86.8%, and at 2,100 (what fits Adam's time: its update costs ~0.05 s a step on a core)
+  # 94.5% / 78.2%; the README's command 95% / 80% (benchmarks/RESULTS.md, "Muon").
   c.optimizer.name = "muon"
   # UniPC at 15 log-SNR-uniform steps reaches DDIM at 50 (the former default): 42.6 against
   # 39.1 dB PSNR to the converged sample, all-correct within the 100 prompts' noise

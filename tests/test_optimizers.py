@@ -27,10 +27,13 @@ def test_muon_reads_kernels_as_matrices_and_leaves_the_rest_to_adam():
   dims = state_lib.muon_dimensions(params)
   conv = dims["down0_res0"]["conv1"]["kernel"]
   assert (conv.reduction_axis, conv.output_axis) == ((0, 1, 2), (3,))  # [3*3*in, out]
-  dense = dims["conditioning"]["noise_dense1"]["kernel"]
+  dense = dims["mid_attn"]["query"]["kernel"]
   assert (dense.reduction_axis, dense.output_axis) == ((0,), (1,))
   assert dims["stem"]["kernel"] is None and dims["out_conv"]["kernel"] is None
   assert dims["conditioning"]["text_position"] is None  # an embedding table
+  # What reads the conditioning vector goes to Adam too.
+  assert dims["conditioning"]["noise_dense1"]["kernel"] is None
+  assert dims["down0_res0"]["emb_proj"]["kernel"] is None
   assert dims["down0_res0"]["conv1"]["bias"] is None
   # Every >= 2-D parameter outside the excluded layers goes to Muon.
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
