@@ -49,7 +49,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # rate: the loss of Adam's step 2,400 by step 1,000. Base alone on 400 + 400 prompts: Adam at
   # 2,800 steps 85-91% validation / 56-69% held-out over four runs; Muon at 2,800 steps 97.8% /
   # 86.8%, and at 2,100 (what fits Adam's time: its update costs ~0.05 s a step on a core)
-  # 94.5% / 78.2%; the README's command 95% / 80% (benchmarks/RESULTS.md, "Muon").
+  # 94.5% / 78.2%; with the conditioning's matrices left to Adam (half the update's time: the
+  # demo), seeds 0 / 1: 92.7 / 90.0% and 73.5 / 66.7%; the README's command 95% / 80%
+  # (benchmarks/RESULTS.md, "Muon").
   c.optimizer.name = "muon"
   # UniPC at 15 log-SNR-uniform steps reaches DDIM at 50 (the former default): 42.6 against
   # 39.1 dB PSNR to the converged sample, all-correct within the 100 prompts' noise
