@@ -10,7 +10,6 @@ from flax import linen as nn
 
 from conftest import short_run_config  # pylint: disable=g-bad-import-order
 from imagen_jax import models
-from imagen_jax.core import config_lib
 from imagen_jax.core import partitioning
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import train as train_lib
