@@ -46,7 +46,7 @@ def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
 # matrices that read the conditioning vector (one per image: the noise-level and text-pooling
 # MLPs, each block's FiLM projection), which held half of the demo base's Newton-Schulz time
 # (111 -> 57 ms a step on one core) for a few vectors' worth of signal.
-MUON_EXCLUDED = ("stem", "out_conv", "text_position", "conditioning", "emb_proj")
+MUON_EXCLUDED = frozenset({"stem", "out_conv", "text_position", "conditioning", "emb_proj"})
 
 
 def muon_dimensions(params: Any) -> Any:
@@ -58,7 +58,7 @@ def muon_dimensions(params: Any) -> Any:
   """
   def rule(path, x):
     names = {str(getattr(k, "key", k)) for k in path}
-    if x.ndim < 2 or names & set(MUON_EXCLUDED):
+    if x.ndim < 2 or names & MUON_EXCLUDED:
       return None
     return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(x.ndim - 1)),
                                               output_axis=(x.ndim - 1,))
@@ -84,10 +84,10 @@ def make_optimizer(opt_config: Any, total_steps: int) -> tuple[optax.GradientTra
                        weight_decay=opt_config.weight_decay)
   elif opt_config.name == "muon":
     main = optax.contrib.muon(
-        schedule, beta=opt_config.get("muon_beta", 0.95), eps=opt_config.eps,
+        schedule, beta=opt_config.muon_beta, eps=opt_config.eps,
         weight_decay=opt_config.weight_decay, adam_b1=opt_config.b1, adam_b2=opt_config.b2,
         adam_weight_decay=opt_config.weight_decay, muon_weight_dimension_numbers=muon_dimensions,
-        consistent_rms=opt_config.get("muon_rms", 0.2))
+        consistent_rms=opt_config.muon_rms)
   else:
     raise ValueError(f"config.optimizer.name: unknown optimizer {opt_config.name!r}; "
                      "use adafactor, adam or muon")
