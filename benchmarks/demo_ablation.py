@@ -57,7 +57,7 @@ def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
 def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
-  from imagen_jax import demo  # pylint: disable=g-import-not-at-top
+  from imagen_jax.workflows import demo  # pylint: disable=g-import-not-at-top
   arms = [parse_arm(spec) for spec in FLAGS.arm]  # every arm's spelling checked before training
   workdir = FLAGS.workdir
   data_dir = FLAGS.data_dir or os.path.join(workdir, "data")
@@ -76,7 +76,7 @@ def main(argv: Sequence[str]) -> None:
     demo.train_stage(config, arm)
     train_seconds = time.perf_counter() - start
     outdir = os.path.join(arm, "samples")
-    demo.sample([arm], prompts, outdir)  # the config's own sampler, as the demo samples
+    demo.sample_eval_prompts([arm], prompts, outdir)  # the config's own sampler, as the demo samples
     scores = demo.score(outdir)[0]
     row = {"arm": name, "overrides": " ".join(f"{k}={v!r}" for k, v in overrides.items()),
            "train_s": round(train_seconds)}

@@ -86,7 +86,7 @@ def inpaint_rows(cascade: Any, root: str) -> list[dict[str, Any]]:
   from imagen_jax.core import images as images_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import editing  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import edit_inputs  # pylint: disable=g-import-not-at-top
   examples = [e for e in (shapes.example("validation", i) for i in range(20 * _NUM.value))
               if len(e.placed) == 2][:_NUM.value]
   items, boxes, inputs, erased = [], [], [], []
@@ -107,7 +107,7 @@ def inpaint_rows(cascade: Any, root: str) -> list[dict[str, Any]]:
   rows = []
   for name, sampler, steps, spacing, resample, jump in INPAINT_RUNS:
     settings = base_settings(cascade, sampler, steps, spacing)
-    edit = editing.Edit("inpaint", resample=resample, jump=jump)
+    edit = edit_inputs.Edit("inpaint", resample=resample, jump=jump)
     outputs, seconds = run_edit(cascade, items, os.path.join(root, f"inpaint_{name}"), edit,
                                 settings)
     verdicts, kept_change = [], 0
@@ -141,7 +141,7 @@ def img2img_rows(cascade: Any, root: str) -> list[dict[str, Any]]:
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import shapes_grammar as grammar  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import editing  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import edit_inputs  # pylint: disable=g-import-not-at-top
   singles = [e for e in (shapes.example("validation", i) for i in range(20 * _NUM.value))
              if len(e.placed) == 1][:_NUM.value]
   colors = list(grammar.COLORS)
@@ -160,7 +160,7 @@ def img2img_rows(cascade: Any, root: str) -> list[dict[str, Any]]:
     wanted.append((color, placed.obj.shape, placed.cell))
   rows = []
   for strength in [float(s) for s in _STRENGTHS.value]:
-    edit = editing.Edit("img2img", strength=strength)
+    edit = edit_inputs.Edit("img2img", strength=strength)
     outputs, seconds = run_edit(cascade, items, os.path.join(root, f"img2img_{strength:g}"),
                                 edit, base_settings(cascade, *DEMO_BASE_SAMPLER))
     verdicts = []
@@ -188,7 +188,7 @@ def upscale_rows(workdir: str, root: str) -> list[dict[str, Any]]:
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import editing  # pylint: disable=g-import-not-at-top
+  from imagen_jax.sample import edit_inputs  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   sr = cascade_lib.Cascade.from_workdirs([os.path.join(workdir, "sr")], first_stage="sr")
   low = sr.stages[0].config.lowres.size
@@ -208,7 +208,7 @@ def upscale_rows(workdir: str, root: str) -> list[dict[str, Any]]:
   for aug_level in (sr.default_settings()[0].aug_level, 0.0):
     settings = [dataclasses.replace(sr.default_settings()[0], aug_level=aug_level)]
     outputs, seconds = run_edit(sr, items, os.path.join(root, f"upscale_aug{aug_level:g}"),
-                                editing.Edit("upscale"), settings)
+                                edit_inputs.Edit("upscale"), settings)
     runs.append((f"sr_stage_aug{aug_level:g}", outputs, seconds))
   rows = []
   for name, images, seconds in runs + [("bicubic", bicubic, None), ("renders_64", truths, None)]:

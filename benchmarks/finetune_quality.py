@@ -44,8 +44,8 @@ HELD_OUT_CELL = (2, 2)
 def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
-  from imagen_jax import demo  # pylint: disable=g-import-not-at-top
-  from imagen_jax import finetune as finetune_run  # pylint: disable=g-import-not-at-top
+  from imagen_jax.workflows import demo  # pylint: disable=g-import-not-at-top
+  from imagen_jax.workflows import finetune as finetune_run  # pylint: disable=g-import-not-at-top
   from imagen_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
@@ -102,7 +102,7 @@ def evaluate(stage: str, sr: str, outroot: str, blicket_prompts, eval_prompts) -
   """The blicket rate (all cells, the cell never shown) and all-correct on the demo's prompts,
   through `stage` (a base or LoRA workdir) and the SR stage."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from imagen_jax import demo  # pylint: disable=g-import-not-at-top
+  from imagen_jax.workflows import demo  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top

@@ -3,7 +3,7 @@
     python -m benchmarks.sample --config=configs/base64.py:tiny --batch_size=16 --steps=32
     python -m benchmarks.sample --config=configs/sr256.py:tiny --guidance=3 --sampler=ddim
 
-Times `imagen_jax/diffusion/sampling.py`'s `sample` (network, guidance, thresholding and the sampler's
+Times `imagen_jax/diffusion/stage_sampler.py`'s `sample` (network, guidance, thresholding and the sampler's
 `lax.scan` over steps, jitted as one function, as `Cascade` and the training previews jit it) with
 the stage's settings from `config.sample`, overridden by the flags. Parameters are random: the
 cost does not depend on their values. SR stages get random low-res images. The batch is split over
@@ -35,7 +35,7 @@ class CompiledSampler:
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from imagen_jax import models  # pylint: disable=g-import-not-at-top
-    from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+    from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
     from imagen_jax.train import mfu  # pylint: disable=g-import-not-at-top
     from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
 
@@ -51,7 +51,7 @@ class CompiledSampler:
     length, width = config.text.max_length, config.text.width
     text_emb = on_batch(rng.standard_normal((batch_size, length, width)).astype(np.float32))
     text_mask = on_batch(np.ones((batch_size, length), bool))
-    keys = on_batch(np.asarray(sampling.image_keys(config.seed, np.arange(batch_size))))
+    keys = on_batch(np.asarray(stage_sampler.image_keys(config.seed, np.arange(batch_size))))
     lowres = None
     if config.stage == "sr":
       low = config.lowres.size
@@ -59,7 +59,7 @@ class CompiledSampler:
     self.args = (self.params, keys, text_emb, text_mask)
     self.lowres = lowres
 
-    sample_fn = jax.jit(functools.partial(sampling.sample, config, model, settings=settings))
+    sample_fn = jax.jit(functools.partial(stage_sampler.sample_stage, config, model, settings=settings))
     with partitioning.mesh_context(mesh):
       start = time.perf_counter()
       traced = sample_fn.trace(*self.args, lowres=lowres)
@@ -130,11 +130,11 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
-  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
   config = args.config
-  settings = sampling.StageSettings.from_config(
+  settings = stage_sampler.StageSettings.from_config(
       config.sample, steps=args.steps or None, guidance=args.guidance, sampler=args.sampler,
       threshold=args.threshold, spacing=args.spacing,
       guidance_interval=(outdir_lib.parse_interval(args.guidance_interval)

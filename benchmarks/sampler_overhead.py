@@ -37,7 +37,7 @@ def main(argv: Sequence[str]) -> None:
   from benchmarks import sample as sample_bench  # pylint: disable=g-import-not-at-top
   from imagen_jax.core import config_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
-  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import thresholding  # pylint: disable=g-import-not-at-top
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str]) -> None:
     noise = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3))
     solver_ms = {}
     for name in _SAMPLERS.value:
-      loop = jax.jit(lambda n, name=name: samplers.sample(
+      loop = jax.jit(lambda n, name=name: samplers.solve(
           lambda z, log_snr: z * 0.5, n, jax.random.PRNGKey(1), sampler=name,
           num_steps=_STEPS.value, log_snr_fn=log_snr_fn, threshold_fn=threshold))
       jax.block_until_ready(loop(noise))
@@ -61,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
     if _NETWORK_STEPS.value:
       per_call = []
       for steps in (_NETWORK_STEPS.value, 2 * _NETWORK_STEPS.value):
-        settings = sampling.StageSettings.from_config(config.sample, sampler="ddim", steps=steps)
+        settings = stage_sampler.StageSettings.from_config(config.sample, sampler="ddim", steps=steps)
         compiled = sample_bench.CompiledSampler(config, batch, settings)
         per_call.append(min(compiled.run() for _ in range(2)))
         del compiled

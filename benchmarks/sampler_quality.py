@@ -59,7 +59,7 @@ def steps_for(sampler: str, evals: int) -> int:
 def main(argv: Sequence[str]) -> None:
   del argv
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
-  from imagen_jax import demo  # pylint: disable=g-import-not-at-top
+  from imagen_jax.workflows import demo  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   from imagen_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top

@@ -157,7 +157,7 @@ def main(argv: Sequence[str]) -> None:
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
   from benchmarks import sample as sample_bench  # pylint: disable=g-import-not-at-top
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
-  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
 
   batch, rounds, k = _BATCH.value, _ROUNDS.value, _TRAIN_STEPS.value
   our_steps = _OUR_SAMPLE_STEPS.value or _SAMPLE_STEPS.value
@@ -192,7 +192,7 @@ def main(argv: Sequence[str]) -> None:
       from imagen_jax import models  # pylint: disable=g-import-not-at-top
       params = models.parameter_table(config)[1]
     if "sample" in _WHAT.value:
-      settings = sampling.StageSettings.from_config(config.sample)
+      settings = stage_sampler.StageSettings.from_config(config.sample)
       sampler = sample_bench.CompiledSampler(config, batch, settings)
       compile_s["sample"], our_flops["sample"] = sampler.compile_s, sampler.flops
       ours, theirs = [], []

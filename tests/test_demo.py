@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 
 from conftest import REPO, readme_commands, run_as_typed
-from imagen_jax import demo
+from imagen_jax.workflows import demo
 from imagen_jax.core import partitioning
 from imagen_jax.eval import shapes as judge
 from imagen_jax.sample import outdir as outdir_lib

@@ -137,7 +137,7 @@ def gaussian_x0_fn(z, log_snr):
     ("ddpm", 1000, 0.025), ("ddim", 100, 0.06), ("ddim", 1000, 0.02), ("edm_heun", 40, 0.03)])
 def test_samplers_reproduce_gaussian_data(sampler, steps, std_rtol):
   noise = jax.random.normal(jax.random.PRNGKey(0), (8000, 2, 2, 1))
-  run = jax.jit(lambda n, k: samplers.sample(
+  run = jax.jit(lambda n, k: samplers.solve(
       gaussian_x0_fn, n, k, sampler=sampler, num_steps=steps,
       log_snr_fn=schedules.cosine_log_snr))
   out = np.asarray(run(noise, jax.random.PRNGKey(1)))
@@ -148,26 +148,26 @@ def test_samplers_reproduce_gaussian_data(sampler, steps, std_rtol):
 def test_ddim_is_deterministic_and_ddpm_is_not():
   noise = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 1))
   kw = dict(num_steps=20, log_snr_fn=schedules.cosine_log_snr)
-  a = samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(1), sampler="ddim", **kw)
-  b = samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(2), sampler="ddim", **kw)
+  a = samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(1), sampler="ddim", **kw)
+  b = samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(2), sampler="ddim", **kw)
   np.testing.assert_array_equal(a, b)
-  c = samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(1), sampler="ddpm", **kw)
-  d = samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(2), sampler="ddpm", **kw)
+  c = samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(1), sampler="ddpm", **kw)
+  d = samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(2), sampler="ddpm", **kw)
   assert np.abs(np.asarray(c) - np.asarray(d)).max() > 1e-3
 
 
 def test_eta_one_ddim_is_ddpm():
   noise = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 1))
   kw = dict(num_steps=10, log_snr_fn=schedules.linear_log_snr)
-  a = samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(3), sampler="ddpm", **kw)
-  b = samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(3), sampler="ddim", eta=1.0, **kw)
+  a = samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(3), sampler="ddpm", **kw)
+  b = samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(3), sampler="ddim", eta=1.0, **kw)
   np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_samplers_count_steps():
   calls = []
   noise = jnp.zeros((2, 2, 2, 1))
-  samplers.sample(gaussian_x0_fn, noise, jax.random.PRNGKey(0), sampler="ddim", num_steps=7,
+  samplers.solve(gaussian_x0_fn, noise, jax.random.PRNGKey(0), sampler="ddim", num_steps=7,
                   log_snr_fn=schedules.cosine_log_snr, on_step=lambda i: calls.append(int(i)))
   jax.effects_barrier()
   assert sorted(calls) == list(range(7))
@@ -297,8 +297,8 @@ def test_per_example_keys_make_images_independent_of_the_batch():
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(4))
   noise = diffusion_noise.normal(keys, (4, 2, 2, 1))
   kw = dict(num_steps=5, log_snr_fn=schedules.cosine_log_snr)
-  full = samplers.sample(gaussian_x0_fn, noise, keys, sampler="ddpm", **kw)
-  part = samplers.sample(gaussian_x0_fn, noise[2:], keys[2:], sampler="ddpm", **kw)
+  full = samplers.solve(gaussian_x0_fn, noise, keys, sampler="ddpm", **kw)
+  part = samplers.solve(gaussian_x0_fn, noise[2:], keys[2:], sampler="ddpm", **kw)
   np.testing.assert_allclose(full[2:], part, atol=1e-6)
   assert np.abs(np.asarray(full[0] - full[1])).max() > 1e-3
 

@@ -13,7 +13,7 @@ from imagen_jax.core import images as images_lib
 from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import schedules
-from imagen_jax.sample import editing as edit_lib
+from imagen_jax.sample import edit_inputs
 
 EVERY_SAMPLER = ("ddpm", "ddim", "edm_heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
 NOISE = jax.random.normal(jax.random.PRNGKey(0), (512, 2, 2, 1))
@@ -23,7 +23,7 @@ KEEP = jnp.broadcast_to(jnp.asarray([1.0, 0.0]).reshape(1, 1, 2, 1), NOISE.shape
 
 
 def run(sampler, steps=12, noise=NOISE, **kw):
-  fn = jax.jit(lambda n: samplers.sample(gaussian_x0_fn, n, jax.random.PRNGKey(1),
+  fn = jax.jit(lambda n: samplers.solve(gaussian_x0_fn, n, jax.random.PRNGKey(1),
                                          sampler=sampler, num_steps=steps,
                                          log_snr_fn=schedules.cosine_log_snr, **kw))
   return np.asarray(fn(noise))
@@ -97,7 +97,7 @@ def test_resampling_jumps_bring_the_filled_value_to_the_true_conditional():
                         jnp.tile(jnp.array([[1.0, 0.0]]), (4000, 1)))
 
   def fill(resample):
-    out = jax.jit(lambda n: samplers.sample(
+    out = jax.jit(lambda n: samplers.solve(
         correlated_x0_fn, n, jax.random.PRNGKey(1), sampler="ddpm", num_steps=50,
         log_snr_fn=schedules.cosine_log_snr, known=known, resample=resample))(noise)
     return np.asarray(out[:, 1])
@@ -143,16 +143,16 @@ def test_load_inputs_reads_fits_and_resizes(tmp_path):
   image[:, 20:30] = 200
   mask = np.zeros((40, 64, 3), np.uint8)
   mask[10:20, 30:40] = 255
-  edit = edit_lib.Edit("inpaint", fit="pad")
-  got, regen = edit_lib.load_inputs(write(tmp_path / "i.png", image),
+  edit = edit_inputs.Edit("inpaint", fit="pad")
+  got, regen = edit_inputs.load_inputs(write(tmp_path / "i.png", image),
                                     write(tmp_path / "m.png", mask), edit)
   assert got.shape == (64, 64, 3) and regen.shape == (64, 64)
   np.testing.assert_array_equal(got[12:52], image)       # padded 12 rows above and below
   assert regen.sum() == 100 and regen[22:32, 30:40].all()
-  cropped, _ = edit_lib.load_inputs(str(tmp_path / "i.png"), None, edit_lib.Edit(
+  cropped, _ = edit_inputs.load_inputs(str(tmp_path / "i.png"), None, edit_inputs.Edit(
       "img2img", strength=0.5, fit="crop"))
   np.testing.assert_array_equal(cropped, image[:, 12:52])
-  small, small_regen = edit_lib.load_inputs(str(tmp_path / "i.png"), str(tmp_path / "m.png"),
+  small, small_regen = edit_inputs.load_inputs(str(tmp_path / "i.png"), str(tmp_path / "m.png"),
                                             edit, size=16)
   assert small.shape == (16, 16, 3) and small_regen.shape == (16, 16)
   # Every low-res pixel touching the regenerated region is regenerated: 10 px at 1/4 scale
@@ -177,8 +177,8 @@ def test_load_inputs_reads_fits_and_resizes(tmp_path):
 ])
 def test_bad_inputs_are_named(tmp_path, make, message):
   image, mask, mode = make(tmp_path)
-  with pytest.raises(edit_lib.EditError, match=message):
-    edit_lib.load_inputs(image, mask, edit_lib.Edit(mode))
+  with pytest.raises(edit_inputs.EditError, match=message):
+    edit_inputs.load_inputs(image, mask, edit_inputs.Edit(mode))
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -190,8 +190,8 @@ def test_bad_inputs_are_named(tmp_path, make, message):
     ({"mode": "inpaint", "fit": "stretch"}, "unknown fit"),
 ])
 def test_bad_edit_settings_are_named(fields, message):
-  with pytest.raises(edit_lib.EditError, match=message):
-    edit_lib.Edit(**fields)
+  with pytest.raises(edit_inputs.EditError, match=message):
+    edit_inputs.Edit(**fields)
 
 
 # The cascade, the command and the outdir, on the tests' tiny trained cascade (16 -> 32).
@@ -219,26 +219,26 @@ def test_cascade_edits_hold_their_invariants_at_every_stage(cascade):
   sample = lambda edit, **kw: cascade.sample(prompts, settings=settings, edit=edit, images=image,
                                              seed=3, **kw)
   # Strength 0 returns the input, at every stage's size.
-  for k, out in enumerate(sample(edit_lib.Edit("img2img", strength=0.0))):
-    np.testing.assert_array_equal(out, edit_lib.at_size(image, (16, 32)[k]))
+  for k, out in enumerate(sample(edit_inputs.Edit("img2img", strength=0.0))):
+    np.testing.assert_array_equal(out, edit_inputs.at_size(image, (16, 32)[k]))
   # Nothing to regenerate (a mask of zeros): every stage returns its input exactly.
   nothing = np.zeros(image.shape[:3], bool)
-  for k, out in enumerate(sample(edit_lib.Edit("inpaint"), masks=nothing)):
-    np.testing.assert_array_equal(out, edit_lib.at_size(image, (16, 32)[k]))
-  with pytest.raises(edit_lib.EditError, match="stage 2 .* samples with 'unipc'"):
-    sample(edit_lib.Edit("inpaint", resample=2), masks=nothing)
+  for k, out in enumerate(sample(edit_inputs.Edit("inpaint"), masks=nothing)):
+    np.testing.assert_array_equal(out, edit_inputs.at_size(image, (16, 32)[k]))
+  with pytest.raises(edit_inputs.EditError, match="stage 2 .* samples with 'unipc'"):
+    sample(edit_inputs.Edit("inpaint", resample=2), masks=nothing)
   # A mask: the known region is the input at every stage; same seed, same pixels.
   regen = np.zeros(image.shape[:3], bool)
   regen[:, 16:, :] = True
-  first = sample(edit_lib.Edit("inpaint"), masks=regen)
-  np.testing.assert_array_equal(first[-1], sample(edit_lib.Edit("inpaint"), masks=regen)[-1])
+  first = sample(edit_inputs.Edit("inpaint"), masks=regen)
+  np.testing.assert_array_equal(first[-1], sample(edit_inputs.Edit("inpaint"), masks=regen)[-1])
   for k, out in enumerate(first):
     size = (16, 32)[k]
-    keep = ~edit_lib.regenerate_at_size(regen, size)
-    np.testing.assert_array_equal(out[keep], edit_lib.at_size(image, size)[keep])
-    assert np.abs(out[~keep].astype(int) - edit_lib.at_size(image, size)[~keep]).mean() > 5
-  with pytest.raises(edit_lib.EditError, match="SR stages only"):
-    cascade.sample(prompts, edit=edit_lib.Edit("upscale"), images=image)
+    keep = ~edit_inputs.regenerate_at_size(regen, size)
+    np.testing.assert_array_equal(out[keep], edit_inputs.at_size(image, size)[keep])
+    assert np.abs(out[~keep].astype(int) - edit_inputs.at_size(image, size)[~keep]).mean() > 5
+  with pytest.raises(edit_inputs.EditError, match="SR stages only"):
+    cascade.sample(prompts, edit=edit_inputs.Edit("upscale"), images=image)
 
 
 @pytest.mark.slow
@@ -272,7 +272,7 @@ def test_edit_command_as_typed_with_relative_paths(tiny_cascade, tmp_path):
                "--num_samples=2")
   assert again.returncode == 2 and "input image" in again.stderr
   # Upscaling: the SR stage alone, on a 16x16 image.
-  write(tmp_path / "small.png", edit_lib.at_size(image[None], 16)[0])
+  write(tmp_path / "small.png", edit_inputs.at_size(image[None], 16)[0])
   up = edit("--mode=upscale", "--stages=sr", "--image=small.png", "--outdir=up")
   assert up.returncode == 0, up.stderr[-3000:]
   assert outdir_lib.read_samples(str(tmp_path / "up"))[1][0].shape == (32, 32, 3)

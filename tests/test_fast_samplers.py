@@ -9,7 +9,7 @@ from test_diffusion import MU, STD, gaussian_x0_fn  # pylint: disable=g-bad-impo
 from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion import sampling
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.diffusion import schedules
 from imagen_jax.diffusion import thresholding
 
@@ -18,7 +18,7 @@ KEY = jax.random.PRNGKey(1)
 
 
 def run(sampler, steps, noise=NOISE, log_snr_fn=schedules.cosine_log_snr, **kw):
-  fn = jax.jit(lambda n: samplers.sample(gaussian_x0_fn, n, KEY, sampler=sampler, num_steps=steps,
+  fn = jax.jit(lambda n: samplers.solve(gaussian_x0_fn, n, KEY, sampler=sampler, num_steps=steps,
                                          log_snr_fn=log_snr_fn, **kw))
   return np.asarray(fn(noise))
 
@@ -53,7 +53,7 @@ def solve(sampler, steps, noise, **options):
   """A multistep solver on `linear_log_snr` at its own order to the end (no lower-order final
   steps, which would cap the global order at 2)."""
   family, order = samplers.parse_sampler(sampler)
-  return np.asarray(multistep.sample(gaussian_x0_fn, noise, KEY, solver=family, order=order,
+  return np.asarray(multistep.solve_multistep(gaussian_x0_fn, noise, KEY, solver=family, order=order,
                                      num_steps=steps, log_snr_fn=linear_log_snr,
                                      lower_order_final=False, **options))
 
@@ -84,7 +84,7 @@ def test_the_first_order_last_step_is_what_limits_the_default_at_many_steps():
   DDIM's); the solver's own order shows without them."""
   noise = NOISE[:64]
   exact = solve("dpmpp_3m", 1500, noise)
-  default = lambda n: np.abs(np.asarray(samplers.sample(
+  default = lambda n: np.abs(np.asarray(samplers.solve(
       gaussian_x0_fn, noise, KEY, sampler="dpmpp_3m", num_steps=n,
       log_snr_fn=linear_log_snr)) - exact).max()
   assert default(32) / default(64) == pytest.approx(4.0, rel=0.25)
@@ -118,7 +118,7 @@ def test_thresholding_is_applied_to_every_data_prediction(sampler):
   at alpha_0 * 1 (+ a little noise), without thresholding at 2."""
   constant = lambda z, log_snr: jnp.full_like(z, 2.0)
   noise = NOISE[:16]
-  sample = lambda fn: np.asarray(samplers.sample(
+  sample = lambda fn: np.asarray(samplers.solve(
       constant, noise, KEY, sampler=sampler, num_steps=8, log_snr_fn=schedules.cosine_log_snr,
       threshold_fn=fn))
   alpha0 = float(schedules.alpha_sigma(schedules.cosine_log_snr(jnp.zeros(())))[0])
@@ -181,7 +181,7 @@ def test_guidance_interval_saves_the_evaluations_it_counts():
   x0_fn = samplers.denoiser(lambda z, l: net(z, l, emb, mask), "x0")
   for sampler, steps in (("dpmpp_2m", 12), ("edm_heun", 6)):
     calls.clear()
-    samplers.sample(x0_fn, jnp.zeros((2, 2, 2, 1)), KEY, sampler=sampler, num_steps=steps,
+    samplers.solve(x0_fn, jnp.zeros((2, 2, 2, 1)), KEY, sampler=sampler, num_steps=steps,
                     log_snr_fn=schedules.cosine_log_snr)
     jax.effects_barrier()
     passes = samplers.network_evaluations(sampler, steps, schedules.cosine_log_snr, guided=True,
@@ -197,7 +197,7 @@ def test_guidance_interval_saves_the_evaluations_it_counts():
 def test_stage_settings_reject_bad_values_by_name():
   good = dict(sampler="unipc", steps=10, guidance=3.0, threshold="static", percentile=99.5,
               eta=0.0, aug_level=0.0)
-  assert sampling.StageSettings(**good, guidance_interval=[0.3, 5]).guidance_interval == (0.3, 5.0)
+  assert stage_sampler.StageSettings(**good, guidance_interval=[0.3, 5]).guidance_interval == (0.3, 5.0)
   for field, value, message in (("sampler", "dpm++", "unknown sampler"),
                                 ("spacing", "karras", "spacing"),
                                 ("unipc_variant", "bh3", "UniPC variant"),
@@ -206,7 +206,7 @@ def test_stage_settings_reject_bad_values_by_name():
                                 ("steps", 0, "at least one step"),
                                 ("steps", 25.0, "must be an integer")):
     with pytest.raises(ValueError, match=message):
-      sampling.StageSettings(**{**good, field: value})
+      stage_sampler.StageSettings(**{**good, field: value})
 
 
 # --- the command line's per-stage settings ------------------------------------------------------

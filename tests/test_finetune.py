@@ -250,9 +250,9 @@ def stored_state(workdir, step=None):
 @pytest.mark.slow
 def test_lora_finetune_command_resume_and_sampling(tiny_cascade, tiny_lora, tmp_path):
   from imagen_jax.diffusion import noise as noise_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax import finetune as imagen_finetune  # pylint: disable=g-import-not-at-top
+  from imagen_jax.workflows import finetune as imagen_finetune  # pylint: disable=g-import-not-at-top
   base, sr = tiny_cascade
   # `tiny_lora` ran `imagen-jax finetune` (relative paths) on the base; its config in-process:
   lora_dir = tiny_lora["workdir"]
@@ -309,9 +309,9 @@ def test_lora_finetune_command_resume_and_sampling(tiny_cascade, tiny_lora, tmp_
       return lora.apply(stage.model, base_params, variables["params"], spec, 1.0, *args, **kwargs)
 
   emb, mask = tuned.text_encoder.encode(["a blicket at the center", "a red circle at the top"])
-  keys = noise_lib.fold_in(sampling.image_keys(1, np.arange(2)), 0)
+  keys = noise_lib.fold_in(stage_sampler.image_keys(1, np.arange(2)), 0)
   settings = tuned.default_settings(steps=3)[0]
-  run = lambda model, params: jax.jit(lambda p: sampling.sample(
+  run = lambda model, params: jax.jit(lambda p: stage_sampler.sample_stage(
       stage.config, model, p, keys, emb, mask, settings=settings, image_size=16))(params)
   merged = run(stage.model, stage.params)
   np.testing.assert_allclose(run(Unmerged(), stored["state"]["ema_params"]), merged, atol=1e-4)

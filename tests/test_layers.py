@@ -3,7 +3,8 @@
     core                               config, sharding, distributed, I/O, checkpoints, images
     diffusion  models  data  text      the pieces of a diffusion model and its inputs
     train  sample                      training a stage; sampling a cascade
-    eval  demo                         scoring samples; the shapes demo
+    eval                               scoring samples
+    workflows                          what composes train + sample + eval: demo, fine-tuning
     commands  cli                      flags in, one library call out
 
 Every `import` of an imagen_jax module counts, including those inside functions.
@@ -26,10 +27,9 @@ ALLOWED = {
     "train": {"core", "diffusion", "models", "data", "text"},
     "sample": {"core", "diffusion", "models", "data", "text"},
     "eval": {"core", "diffusion", "models", "data", "text", "sample"},
-    "demo": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
-    "finetune": {"core", "diffusion", "models", "data", "text", "train", "sample"},
+    "workflows": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
     "commands": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval",
-                 "demo", "finetune"},
+                 "workflows"},
     "cli": {"core"},  # it loads `commands.<name>` by name, one per process
     "main": {"cli"},  # python -m imagen_jax
     "configs": set(),

@@ -15,7 +15,7 @@ from conftest import REPO, run_cli  # pylint: disable=g-bad-import-order
 from imagen_jax.core import fileio
 from imagen_jax.core import images as images_lib
 from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion import sampling
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.diffusion import schedules
 from imagen_jax.diffusion import thresholding
 from imagen_jax.sample import cascade as cascade_lib
@@ -129,14 +129,14 @@ def test_an_outdir_on_gcs_holds_the_same_images_and_resumes(cascade, tmp_path, g
 @pytest.mark.slow
 def test_guidance_one_is_the_conditional_sampler(cascade):
   base = cascade.stages[0]
-  settings = [sampling.StageSettings.from_config(base.config.sample, sampler="ddim", steps=4,
+  settings = [stage_sampler.StageSettings.from_config(base.config.sample, sampler="ddim", steps=4,
                                                 guidance=1.0, threshold="static", eta=0.0,
                                                 spacing="time")]
   one_stage = cascade_lib.Cascade(cascade.stages[:1], cascade.text_encoder, cascade.mesh)
   got = one_stage.sample(PROMPTS, seed=3, settings=settings)[0]
   # The conditional sampler written out by hand: model -> eps -> x0, no unconditional pass.
   emb, mask = cascade.text_encoder.encode(PROMPTS)
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(sampling.image_keys(3, np.arange(2)))
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(stage_sampler.image_keys(3, np.arange(2)))
   noise_key, _, sample_key = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
                               for i in range(3))
   noise = jax.vmap(lambda k: jax.random.normal(k, (16, 16, 3)))(noise_key)

@@ -5,7 +5,7 @@
 
 Builds the shapes data, trains the base and SR stages, samples the validation and held-out
 prompts and judges every image from its pixels; WORKDIR/report.html shows them. A second run
-reuses what is done. What each step does: imagen_jax/demo.py.
+reuses what is done. What each step does: imagen_jax/workflows/demo.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 
 from absl import flags
 
-from imagen_jax import demo
+from imagen_jax.workflows import demo
 from imagen_jax.commands import shared_flags
 
 shared_flags.use("workdir")

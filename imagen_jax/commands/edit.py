@@ -25,11 +25,11 @@ from absl import flags
 from imagen_jax.commands import shared_flags
 from imagen_jax.core import config_lib
 from imagen_jax.sample import cascade as cascade_lib
-from imagen_jax.sample import editing
+from imagen_jax.sample import edit_inputs
 from imagen_jax.sample import outdir as outdir_lib
 
 shared_flags.use(*shared_flags.SAMPLING, "prompt", "prompts_file", "save_stages")
-_MODE = flags.DEFINE_enum("mode", None, list(editing.MODES), "inpaint, img2img or upscale.")
+_MODE = flags.DEFINE_enum("mode", None, list(edit_inputs.MODES), "inpaint, img2img or upscale.")
 _IMAGE = config_lib.DEFINE_path("image", None, "The input image (PNG, JPEG, ...; local or gs://).")
 _MASK = config_lib.DEFINE_path("mask", None,
                                "inpaint: a mask of the image's size, white = regenerate.")
@@ -38,12 +38,12 @@ _STRENGTH = flags.DEFINE_float(
     "noised to this time in [0, 1].")
 _RESAMPLE = flags.DEFINE_integer("resample", 1, "inpaint: RePaint's resamplings per jump.")
 _JUMP = flags.DEFINE_integer("jump", 1, "inpaint: RePaint's jump length, in steps.")
-_FIT = flags.DEFINE_enum("fit", "none", list(editing.FITS),
+_FIT = flags.DEFINE_enum("fit", "none", list(edit_inputs.FITS),
                          "A non-square image: pad (black borders) or crop (centre square).")
 
 DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0, "upscale": 1.0}
 
-INPUT_ERRORS = (editing.EditError, outdir_lib.SampleError, cascade_lib.ChainError,
+INPUT_ERRORS = (edit_inputs.EditError, outdir_lib.SampleError, cascade_lib.ChainError,
                 FileNotFoundError)
 
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str]) -> None:
         f"--num_samples must be >= 1, got {shared_flags.NUM_SAMPLES.value}")
   mode = _MODE.value
   strength = DEFAULT_STRENGTH[mode] if _STRENGTH.value is None else _STRENGTH.value
-  edit = editing.Edit(mode, strength=strength, resample=_RESAMPLE.value, jump=_JUMP.value,
+  edit = edit_inputs.Edit(mode, strength=strength, resample=_RESAMPLE.value, jump=_JUMP.value,
                       fit=_FIT.value)
   prompts = outdir_lib.read_prompts(shared_flags.PROMPT.value, shared_flags.PROMPTS_FILE.value)
   for item in prompts:  # --image / --mask apply to every prompt without its own

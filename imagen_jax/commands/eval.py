@@ -113,7 +113,7 @@ def drawbench_main() -> dict[str, Any]:
   num_samples = (shared_flags.NUM_SAMPLES.value if flags.FLAGS["num_samples"].present
                  else drawbench.SAMPLES_PER_PROMPT)
   cascade, settings = outdir_lib.load_cascade(stages, **shared_flags.sampling_options())
-  records = drawbench.sample(cascade, prompts, outdir, settings=settings,
+  records = drawbench.sample_prompts(cascade, prompts, outdir, settings=settings,
                              num_samples=num_samples, seed=shared_flags.SEED.value,
                              batch_size=shared_flags.BATCH_SIZE.value)
   return {"outdir": outdir, "prompts": len(prompts), "images": len(records),

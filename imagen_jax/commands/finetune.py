@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from imagen_jax import finetune
+from imagen_jax.workflows import finetune
 from imagen_jax.commands import shared_flags
 from imagen_jax.core import config_lib
 from imagen_jax.data import sources

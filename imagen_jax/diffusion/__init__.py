@@ -11,7 +11,7 @@
 - `augmentation`: noise conditioning augmentation of the low-res input of SR stages.
 - `edm`: the EDM formulation (preconditioning, noise distribution, loss).
 - `noise`: Gaussian noise from one key or one key per example.
-- `sampling`: one stage's sampling loop (network + guidance + thresholding + sampler).
+- `stage_sampler`: one stage's sampling loop (network + guidance + thresholding + sampler).
 """
 
 from imagen_jax.diffusion import augmentation
@@ -22,6 +22,6 @@ from imagen_jax.diffusion import multistep
 from imagen_jax.diffusion import noise
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion import sampling
 from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.diffusion import thresholding

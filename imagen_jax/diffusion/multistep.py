@@ -161,7 +161,7 @@ def unipc_coefficients(lam: np.ndarray, orders: list[int], variant: str
   return out
 
 
-def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, solver: str, order: int,
+def solve_multistep(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, solver: str, order: int,
            num_steps: int, log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x,
            spacing: str = "time", variant: str = "bh2", corrector: bool = True,
            lower_order_final: bool = True, start: float = 1.0,

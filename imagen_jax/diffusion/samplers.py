@@ -235,7 +235,7 @@ def network_evaluations(sampler: str, num_steps: int, log_snr_fn: schedules.LogS
 ONE_STEP = ("ddpm", "ddim", "edm_heun")  # the samplers RePaint's resampling can walk back up
 
 
-def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_steps: int,
+def solve(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_steps: int,
            log_snr_fn: schedules.LogSnrFn, threshold_fn=lambda x: x, eta: float = 0.0,
            spacing: str = "time", variant: str = "bh2", start: float = 1.0,
            init: jax.Array | None = None, known: editing.Known | None = None,
@@ -277,6 +277,6 @@ def sample(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_s
     out = edm_heun(x0_fn, noise, key, sigma_min=sigma_min, sigma_max=sigma_max,
                    resample=resample, jump=jump, **common)
   else:
-    out = multistep.sample(x0_fn, noise, key, solver=family, order=order, spacing=spacing,
+    out = multistep.solve_multistep(x0_fn, noise, key, solver=family, order=order, spacing=spacing,
                            variant=variant, log_snr_fn=log_snr_fn, start=start, **common)
   return editing.paste(known, out)

@@ -81,7 +81,7 @@ def differences_from_paper(prompts: Sequence[dict[str, Any]]) -> list[str]:
   return notes
 
 
-def sample(cascade: Any, prompts: Sequence[dict[str, Any]], outdir: str, *,
+def sample_prompts(cascade: Any, prompts: Sequence[dict[str, Any]], outdir: str, *,
            settings: Sequence[Any], num_samples: int = SAMPLES_PER_PROMPT, seed: int = 0,
            batch_size: int = 16, show_progress: bool = True) -> list[dict[str, Any]]:
   """Samples `num_samples` images per prompt into `outdir` as `imagen-jax sample` does

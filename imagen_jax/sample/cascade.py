@@ -6,9 +6,9 @@
     # uint8 [1, 1024, 1024, 3]: the last stage's images
 
 Each workdir's checkpoint carries its resolved config, so nothing but the workdirs is needed.
-The same cascade edits images (`editing`: inpaint, img2img; `first_stage="sr"`: upscale):
+The same cascade edits images (`edit_inputs`: inpaint, img2img; `first_stage="sr"`: upscale):
 
-    images = cascade.sample(prompts, edit=editing.Edit("inpaint"), images=x, masks=m)[-1]
+    images = cascade.sample(prompts, edit=edit_inputs.Edit("inpaint"), images=x, masks=m)[-1]
 
 The chain is checked before any parameter is loaded: the first stage is a base stage, each SR
 stage's low-res input is the previous stage's output resolution, and all stages expect the same
@@ -34,9 +34,9 @@ from imagen_jax.core import partitioning
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion import sampling
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.models import lora as lora_lib
-from imagen_jax.sample import editing
+from imagen_jax.sample import edit_inputs
 
 
 class ChainError(ValueError):
@@ -137,7 +137,7 @@ class Cascade:
                     use_ema: bool = True, text_encoder: Any = None,
                     first_stage: str = "base", lora_scale: float = 1.0) -> "Cascade":
     """Loads each stage's (EMA) params from its latest or given checkpoint step. `first_stage`
-    "sr": a chain of SR stages that upscales given images (`editing.Edit("upscale")`). A LoRA
+    "sr": a chain of SR stages that upscales given images (`edit_inputs.Edit("upscale")`). A LoRA
     workdir (`imagen-jax finetune`) in place of a stage samples its base stage with the
     adapters merged in, weighted by `lora_scale` (0: the base stage itself)."""
     workdirs = [fileio.resolve(str(w)) for w in workdirs]  # the records name them from anywhere
@@ -172,16 +172,16 @@ class Cascade:
       text_encoder = text.load_configured(base.text)
     return cls(stages, text_encoder, mesh)
 
-  def default_settings(self, **overrides) -> list[sampling.StageSettings]:
+  def default_settings(self, **overrides) -> list[stage_sampler.StageSettings]:
     """Each stage's `config.sample` settings, with per-run overrides."""
-    return [sampling.StageSettings.from_config(s.config.sample, **overrides) for s in self.stages]
+    return [stage_sampler.StageSettings.from_config(s.config.sample, **overrides) for s in self.stages]
 
   @property
   def upscales(self) -> bool:
     """Whether the first stage is an SR stage: the cascade upscales given images."""
     return self.stages[0].config.stage == "sr"
 
-  def input_size(self, edit: editing.Edit) -> int:
+  def input_size(self, edit: edit_inputs.Edit) -> int:
     """The size an edit's inputs are brought to: the first SR stage's low-res size to upscale,
     the last stage's output size otherwise (each stage resizes from there)."""
     if edit.mode == "upscale":
@@ -190,15 +190,15 @@ class Cascade:
 
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              indices: Sequence[int] | None = None,
-             settings: Sequence[sampling.StageSettings] | None = None,
+             settings: Sequence[stage_sampler.StageSettings] | None = None,
              progress: Callable[[int, int, int], None] | None = None,
-             edit: editing.Edit | None = None, images: np.ndarray | None = None,
+             edit: edit_inputs.Edit | None = None, images: np.ndarray | None = None,
              masks: np.ndarray | None = None) -> list[np.ndarray]:
     """uint8 images of every stage, [N, S_k, S_k, 3] for stage k, for N prompts.
 
     Image i is sampled from keys derived from (seed, indices[i]) alone (default indices 0..N-1),
     so the same seed gives the same pixels whatever the batch. `progress(stage, step, steps)`
-    is called from the sampling loop. With an `edit` (`editing`), `images` uint8 [N, S, S, 3]
+    is called from the sampling loop. With an `edit` (`edit_inputs`), `images` uint8 [N, S, S, 3]
     are the inputs (any square size) and, for inpainting, `masks` bool [N, S, S] (True:
     regenerate).
     """
@@ -209,7 +209,7 @@ class Cascade:
       raise ValueError(f"{len(settings)} stage settings for {len(self.stages)} stages")
     if edit is None and self.upscales:
       raise ValueError("this cascade starts at an SR stage: it upscales given images "
-                       "(edit=editing.Edit('upscale') and images)")
+                       "(edit=edit_inputs.Edit('upscale') and images)")
     if edit is not None:
       self.check_edit(edit, settings)
       self._check_edit_inputs(edit, images, masks, len(prompts))
@@ -221,19 +221,19 @@ class Cascade:
     pad = lambda a: None if a is None else np.concatenate(
         [a, np.zeros((padded - n,) + a.shape[1:], a.dtype)])
     images, masks = pad(images), pad(masks)
-    keys = sampling.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
+    keys = stage_sampler.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
     batch_sharding = lambda ndim: partitioning.batch_sharding(self.mesh, ndim)
     emb = jax.device_put(emb, batch_sharding(3))
     mask = jax.device_put(mask, batch_sharding(2))
     outputs, lowres = [], None
     if edit is not None and edit.mode == "upscale":
       lowres = jax.device_put(preprocess.to_model_range(
-          editing.at_size(images, self.stages[0].config.lowres.size)), batch_sharding(4))
+          edit_inputs.at_size(images, self.stages[0].config.lowres.size)), batch_sharding(4))
     for k, (stage, stage_settings) in enumerate(zip(self.stages, settings)):
       inputs, statics = {}, {}
       if edit is not None and edit.mode != "upscale":
         inputs = {name: jax.device_put(value, batch_sharding(4)) for name, value in
-                  editing.stage_inputs(edit, images, masks, stage.config.image_size).items()}
+                  edit_inputs.stage_inputs(edit, images, masks, stage.config.image_size).items()}
         statics = {"start": edit.strength, "resample": edit.resample, "jump": edit.jump}
       fn = self._stage_fn(k, stage_settings, progress is not None, **statics)
       stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
@@ -247,33 +247,33 @@ class Cascade:
         self._progress = None
     return outputs
 
-  def check_edit(self, edit: editing.Edit, settings: Sequence[sampling.StageSettings]) -> None:
+  def check_edit(self, edit: edit_inputs.Edit, settings: Sequence[stage_sampler.StageSettings]) -> None:
     """Raises EditError naming the problem if this cascade cannot make `edit` with `settings`
     (before any compute)."""
     if edit.mode == "upscale" and not self.upscales:
-      raise editing.EditError(f"upscaling runs SR stages only, but stage 1 "
+      raise edit_inputs.EditError(f"upscaling runs SR stages only, but stage 1 "
                               f"({self.stages[0].workdir}) is a base stage")
     if edit.mode != "upscale" and self.upscales:
-      raise editing.EditError(f"mode {edit.mode!r} needs a cascade from its base stage; stage 1 "
+      raise edit_inputs.EditError(f"mode {edit.mode!r} needs a cascade from its base stage; stage 1 "
                               f"({self.stages[0].workdir}) is an SR stage")
     if edit.resample > 1:
       for k, (stage, stage_settings) in enumerate(zip(self.stages, settings)):
         if samplers.parse_sampler(stage_settings.sampler)[0] not in samplers.ONE_STEP:
-          raise editing.EditError(
+          raise edit_inputs.EditError(
               f"resampling jumps need a one-step sampler ({', '.join(samplers.ONE_STEP)}) at "
               f"every stage; stage {k + 1} ({stage.workdir}) samples with "
               f"{stage_settings.sampler!r}: give e.g. --sampler=ddpm")
 
-  def _check_edit_inputs(self, edit: editing.Edit, images: np.ndarray | None,
+  def _check_edit_inputs(self, edit: edit_inputs.Edit, images: np.ndarray | None,
                          masks: np.ndarray | None, n: int) -> None:
     if images is None or len(images) != n or images.ndim != 4 or images.shape[1] != images.shape[2]:
-      raise editing.EditError(f"an edit needs one square uint8 input image [S, S, 3] per prompt "
+      raise edit_inputs.EditError(f"an edit needs one square uint8 input image [S, S, 3] per prompt "
                               f"({n}), got {None if images is None else images.shape}")
     if edit.uses_mask and (masks is None or masks.shape != images.shape[:3]):
-      raise editing.EditError(f"inpainting needs one bool mask [S, S] per image "
+      raise edit_inputs.EditError(f"inpainting needs one bool mask [S, S] per image "
                               f"{images.shape[:3]}, got {None if masks is None else masks.shape}")
 
-  def _stage_fn(self, k: int, settings: sampling.StageSettings, reports_progress: bool,
+  def _stage_fn(self, k: int, settings: stage_sampler.StageSettings, reports_progress: bool,
                 **statics: float):
     cache_key = (k, settings, reports_progress, tuple(sorted(statics.items())))
     if cache_key not in self._compiled:
@@ -282,7 +282,7 @@ class Cascade:
       if reports_progress:
         on_step = lambda i: self._report(k, int(i) + 1, settings.steps)
       self._compiled[cache_key] = jax.jit(functools.partial(
-          sampling.sample, stage.config, stage.model, settings=settings, on_step=on_step,
+          stage_sampler.sample_stage, stage.config, stage.model, settings=settings, on_step=on_step,
           **statics))
     return self._compiled[cache_key]
 

@@ -22,9 +22,9 @@ import tqdm
 
 from imagen_jax.core import fileio
 from imagen_jax.core import images as images_lib
-from imagen_jax.diffusion import sampling
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.sample import cascade as cascade_lib
-from imagen_jax.sample import editing
+from imagen_jax.sample import edit_inputs
 
 RECORDS = "samples.jsonl"
 
@@ -118,7 +118,7 @@ def parse_interval(value: str) -> tuple[float, ...]:
 
 def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, sampler=None,
                    aug_level=None, threshold=None, spacing=None, guidance_interval=None
-                   ) -> list[sampling.StageSettings]:
+                   ) -> list[stage_sampler.StageSettings]:
   """Each stage's settings: its config's `sample` section, overridden by command-line lists
   (one value per stage, or one for all). Bad values raise SampleError naming the flag."""
   n = len(cascade.stages)
@@ -134,7 +134,7 @@ def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, samp
   for k, stage in enumerate(cascade.stages):
     chosen = {name: values[k] for name, values in overrides.items() if values is not None}
     try:
-      settings.append(sampling.StageSettings.from_config(stage.config.sample, **chosen))
+      settings.append(stage_sampler.StageSettings.from_config(stage.config.sample, **chosen))
     except ValueError as e:
       raise SampleError(f"stage {k} ({stage.workdir}): {e}") from e
   return settings
@@ -143,7 +143,7 @@ def stage_settings(cascade: cascade_lib.Cascade, guidance=None, steps=None, samp
 def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
                  first_stage: str = "base", lora_scale: float = 1.0,
                  **overrides: Sequence[str] | None
-                 ) -> tuple[cascade_lib.Cascade, list[sampling.StageSettings]]:
+                 ) -> tuple[cascade_lib.Cascade, list[stage_sampler.StageSettings]]:
   """The cascade of `stages` (workdirs, base first; SR stages only with `first_stage` "sr";
   a LoRA workdir in place of a stage, its adapters weighted by `lora_scale`) and its
   per-stage settings.
@@ -165,41 +165,41 @@ def load_cascade(stages: Sequence[str], ckpt_steps: Sequence[str] | None = None,
 def _with_later_fields(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Records written before a settings field existed, completed with the value they sampled
   with (the field's default), so an outdir resumes across versions."""
-  later = {f.name: f.default for f in dataclasses.fields(sampling.StageSettings)
+  later = {f.name: f.default for f in dataclasses.fields(stage_sampler.StageSettings)
            if f.default is not dataclasses.MISSING}
   return json.loads(json.dumps([{**later, **stage} for stage in stages]))
 
 
 def _edit_inputs(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]],
-                 edit: editing.Edit) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Any]]:
+                 edit: edit_inputs.Edit) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Any]]:
   """The prompts with their inputs' paths resolved and digests added, and every input loaded
   (image, mask) by (image, mask) path: all checked before any compute."""
   items, loaded = [], {}
   for item in prompts:
     if not item.get("image"):
-      raise editing.EditError(f"prompt {item['prompt']!r} has no input image (--image=FILE, or "
+      raise edit_inputs.EditError(f"prompt {item['prompt']!r} has no input image (--image=FILE, or "
                               f"an `image` field in the prompts file)")
     item = {**item, "image": fileio.resolve(item["image"])}
     if item.get("mask"):
       item["mask"] = fileio.resolve(item["mask"])
     key = (item["image"], item.get("mask") or "")
     if key not in loaded:
-      loaded[key] = editing.load_inputs(key[0], key[1] or None, edit, cascade.input_size(edit))
-      loaded[key] += ({"image_sha256": editing.file_digest(key[0]),
-                       **({"mask_sha256": editing.file_digest(key[1])} if key[1] else {})},)
+      loaded[key] = edit_inputs.load_inputs(key[0], key[1] or None, edit, cascade.input_size(edit))
+      loaded[key] += ({"image_sha256": edit_inputs.file_digest(key[0]),
+                       **({"mask_sha256": edit_inputs.file_digest(key[1])} if key[1] else {})},)
     items.append({**item, **loaded[key][2]})
   return items, loaded
 
 
 def sample_to_outdir(cascade: cascade_lib.Cascade, prompts: list[dict[str, Any]], outdir: str, *,
-        num_samples: int = 1, seed: int = 0, settings: Sequence[sampling.StageSettings],
+        num_samples: int = 1, seed: int = 0, settings: Sequence[stage_sampler.StageSettings],
         batch_size: int = 16, save_stages: bool = False, show_progress: bool = True,
-        edit: editing.Edit | None = None) -> list[dict[str, Any]]:
+        edit: edit_inputs.Edit | None = None) -> list[dict[str, Any]]:
   """Samples every (prompt, sample) not yet in OUT/samples.jsonl; returns all records.
 
   `outdir` is a local path or gs://; each batch's PNGs are written before samples.jsonl is
   replaced with the longer list, so a listed image is a finished image. With an `edit`
-  (`editing`), each prompt item names its input `image` (and `mask`: white = regenerate); the
+  (`edit_inputs`), each prompt item names its input `image` (and `mask`: white = regenerate); the
   records add the edit's settings and the inputs' sha256, and a resumed run checks them.
   """
   outdir = fileio.resolve(outdir)

@@ -156,7 +156,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, require_prior: bool
       raise FinetuneError(
           f"config.finetune.prior_class={config.finetune.prior_class!r} needs its class images "
           f"in {prior_folder(config, workdir)}: `imagen-jax finetune` samples them from the base "
-          f"stage first (imagen_jax.finetune.run)")
+          f"stage first (imagen_jax.workflows.finetune.run)")
   return config
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from imagen_jax import models
 from imagen_jax.core import partitioning
-from imagen_jax.diffusion import sampling
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.train import train
 
 GIB = 2**30
@@ -151,7 +151,7 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
 def sampler_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    per_device_batch: int) -> MemoryEstimate:
-  """Per-device bytes of one stage's sampler (`diffusion.sampling.sample`, the config's
+  """Per-device bytes of one stage's sampler (`diffusion.stage_sampler.sample_stage`, the config's
   `sample.*` settings) with the parameters sharded by their logical names."""
   batch = per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
   model = models.build_model(config)
@@ -170,8 +170,8 @@ def sampler_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   lowres = None
   if config.stage == "sr":
     lowres = on_batch((batch, config.lowres.size, config.lowres.size, 3), np.float32)
-  settings = sampling.StageSettings.from_config(config.sample)
-  fn = jax.jit(functools.partial(sampling.sample, config, model, settings=settings))
+  settings = stage_sampler.StageSettings.from_config(config.sample)
+  fn = jax.jit(functools.partial(stage_sampler.sample_stage, config, model, settings=settings))
   with partitioning.mesh_context(mesh):
     compiled = fn.trace(params, inputs["keys"], inputs["text_emb"], inputs["text_mask"],
                         lowres=lowres).lower().compile()

@@ -32,7 +32,7 @@ from imagen_jax.core import images as images_lib
 from imagen_jax.core import partitioning
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
-from imagen_jax.diffusion import sampling
+from imagen_jax.diffusion import stage_sampler
 from imagen_jax.models import lora
 from imagen_jax.train import finetune
 from imagen_jax.train import metric_writers
@@ -438,10 +438,10 @@ def make_preview(config: ml_collections.ConfigDict, model: nn.Module, text_encod
     mask = first["text_mask"]
   lowres = preprocess.to_model_range(first["lowres"][:len(emb)]) if config.stage == "sr" else None
   _, size, _ = config_lib.stage_sizes(config)
-  settings = sampling.StageSettings.from_config(config.sample)
-  sample_fn = jax.jit(functools.partial(sampling.sample, config, model, settings=settings,
+  settings = stage_sampler.StageSettings.from_config(config.sample)
+  sample_fn = jax.jit(functools.partial(stage_sampler.sample_stage, config, model, settings=settings,
                                         image_size=size))
-  keys = sampling.image_keys(config.seed, np.arange(len(emb)))
+  keys = stage_sampler.image_keys(config.seed, np.arange(len(emb)))
 
   def preview(ema_params):
     with partitioning.mesh_context(mesh):

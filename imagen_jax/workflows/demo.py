@@ -245,7 +245,7 @@ def dataset_scores(data_dir: str, num_prompts: int) -> dict[str, dict[str, float
   return judge.score_by_split(records, images)
 
 
-def sample(stage_dirs: Sequence[str], prompts: list[dict[str, str]], outdir: str) -> list[dict]:
+def sample_eval_prompts(stage_dirs: Sequence[str], prompts: list[dict[str, str]], outdir: str) -> list[dict]:
   from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   cascade = cascade_lib.Cascade.from_workdirs(stage_dirs)
@@ -343,7 +343,7 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
   train_stages(workdir, quick, devices, lap)
   stage_dirs = [os.path.join(workdir, name) for name in configs]
   outdir = os.path.join(workdir, "samples")
-  sample(stage_dirs, eval_prompts(data_dir, num_prompts), outdir)
+  sample_eval_prompts(stage_dirs, eval_prompts(data_dir, num_prompts), outdir)
   lap("sample")
   scores, records, images, verdicts = score(outdir)
   dataset = dataset_scores(data_dir, num_prompts)

@@ -159,7 +159,7 @@ def regenerate_at_size(masks: np.ndarray, size: int) -> np.ndarray:
 
 def stage_inputs(edit: Edit, images: np.ndarray, masks: np.ndarray | None, size: int
                  ) -> dict[str, Any]:
-  """What `diffusion.sampling.sample` takes for one stage of size `size`: `image` (float
+  """What `diffusion.stage_sampler.sample_stage` takes for one stage of size `size`: `image` (float
   [N, size, size, 3] in [-1, 1]), `keep` ([N, size, size, 1], 1 = keep; inpaint only)."""
   out: dict[str, Any] = {"image": preprocess.to_model_range(at_size(images, size))}
   if edit.uses_mask:

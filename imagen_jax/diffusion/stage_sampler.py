@@ -96,7 +96,7 @@ def x0_denoiser(config: Any, model: Any, params: Any, text_emb: jax.Array, text_
   return samplers.denoiser(bound, config.diffusion.parameterization)
 
 
-def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.Array,
+def sample_stage(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.Array,
            text_mask: jax.Array, settings: StageSettings, *, image_size: int | None = None,
            lowres: jax.Array | None = None, image: jax.Array | None = None,
            keep: jax.Array | None = None, start: float = 1.0, resample: int = 1, jump: int = 1,
@@ -124,7 +124,7 @@ def sample(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.
   x0_fn = x0_denoiser(config, model, params, text_emb, text_mask, settings.guidance,
                       lowres, aug_log_snr, settings.guidance_interval)
   noise = noise_lib.normal(noise_key, (batch, size, size, 3))
-  out = samplers.sample(
+  out = samplers.solve(
       x0_fn, noise, sample_key, sampler=settings.sampler, num_steps=settings.steps,
       log_snr_fn=schedules.stage_log_snr_fn(config.diffusion),
       threshold_fn=thresholding.get_threshold_fn(settings.threshold, settings.percentile),

@@ -1,0 +1,1 @@
+"""Workflows that compose training, sampling and evaluation: the shapes demo, a fine-tuning run."""
