@@ -6,7 +6,7 @@
     python -m benchmarks.train_step --config=configs/sr256.py:tiny --text=encoder
 
 What is measured is `imagen-jax train`'s own step, built by the same function,
-`train.build_train_step` (model, optimizer, state and batch shardings, AOT-compiled with the state
+`train.compile_train_step` (model, optimizer, state and batch shardings, AOT-compiled with the state
 donated); only the input pipeline is replaced by one random batch on the
 devices (`benchmarks/input_pipeline.py` measures the pipeline). FLOPs per step are the traced
 step's matmul and convolution FLOPs (`train/mfu.py:model_flops`; XLA's `cost_analysis()` counts a
@@ -63,21 +63,24 @@ class CompiledStep:
   def __init__(self, config: Any, text: str = "embeddings"):
     import jax  # pylint: disable=g-import-not-at-top
     from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+    from imagen_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
     from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
 
-    config = config_lib.from_json(config_lib.to_json(config))  # a private, unlocked copy
+    config = config_lib.copy(config)
     # `batch_spec` and the step read embeddings from the batch when a cache is configured (the
     # random batch stands in for its rows); without one the step runs the text encoder.
     config.data.embed_cache = "(random embeddings)" if text == "embeddings" else ""
     self.config, self.text = config, text
     self.mesh = mesh = partitioning.make_mesh(config.mesh)
     train.check_config(config, mesh)
-    setup = train.build_train_step(config, mesh,
-                                   text_encoder=train.load_text_encoder_if_needed(config))
-    self.state, self.frozen, self.compiled = (setup.state, setup.frozen,
-                                              setup.compiled_step)
-    self.batch = random_batch(setup.batch_shapes)
-    self.compile_s, self.flops = setup.compile_seconds, setup.flops_per_step
+    plan = plan_lib.Plan.from_config(config)
+    text_encoder = train.load_text_encoder_if_needed(config)
+    layout = train.state_layout(config, mesh, plan)
+    self.state = train.create_state(config, layout, plan)
+    self.frozen = train.frozen_inputs(layout, plan, text_encoder, mesh)
+    step = train.compile_train_step(config, mesh, layout, plan, text_encoder, self.frozen)
+    self.compiled, self.batch = step.compiled, random_batch(step.batch_shapes)
+    self.compile_s, self.flops = step.compile_seconds, step.flops_per_step
     self.params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
     self.metrics = None
     self.run(1)  # warm-up

@@ -1,7 +1,8 @@
 """Base stage: text -> 64x64, the paper's U-Net (appendix F.1).
 
 Variants: `paper` (2B params, the default), `500m` (JAX-Toolbox's Imagen-base-500M), `tiny`
-(runs on a laptop CPU; random T5 with the shapes vocabulary).
+(runs on a laptop CPU; random T5 with the shapes vocabulary); each with `,finetune` for
+`imagen-jax finetune` (e.g. `configs/base64.py:500m,finetune`).
 
     imagen-jax train --config=configs/base64.py:500m --workdir=gs://bucket/base64
 """
@@ -11,7 +12,8 @@ import ml_collections
 from imagen_jax.configs import common
 
 
-def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, finetune = common.parse_variants(arg, default="paper")
   c = common.stage_config()
   c.stage = "base"
   c.image_size = 64
@@ -69,4 +71,4 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
   else:
     raise ValueError(f"unknown base64 variant {variant!r}: use paper, 500m or tiny")
-  return c
+  return common.finetuning(c) if finetune else c

@@ -98,10 +98,10 @@ def stage_config() -> ml_collections.ConfigDict:
   c.sample_every = 20_000
   c.nonfinite = "error"     # a NaN/Inf loss or gradient: "error" stops, "skip" drops the update
 
-  # Fine-tuning a trained stage (`imagen-jax finetune`, imagen_jax/train/finetune.py). method
-  # "none" trains from scratch; "full" starts every parameter from the base stage's EMA
-  # parameters (fresh optimizer and schedule); "lora" freezes them and trains low-rank adapters
-  # (models/lora.py): the workdir's checkpoints then hold only the adapters, and name the base.
+  # Fine-tuning a trained stage (`imagen-jax finetune`, the `finetune` variant: `finetuning`
+  # below). method "none" trains from scratch; "full" starts every parameter from the base
+  # stage's EMA parameters (fresh optimizer and schedule); "lora" freezes them and trains
+  # low-rank adapters: the workdir's checkpoints then hold only the adapters, and name the base.
   c.finetune = ml_collections.ConfigDict()
   c.finetune.method = "none"          # "none", "full" or "lora"
   c.finetune.base = ""                # the trained stage's workdir (`finetune --base`)
@@ -109,12 +109,6 @@ def stage_config() -> ml_collections.ConfigDict:
   c.finetune.lora_rank = 8
   c.finetune.lora_alpha = 8.0         # adapters' weight alpha / rank (times --lora_scale)
   c.finetune.lora_layers = "attention,dense"  # comma-separated: attention, dense, conv
-  # What `imagen-jax finetune` sets in place of the stage's own training values: a few hundred
-  # steps at a constant rate on a subject set of 3-20 images (repeated to fill batches).
-  c.finetune.steps = 400
-  c.finetune.lr = 1e-3
-  c.finetune.warmup_steps = 20
-  c.finetune.batch_size = 0           # 0: the stage's batch_size
   # Class-prior preservation (DreamBooth): with a class prompt, the command first samples
   # `prior_images` images of it from the base stage (resumable, in WORKDIR/prior) and trains on
   # instance and class examples half and half, the class loss weighted by `prior_weight`.
@@ -147,6 +141,39 @@ def stage_config() -> ml_collections.ConfigDict:
   c.sample.percentile = 99.5          # dynamic thresholding percentile, 0-100 scale
   c.sample.aug_level = 0.2            # SR stages: noise-aug level of the low-res input
   c.sample.num_images = 4
+  return c
+
+
+def parse_variants(arg: str | None, default: str) -> tuple[str, bool]:
+  """A stage file's `get_config` argument "VARIANT[,finetune]" (either part may be alone) ->
+  (the variant, or `default`; whether to apply `finetuning`)."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  finetune = "finetune" in parts
+  rest = [p for p in parts if p != "finetune"]
+  if len(rest) > 1:
+    raise ValueError(f"config variants {arg!r}: give one size variant, optionally with "
+                     "',finetune'")
+  return (rest[0] if rest else default), finetune
+
+
+def finetuning(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `finetune` variant: a stage adapted to 3-20 images of a subject (`imagen-jax finetune`).
+
+  LoRA adapters on the frozen stage; a few hundred steps of Adam at a constant rate after a short
+  warm-up (subject images repeat to fill the stage's batches); captions encoded on the fly,
+  since the stage's embedding cache holds its own dataset's.
+  """
+  c.finetune.method = "lora"
+  c.total_steps = 400
+  c.optimizer.name = "adam"
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 20
+  c.optimizer.schedule = "constant"
+  c.optimizer.grad_accum_steps = 1
+  c.log_every = min(c.log_every, 40)
+  c.checkpoint_every = min(c.checkpoint_every, 200)
+  c.sample_every = 0
+  c.data.embed_cache = ""
   return c
 
 

@@ -16,7 +16,8 @@ import ml_collections
 from imagen_jax.configs import common
 
 
-def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, finetune = common.parse_variants(arg, default="full")
   c = common.stage_config()
   c.stage = "base"
   c.image_size = 32
@@ -61,4 +62,4 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.sample.guidance = 3.0
   c.sample.prompts = ("a red circle at the top left corner", "a blue square above a white triangle",
                       "a yellow triangle at the center", "a purple square to the left of a green circle")
-  return c
+  return common.finetuning(c) if finetune else c

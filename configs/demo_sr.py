@@ -12,7 +12,8 @@ import ml_collections
 from imagen_jax.configs import common
 
 
-def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, finetune = common.parse_variants(arg, default="full")
   c = common.stage_config()
   c.stage = "sr"
   c.image_size = 64
@@ -54,4 +55,4 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.sample.spacing = "logsnr"
   c.sample.guidance = 1.0
   c.sample.aug_level = 0.05  # inside the training range, 0.05 / 0.1 / 0: 48% / 48% / 46% held-out
-  return c
+  return common.finetuning(c) if finetune else c

@@ -11,7 +11,8 @@ import ml_collections
 from imagen_jax.configs import common
 
 
-def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, finetune = common.parse_variants(arg, default="paper")
   c = common.stage_config()
   c.stage = "sr"
   c.image_size = 1024
@@ -66,4 +67,4 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
   else:
     raise ValueError(f"unknown sr1024 variant {variant!r}: use paper or tiny")
-  return c
+  return common.finetuning(c) if finetune else c

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_gpu_suite_runs_on_tiny_configs(tmp_path):
 
 
 def test_demo_ablation_parses_arms():
-  from benchmarks import demo_ablation
+  from studies import demo_ablation
   name, overrides = demo_ablation.parse_arm(
       "wide: model.attn_resolutions=(16,8,4) model.text_pooling=False optimizer.lr=1e-3 "
       "text.encoder=builtin:shapes-tiny-pretrained")

@@ -5,11 +5,11 @@ import importlib
 
 import pytest
 
-import conftest  # pylint: disable=g-bad-import-order
+import helpers  # pylint: disable=g-bad-import-order
 from imagen_jax import cli
 from imagen_jax.core import config_lib
 
-run_cli = functools.partial(conftest.run_cli, env={"JAX_PLATFORMS": "cpu"}, timeout=300)
+run_cli = functools.partial(helpers.run_cli, env={"JAX_PLATFORMS": "cpu"}, timeout=300)
 
 
 def test_help_lists_every_subcommand():

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (  # pylint: disable=g-bad-import-order
-    SHAPES_DIR_SIZES, fake_tokenize, stage_config)
+from helpers import (  # pylint: disable=g-bad-import-order
+    SHAPES_SIZES, fake_tokenize, stage_config)
 from imagen_jax.core import partitioning
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
@@ -22,9 +22,9 @@ from imagen_jax.data import sources
     ("base64", {}),
     ("sr1024", {"data.random_crop": True}),
 ])
-def test_resume_yields_exactly_the_next_batches(shapes_dir, stage, overrides):
+def test_resume_yields_exactly_the_next_batches(shapes_data_dir, stage, overrides):
   # 12 batches of 16 from 200 examples: the run crosses an epoch boundary.
-  config = stage_config(stage, **{"data.data_dir": shapes_dir, **overrides})
+  config = stage_config(stage, **{"data.data_dir": shapes_data_dir, **overrides})
   data = pipeline_lib.make_pipeline(config, tokenize_fn=fake_tokenize)
   for _ in range(7):
     next(data)
@@ -41,37 +41,37 @@ def test_resume_yields_exactly_the_next_batches(shapes_dir, stage, overrides):
   assert not np.array_equal(next(fresh)["index"], after[0]["index"])
 
 
-def test_restoring_into_another_layout_is_refused(shapes_dir):
-  config = stage_config(**{"data.data_dir": shapes_dir})
+def test_restoring_into_another_layout_is_refused(shapes_data_dir):
+  config = stage_config(**{"data.data_dir": shapes_data_dir})
   state = pipeline_lib.make_pipeline(config).get_state()
   other = pipeline_lib.make_pipeline(config, process_index=1, process_count=2)
   with pytest.raises(ValueError, match="process_count"):
     other.set_state(state)
 
 
-def test_epoch_order_is_a_permutation_that_changes_each_epoch(shapes_dir):
-  config = stage_config(**{"data.data_dir": shapes_dir, "batch_size": 20})
+def test_epoch_order_is_a_permutation_that_changes_each_epoch(shapes_data_dir):
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "batch_size": 20})
   data = pipeline_lib.make_pipeline(config)
   epochs = [np.concatenate([next(data)["index"] for _ in range(10)]) for _ in range(2)]
   for order in epochs:
-    assert sorted(order.tolist()) == list(range(SHAPES_DIR_SIZES["train"]))
+    assert sorted(order.tolist()) == list(range(SHAPES_SIZES["train"]))
   assert not np.array_equal(epochs[0], epochs[1])
-  assert not np.array_equal(epochs[0], np.arange(SHAPES_DIR_SIZES["train"]))
+  assert not np.array_equal(epochs[0], np.arange(SHAPES_SIZES["train"]))
 
 
-def test_two_processes_shards_are_disjoint_and_cover_the_epoch(shapes_dir):
-  config = stage_config(**{"data.data_dir": shapes_dir, "batch_size": 20})  # local batch 10
+def test_two_processes_shards_are_disjoint_and_cover_the_epoch(shapes_data_dir):
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "batch_size": 20})  # local batch 10
   shards = []
   for process in range(2):
     data = pipeline_lib.make_pipeline(config, process_index=process, process_count=2)
     assert data.local_batch_size == 10
     shards.append(np.concatenate([next(data)["index"] for _ in range(10)]))  # 100 each
   assert not set(shards[0]) & set(shards[1])
-  assert set(shards[0]) | set(shards[1]) == set(range(SHAPES_DIR_SIZES["train"]))
+  assert set(shards[0]) | set(shards[1]) == set(range(SHAPES_SIZES["train"]))
 
 
-def test_batch_contents_match_the_source_records(shapes_dir):
-  config = stage_config(**{"data.data_dir": shapes_dir, "image_size": 64})
+def test_batch_contents_match_the_source_records(shapes_data_dir):
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "image_size": 64})
   data = pipeline_lib.make_pipeline(config, tokenize_fn=fake_tokenize)
   batch = next(data)
   source, _ = sources.get_data_source(config.data)
@@ -116,8 +116,8 @@ def test_records_are_read_a_block_per_call_and_match_reading_one_at_a_time():
 
 
 @pytest.mark.parametrize("stage,image,low", [("sr256", 32, 16), ("sr1024", 32, 8)])
-def test_sr_lowres_is_the_downsampled_highres(shapes_dir, stage, image, low):
-  config = stage_config(stage, **{"data.data_dir": shapes_dir})
+def test_sr_lowres_is_the_downsampled_highres(shapes_data_dir, stage, image, low):
+  config = stage_config(stage, **{"data.data_dir": shapes_data_dir})
   batch = next(pipeline_lib.make_pipeline(config))
   assert batch["image"].shape == (16, image, image, 3)
   assert batch["lowres"].shape == (16, low, low, 3)
@@ -129,8 +129,8 @@ def test_sr_lowres_is_the_downsampled_highres(shapes_dir, stage, image, low):
     assert np.abs(pooled - lowres).mean() < 12
 
 
-def test_sr1024_crops_are_random_pieces_of_the_full_image(shapes_dir):
-  config = stage_config("sr1024", **{"data.data_dir": shapes_dir})  # 64 images, 32 crops
+def test_sr1024_crops_are_random_pieces_of_the_full_image(shapes_data_dir):
+  config = stage_config("sr1024", **{"data.data_dir": shapes_data_dir})  # 64 images, 32 crops
   batch = next(pipeline_lib.make_pipeline(config))
   source, _ = sources.get_data_source(config.data)
   offsets = set()
@@ -143,7 +143,7 @@ def test_sr1024_crops_are_random_pieces_of_the_full_image(shapes_dir):
   assert len(offsets) > 4
 
 
-def test_embedding_cache_lookup_missing_is_an_error_naming_the_key_or_a_counted_skip(shapes_dir):
+def test_embedding_cache_lookup_missing_is_an_error_naming_the_key_or_a_counted_skip(shapes_data_dir):
   missing = {3, 5, 8, 13, 21, 34, 55, 89, 144}
 
   def lookup(index):
@@ -151,7 +151,7 @@ def test_embedding_cache_lookup_missing_is_an_error_naming_the_key_or_a_counted_
       raise KeyError(index)
     return np.full((16, 8), index, np.float16), np.arange(16) < 5
 
-  config = stage_config(**{"data.data_dir": shapes_dir, "data.embed_cache": "/cache/demo",
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "data.embed_cache": "/cache/demo",
                            "batch_size": 50})
   with pytest.raises(pipeline_lib.MissingEmbeddingError, match=r"/cache/demo.*key (\d+)"):
     for _ in range(4):
@@ -169,8 +169,8 @@ def test_embedding_cache_lookup_missing_is_an_error_naming_the_key_or_a_counted_
     pipeline_lib.make_pipeline(config)
 
 
-def test_global_batch_is_sharded_over_data_and_fsdp(shapes_dir):
-  config = stage_config("sr256", **{"data.data_dir": shapes_dir, "mesh.data": 2, "mesh.fsdp": 4})
+def test_global_batch_is_sharded_over_data_and_fsdp(shapes_data_dir):
+  config = stage_config("sr256", **{"data.data_dir": shapes_data_dir, "mesh.data": 2, "mesh.fsdp": 4})
   mesh = partitioning.make_mesh(config.mesh)
   local = next(pipeline_lib.make_pipeline(config, tokenize_fn=fake_tokenize))
   arrays = pipeline_lib.global_batch(local, mesh)
@@ -192,8 +192,8 @@ def test_model_range_conversion():
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_batches_and_resume(shapes_dir):
-  config = stage_config(**{"data.data_dir": shapes_dir})
+def test_worker_processes_give_the_same_batches_and_resume(shapes_data_dir):
+  config = stage_config(**{"data.data_dir": shapes_data_dir})
   in_process = pipeline_lib.make_pipeline(config)
   expected = [next(in_process) for _ in range(3)]
   config.data.num_workers = 2

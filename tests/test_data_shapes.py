@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import SHAPES_DIR_SIZES, data_config  # pylint: disable=g-bad-import-order
+from helpers import SHAPES_SIZES, data_config  # pylint: disable=g-bad-import-order
 from imagen_jax.data import preprocess
 from imagen_jax.data import shapes
 from imagen_jax.data import shapes_grammar as grammar
@@ -90,9 +90,9 @@ def test_heldout_pairs_never_occur_in_the_full_train_and_validation_splits():
       assert not shapes.example(split, index).prompt.is_heldout, (split, index)
 
 
-def test_shapes_records_show_the_named_color_shape_and_cell(shapes_dir):
-  for split, n in SHAPES_DIR_SIZES.items():
-    source, info = sources.get_data_source(data_config("shapes", shapes_dir), split)
+def test_shapes_records_show_the_named_color_shape_and_cell(shapes_data_dir):
+  for split, n in SHAPES_SIZES.items():
+    source, info = sources.get_data_source(data_config("shapes", shapes_data_dir), split)
     assert info.num_examples == n
     for index in range(n):
       record = source[index]

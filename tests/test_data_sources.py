@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from conftest import data_config, fake_tokenize, stage_config  # pylint: disable=g-bad-import-order
+from helpers import data_config, fake_tokenize, stage_config  # pylint: disable=g-bad-import-order
 from imagen_jax.data import builders
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
@@ -29,13 +29,13 @@ def test_malformed_source_strings_are_named(source, tmp_path):
     sources.get_data_source(data_config(source, str(tmp_path)))
 
 
-def test_missing_folder_tfds_and_split_errors_name_the_source(tmp_path, shapes_dir):
+def test_missing_folder_tfds_and_split_errors_name_the_source(tmp_path, shapes_data_dir):
   with pytest.raises(sources.SourceError, match="no such directory"):
     sources.get_data_source(data_config(f"folder:{tmp_path}/nope", str(tmp_path)))
   with pytest.raises(sources.SourceError, match="tfds:no_such_dataset_xyz"):
     sources.get_data_source(data_config("tfds:no_such_dataset_xyz", str(tmp_path)))
   with pytest.raises(sources.SourceError, match="has no split 'test'"):
-    sources.get_data_source(data_config("shapes", shapes_dir), "test")
+    sources.get_data_source(data_config("shapes", shapes_data_dir), "test")
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -296,14 +296,14 @@ def test_tfds_source_with_nested_captions(tmp_path):
   assert data.skip_counts() == {}
 
 
-def test_data_sources_pickle_for_worker_processes(tmp_path, shapes_dir):
+def test_data_sources_pickle_for_worker_processes(tmp_path, shapes_data_dir):
   import pickle  # pylint: disable=g-import-not-at-top
   root = tmp_path / "images"
   root.mkdir()
   Image.fromarray(sample_images(1)[0]).save(root / "a.png")
   (root / "a.txt").write_text("a caption")
   for config in (data_config(f"folder:{root}", str(tmp_path / "t")),
-                 data_config("shapes", shapes_dir)):
+                 data_config("shapes", shapes_data_dir)):
     source, _ = sources.get_data_source(config)
     copy = pickle.loads(pickle.dumps(source))
     assert copy[0]["image"] == source[0]["image"]

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO, readme_commands, run_as_typed
+from helpers import REPO, readme_commands, run_as_typed
 from imagen_jax.workflows import demo
 from imagen_jax.core import partitioning
 from imagen_jax.eval import shapes as judge
@@ -91,7 +91,7 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   # The sampler benchmark (issue 18) runs on the trained demo: one row per (sampler, budget)
   # plus the reference, the reference's PSNR with itself at the clamp, the others at most that.
   bench = subprocess.run(
-      [sys.executable, "-m", "benchmarks.sampler_quality", f"--workdir={workdir}",
+      [sys.executable, "-m", "studies.sampler_quality", f"--workdir={workdir}",
        "--samplers=ddim,unipc", "--evals=2", "--ddpm_extra_evals=", "--reference=dpmpp_2m:6",
        "--num_prompts=3", "--batch_size=8"], cwd=REPO, capture_output=True, text=True,
       timeout=900)

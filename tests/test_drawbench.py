@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli_json  # pylint: disable=g-bad-import-order
+from helpers import run_cli_json  # pylint: disable=g-bad-import-order
 from imagen_jax.eval import drawbench
 
 # The paper's CSV format (a prompt may hold commas and quotes).

@@ -29,17 +29,48 @@ def run(sampler, steps=12, noise=NOISE, **kw):
   return np.asarray(fn(noise))
 
 
+def repaint_reference_times(t_T, jump_length, jump_n_sample):
+  """RePaint's jump schedule as its paper's code lays it out (Lugmayr et al. 2022, the
+  scheduler's `get_schedule_jump`): times t from t_T down to -1 (the clean image), with a jump
+  of `jump_length` back up at t = 0, jump_length, 2 jump_length, ... below t_T - jump_length."""
+  jumps = {j: jump_n_sample - 1 for j in range(0, t_T - jump_length, jump_length)}
+  t, times = t_T, [t_T]
+  while t >= 0:
+    t -= 1
+    times.append(t)
+    if jumps.get(t, 0) > 0:
+      jumps[t] -= 1
+      for _ in range(jump_length):
+        t += 1
+        times.append(t)
+  return times
+
+
 def test_repaint_path_walks_down_and_jumps_back_resample_times():
   np.testing.assert_array_equal(editing.repaint_path(4), [0, 1, 2, 3, 4])
   path = editing.repaint_path(6, resample=3, jump=2)
   assert path[0] == 0 and path[-1] == 6 and set(np.abs(np.diff(path))) == {1}
-  # From levels 2 and 4 (every `jump`, not the last) the path goes `jump` levels back up
-  # resample - 1 = 2 times each.
+  # Jump points one step before the clean end and every `jump` levels above it (5, 3; not 1,
+  # within the first `jump` levels): the path goes `jump` levels back up resample - 1 = 2
+  # times at each.
   ups = [int(a) for a, b in zip(path[:-1], path[1:]) if b < a]
-  assert ups == [2, 1, 2, 1, 4, 3, 4, 3]
+  assert ups == [3, 2, 3, 2, 5, 4, 5, 4]
   downs = editing.steps_down(6, resample=3, jump=2)
   assert len(downs) == 6 + 2 * 2 * 2  # each of 2 jump points re-descends 2 steps twice
   assert len(editing.steps_down(250, resample=10, jump=10)) == 250 + 24 * 9 * 10  # RePaint's
+
+
+@pytest.mark.parametrize("t_T,jump,resample", [(250, 10, 10), (20, 3, 2), (12, 4, 3), (7, 1, 2),
+                                               (9, 2, 1)])
+def test_repaint_path_is_repaints_reference_schedule(t_T, jump, resample):
+  # Level L of our path is the reference's time t_T - L; its clean image, t = -1, is level
+  # t_T + 1 = num_steps. The resampling reaches the last step before the clean image.
+  expected = [t_T - t for t in repaint_reference_times(t_T, jump, resample)]
+  path = editing.repaint_path(t_T + 1, resample=resample, jump=jump)
+  np.testing.assert_array_equal(path, expected)
+  if resample > 1:
+    ups = [int(a) for a, b in zip(path[:-1], path[1:]) if b < a]
+    assert max(ups) == t_T  # a jump from one step before the end
 
 
 @pytest.mark.parametrize("sampler", EVERY_SAMPLER)
@@ -88,18 +119,34 @@ def correlated_x0_fn(z, log_snr, rho=0.9):
   return z @ gain.T
 
 
+CORRELATED_NOISE = jax.random.normal(jax.random.PRNGKey(0), (4000, 2))
+KEEP_FIRST = editing.Known(jnp.tile(jnp.array([[1.5, 0.0]]), (4000, 1)),
+                           jnp.tile(jnp.array([[1.0, 0.0]]), (4000, 1)))
+
+
+@pytest.mark.parametrize("sampler", EVERY_SAMPLER)
+def test_the_known_region_steers_the_regenerated_one(sampler):
+  """Correlated data (rho 0.9): keeping x_a = 1.5 must pull the regenerated x_b towards
+  E[x_b | x_a] = 1.35 while sampling. A sampler that only pasted the known region at the end
+  would leave x_b where it is without one: mean 0."""
+  fill = lambda known: np.asarray(jax.jit(lambda n: samplers.solve(
+      correlated_x0_fn, n, jax.random.PRNGKey(1), sampler=sampler, num_steps=25,
+      log_snr_fn=schedules.cosine_log_snr, known=known))(CORRELATED_NOISE))
+  kept, free = fill(KEEP_FIRST), fill(None)
+  np.testing.assert_array_equal(kept[:, 0], 1.5)
+  assert abs(free[:, 1].mean()) < 0.05
+  assert kept[:, 1].mean() > 0.5  # measured 0.61 (EDM Heun) to 0.96 (DPM-Solver++ SDE)
+
+
 def test_resampling_jumps_bring_the_filled_value_to_the_true_conditional():
   # Keep x_a = 1.5, regenerate x_b: the true conditional is N(0.9 * 1.5, 1 - 0.81). Replacing
   # the known value alone is biased (measured: mean 0.92, std 0.63 with DDPM 50); RePaint's
   # resampling harmonizes the filled value with the kept one (1.26, 0.46).
-  noise = jax.random.normal(jax.random.PRNGKey(0), (4000, 2))
-  known = editing.Known(jnp.tile(jnp.array([[1.5, 0.0]]), (4000, 1)),
-                        jnp.tile(jnp.array([[1.0, 0.0]]), (4000, 1)))
-
   def fill(resample):
     out = jax.jit(lambda n: samplers.solve(
         correlated_x0_fn, n, jax.random.PRNGKey(1), sampler="ddpm", num_steps=50,
-        log_snr_fn=schedules.cosine_log_snr, known=known, resample=resample))(noise)
+        log_snr_fn=schedules.cosine_log_snr, known=KEEP_FIRST, resample=resample))(
+            CORRELATED_NOISE)
     return np.asarray(out[:, 1])
 
   plain, resampled = fill(1), fill(5)
@@ -243,7 +290,7 @@ def test_cascade_edits_hold_their_invariants_at_every_stage(cascade):
 
 @pytest.mark.slow
 def test_edit_command_as_typed_with_relative_paths(tiny_cascade, tmp_path):
-  from conftest import run_cli  # pylint: disable=g-import-not-at-top
+  from helpers import run_cli  # pylint: disable=g-import-not-at-top
   from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   for name, workdir in zip(("base", "sr"), tiny_cascade):
     os.symlink(workdir, tmp_path / name)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from conftest import REPO, run_cli_json  # pylint: disable=g-bad-import-order
+from helpers import REPO, run_cli_json  # pylint: disable=g-bad-import-order
 from imagen_jax.eval import fid
 from imagen_jax.eval import inception
 

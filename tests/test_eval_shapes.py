@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli_json  # pylint: disable=g-bad-import-order
+from helpers import run_cli_json  # pylint: disable=g-bad-import-order
 from imagen_jax.data import preprocess
 from imagen_jax.data import shapes as shapes_data
 from imagen_jax.data import shapes_grammar as grammar

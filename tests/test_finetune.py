@@ -1,5 +1,6 @@
-"""Fine-tuning: LoRA adapters (models/lora.py), full fine-tuning, class-prior preservation and
-`imagen-jax finetune` (train/finetune.py), sampling with a LoRA workdir."""
+"""Fine-tuning: LoRA adapters (models/lora.py), the training plan (train/plan.py), full
+fine-tuning, class-prior preservation, `imagen-jax finetune` (workflows/finetune.py), sampling
+with a LoRA workdir."""
 
 import json
 import os
@@ -10,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (FINETUNE_RUN, SMALL_BASE_NET, assert_trees_equal, run_cli,
+from helpers import (FINETUNE_RUN, SMALL_BASE_NET, assert_trees_equal, run_cli,
                       tiny_config)
 from imagen_jax import models
+from imagen_jax.core import random_streams
 from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
 from imagen_jax.core import partitioning
@@ -21,7 +23,7 @@ from imagen_jax.data import shapes
 from imagen_jax.data import shapes_grammar as grammar
 from imagen_jax.data import sources
 from imagen_jax.models import lora
-from imagen_jax.train import finetune
+from imagen_jax.train import plan as plan_lib
 from imagen_jax.train import step as step_lib
 
 ATTENTION_LAYERS = {"query", "key", "value", "text_key", "text_value", "out"}
@@ -115,9 +117,74 @@ def test_layer_groups_pick_their_layers():
     (dict(lora_rank=0), "lora_rank"), (dict(lora_layers="attention,mlp"), "lora_layers"),
     (dict(lora_layers=""), "lora_layers")])
 def test_bad_lora_settings_are_named(bad, message):
-  config = tiny_config("base64", **{f"finetune.{k}": v for k, v in bad.items()})
-  with pytest.raises(ValueError, match=message):
-    lora.LoraSpec.from_config(config.finetune)
+  config = tiny_config("base64", "tiny,finetune", **{f"finetune.{k}": v for k, v in bad.items()})
+  with pytest.raises(config_lib.ConfigError, match=f"config.finetune.{message}"):
+    plan_lib.Plan.from_config(config)
+
+
+def test_plan_of_each_method():
+  scratch = plan_lib.Plan.from_config(tiny_config("base64"))
+  assert (scratch.method, scratch.lora, scratch.base, scratch.uses_prior) == (
+      "none", None, None, False)
+  tuned = plan_lib.Plan.from_config(tiny_config("base64", "tiny,finetune", **{
+      "finetune.base": "/b", "finetune.base_step": 7, "finetune.lora_rank": 3,
+      "finetune.lora_layers": "attention, conv", "finetune.prior_class": "a triangle",
+      "finetune.prior_weight": 0.25}))
+  assert tuned.method == "lora" and tuned.lora == lora.LoraSpec(3, 8.0, ("attention", "conv"))
+  assert tuned.base == plan_lib.Base("/b", 7) and tuned.prior_weight == 0.25
+  full = plan_lib.Plan.from_config(tiny_config("base64", "tiny,finetune",
+                                               **{"finetune.method": "full"}))
+  assert full.method == "full" and full.lora is None and not full.uses_prior
+  with pytest.raises(config_lib.ConfigError, match="finetune.method='half'"):
+    plan_lib.Plan.from_config(tiny_config("base64", **{"finetune.method": "half"}))
+
+
+def test_random_streams_never_meet_the_training_steps():
+  """LoRA adapters and class-prior images draw from streams of their own: adapter i is not
+  drawn from training step i's key, nor class image i from step i's keys."""
+  config = tiny_config("base64", "tiny,finetune", **SMALL_BASE_NET)
+  plan = plan_lib.Plan.from_config(config)
+  model = models.build_model(config)
+  adapters = plan.initial_trainable(config, model, None)()
+  targets = lora.targets(model, config, plan.lora)
+  step_keys = [jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(len(targets))]
+  for i, target in enumerate(targets):
+    a = adapters
+    for name in target.path:
+      a = a[name]
+    a = a["a"]
+    fan_in = a.shape[0]
+    for key in (step_keys[i], *jax.random.split(step_keys[i], 4)):  # the step and its draws
+      assert not np.allclose(a, jax.random.normal(key, a.shape) / np.sqrt(fan_in))
+  # What the adapters do draw from: the "lora_adapters" stream, folded per target.
+  stream = random_streams.stream_key(config.seed, "lora_adapters")
+  first = targets[0]
+  a0 = adapters
+  for name in first.path:
+    a0 = a0[name]
+  np.testing.assert_allclose(a0["a"], jax.random.normal(
+      jax.random.fold_in(stream, 0), a0["a"].shape) / np.sqrt(a0["a"].shape[0]), rtol=1e-6)
+  from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
+  prior_keys = np.asarray(stage_sampler.image_keys(plan_lib.prior_seed(config), np.arange(64)))
+  steps = [jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(64)]
+  drawn = {tuple(np.asarray(k).tolist()) for key in steps
+           for k in (key, *jax.random.split(key, 4))}
+  assert not drawn & {tuple(k.tolist()) for k in prior_keys}
+  assert plan_lib.prior_seed(config) != config.seed
+
+
+def test_the_finetune_variant_sets_the_ordinary_training_keys():
+  stage = tiny_config("base64", **{"data.embed_cache": "/x"})
+  tuned = tiny_config("base64", "tiny,finetune")
+  assert (tuned.finetune.method, tuned.total_steps, tuned.optimizer.name, tuned.optimizer.lr,
+          tuned.optimizer.schedule, tuned.data.embed_cache, tuned.sample_every) == (
+              "lora", 400, "adam", 1e-3, "constant", "", 0)
+  assert tuned.batch_size == stage.batch_size and tuned.model == stage.model
+  assert tuned.checkpoint_every <= 400 and stage.total_steps != 400
+  assert "steps" not in tuned.finetune and "lr" not in tuned.finetune  # one key per setting
+  assert config_lib.load_config("configs/base64.py:finetune").model.model_dim == 512  # paper
+  with pytest.raises(ValueError, match="one size variant"):
+    tiny_config("base64", "tiny,paper")
 
 
 def test_adapters_shard_by_their_kernels_axes():
@@ -204,24 +271,20 @@ def test_mixture_batches_weights_and_state():
     mix.set_state({"iterator": 1})
 
 
-def test_finetune_config_replaces_the_training_values():
-  config = tiny_config("base64", **{"finetune.steps": 50, "finetune.lr": 3e-4,
-                                    "finetune.batch_size": 6, "data.embed_cache": "/x"})
-  tuned = finetune.finetune_config(config)
-  assert (tuned.finetune.method, tuned.total_steps, tuned.optimizer.lr, tuned.batch_size) == (
-      "lora", 50, 3e-4, 6)
-  assert tuned.optimizer.schedule == "constant" and tuned.data.embed_cache == ""
-  assert tuned.checkpoint_every <= 50 and config.total_steps != 50  # the input is unchanged
-
-
 def test_base_without_checkpoint_is_named(tmp_path):
-  config = finetune.finetune_config(tiny_config(
-      "base64", **{"finetune.base": str(tmp_path / "nothing")}))
-  with pytest.raises(finetune.FinetuneError, match="nothing.*no complete checkpoint"):
-    finetune.prepare(config, str(tmp_path / "out"))
+  config = tiny_config("base64", "tiny,finetune", **{"finetune.base": str(tmp_path / "nothing")})
+  with pytest.raises(plan_lib.FinetuneError, match="nothing.*no complete checkpoint"):
+    plan_lib.prepare(config, str(tmp_path / "out"))
   config.finetune.base = ""
-  with pytest.raises(finetune.FinetuneError, match="--base"):
-    finetune.prepare(config, str(tmp_path / "out"))
+  with pytest.raises(plan_lib.FinetuneError, match="--base"):
+    plan_lib.prepare(config, str(tmp_path / "out"))
+
+
+def test_finetune_without_a_finetuning_config_names_the_variant(tmp_path):
+  from imagen_jax.workflows import finetune as finetune_run  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match="finetune` variant"):
+    finetune_run.run(tiny_config("base64"), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
 # --- Training runs (slow) ----------------------------------------------------------------------
@@ -256,17 +319,19 @@ def test_lora_finetune_command_resume_and_sampling(tiny_cascade, tiny_lora, tmp_
   base, sr = tiny_cascade
   # `tiny_lora` ran `imagen-jax finetune` (relative paths) on the base; its config in-process:
   lora_dir = tiny_lora["workdir"]
-  config = finetune.finetune_config(tiny_config("base64", **tiny_lora["settings"]))
+  config = tiny_config("base64", "tiny,finetune", **tiny_lora["settings"])
 
-  # The class images: sampled from the base, listed for the folder source.
-  prior = finetune.prior_folder(config, lora_dir)
+  # The class images: sampled from the base with their own seed, listed for the folder source.
+  prior = plan_lib.prior_folder(config, lora_dir)
   captions = [json.loads(l) for l in open(os.path.join(prior, "captions.jsonl"))]
   assert [c["caption"] for c in captions] == ["a triangle"] * 3
   assert all(os.path.exists(os.path.join(prior, c["file"])) for c in captions)
+  records = [json.loads(l) for l in open(os.path.join(prior, "samples.jsonl"))]
+  assert {r["seed"] for r in records} == {plan_lib.prior_seed(config)}
 
   # The checkpoint: adapters only, the base named with its step; the base untouched.
   stored = stored_state(lora_dir)
-  spec = lora.LoraSpec.from_config(config.finetune)
+  spec = plan_lib.Plan.from_config(config).lora
   fresh = nn.unbox(lora.init_adapters(jax.random.PRNGKey(config.seed), models.build_model(config),
                                       config, spec))
   adapters = stored["state"]["params"]
@@ -286,8 +351,8 @@ def test_lora_finetune_command_resume_and_sampling(tiny_cascade, tiny_lora, tmp_
 
   # Resume: 2 steps, stop, then on to 4 = 4 straight (adapters, EMA, optimizer, data).
   resumed = str(tmp_path / "resumed")
-  first = config_lib.from_json(config_lib.to_json(config))
-  first.finetune.steps = 2
+  first = config_lib.copy(config)
+  first.total_steps = 2
   imagen_finetune.run(first, resumed)
   imagen_finetune.run(config, resumed)
   # The same examples were read (the class images lie in each workdir: only their path differs).
@@ -322,9 +387,9 @@ def test_lora_finetune_command_resume_and_sampling(tiny_cascade, tiny_lora, tmp_
 def test_full_finetune_starts_from_the_base_ema(tiny_cascade, subject, tmp_path):
   from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
   base = tiny_cascade[0]
-  config = finetune.finetune_config(tiny_config("base64", **finetune_settings(
+  config = tiny_config("base64", "tiny,finetune", **finetune_settings(
       base, subject, str(tmp_path / "data"), **{
-          "finetune.method": "full", "finetune.lr": 0.0, "finetune.steps": 2})))
+          "finetune.method": "full", "optimizer.lr": 0.0, "total_steps": 2}))
   train.train_and_evaluate(config, str(tmp_path / "full"))
   state = stored_state(str(tmp_path / "full"))["state"]
   base_ema = stored_state(base)["state"]["ema_params"]
@@ -349,21 +414,21 @@ def test_finetune_bad_inputs_are_named_before_compute(tiny_cascade, tmp_path):
       ({"data.source": f"folder:{empty}"}, sources.SourceError, "empty.*none found"),
       ({"data.source": f"folder:{unreadable}"}, sources.SourceError,
        "unreadable.*no usable image.*corrupt_image"),
-      ({"model.model_dim": 8}, finetune.FinetuneError, "parameter conditioning/.*kernel is"),
-      ({"text.output_layer": 0}, finetune.FinetuneError,
+      ({"model.model_dim": 8}, plan_lib.FinetuneError, "parameter conditioning/.*kernel is"),
+      ({"text.output_layer": 0}, plan_lib.FinetuneError,
        r"text.output_layer=0 but the base stage .* was trained with -1"),
-      ({"finetune.base_step": 7}, finetune.FinetuneError, r"no checkpoint at step 7.*\[2\]"),
+      ({"finetune.base_step": 7}, plan_lib.FinetuneError, r"no checkpoint at step 7.*\[2\]"),
   ]
   subject = tmp_path / "subject"
   shapes.write_subject_folder(str(subject), BLICKET, "blicket", [(0, 0)])
   for overrides, error, message in cases:
-    config = finetune.finetune_config(tiny_config("base64", **finetune_settings(
-        base, str(subject), data_dir, **overrides)))
+    config = tiny_config("base64", "tiny,finetune", **finetune_settings(
+        base, str(subject), data_dir, **overrides))
     with pytest.raises(error, match=message):
-      finetune.prepare(config, str(tmp_path / "out"))
+      plan_lib.prepare(config, str(tmp_path / "out"))
   assert not (tmp_path / "out" / "checkpoints").exists()
   # The command says it in one line, exit code 2.
-  result = run_cli("finetune", "--config=configs/base64.py:tiny", f"--base={base}",
+  result = run_cli("finetune", "--config=configs/base64.py:tiny,finetune", f"--base={base}",
                    f"--workdir={tmp_path / 'out'}", f"--config.data.source=folder:{empty}",
                    f"--config.data.data_dir={data_dir}", "--config.image_size=16", check=False)
   assert result.returncode == 2 and "imagen-jax: error:" in result.stderr

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO  # pylint: disable=g-bad-import-order
+from helpers import REPO  # pylint: disable=g-bad-import-order
 from imagen_jax.core import config_lib
 
 LAUNCH = os.path.join(REPO, "launch")

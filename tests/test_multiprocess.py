@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (  # pylint: disable=g-bad-import-order
+from helpers import (  # pylint: disable=g-bad-import-order
     REPO, cli_argv, config_flags, free_port, short_run_settings, start_stopping_after_checkpoint,
     tiny_config)
 from imagen_jax.core import checkpoints
@@ -31,7 +31,7 @@ HEARTBEAT_S = 10
 
 
 def overrides(data_dir):
-  # conftest's small net (16x16, two levels) with attention: it compiles fast. Adam's eps is
+  # helpers' small net (16x16, two levels) with attention: it compiles fast. Adam's eps is
   # raised from 1e-8: some biases feed a normalization, so their true gradient is 0 and what
   # they get is rounding noise (~1e-11) that depends on the order of the cross-device sums
   # (XLA's in-process collectives vs gloo); eps=1e-8 would blow that noise up to 1e-6-sized

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 # Hides TensorFlow from every import finder: `import tensorflow` raises ModuleNotFoundError and
 # importlib.util.find_spec("tensorflow") is None, exactly as on a machine without it.

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from conftest import short_run_config  # pylint: disable=g-bad-import-order
+from helpers import short_run_config  # pylint: disable=g-bad-import-order
 from imagen_jax import models
 from imagen_jax.core import partitioning
 from imagen_jax.train import state as state_lib
@@ -78,6 +78,22 @@ def test_muon_update_is_an_orthogonalized_gradient_at_adams_scale():
   np.testing.assert_allclose(stem, 1e-2 * (1 + 0.9 * 0.1 / (1 - 0.9 ** 2)), rtol=5e-3)
 
 
+def per_device_bytes(abstract, shardings):
+  """Bytes one device holds of a tree of ShapeDtypeStructs laid out by `shardings`."""
+  return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(
+      jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)))
+
+
+def leaf_at(tree, *names):
+  """The leaf whose path ends with `names` inside the first node named names[0]."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  keys = lambda path: [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  found = [leaf for path, leaf in flat if names[0] in keys(path)
+           and keys(path)[-(len(names) - 1):] == list(names[1:])]
+  assert len(found) == 1, (names, len(found))
+  return found[0]
+
+
 @pytest.mark.parametrize("name", ["adam", "muon", "adafactor"])
 def test_optimizer_state_is_sharded_like_its_parameters(name):
   overrides = {"optimizer.name": name, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2}
@@ -88,36 +104,35 @@ def test_optimizer_state_is_sharded_like_its_parameters(name):
   mesh = partitioning.make_mesh(config.mesh)
   boxed = models.param_shapes(config)
   shardings, abstract = train_lib.make_state_shardings(boxed, optimizer, mesh)
-  param_shardings = partitioning.tree_shardings(boxed, mesh)
-  kernel = param_shardings["down0_res0"]["conv1"]["kernel"]
-  assert kernel.spec != jax.sharding.PartitionSpec()  # sharded, so the test can tell
-  # Every state leaf of a parameter's shape whose path ends in that parameter's path is
-  # sharded like it; everything else (counts, factored statistics) is replicated.
-  by_path = {tuple(p): (leaf.shape, s) for (p, leaf), s in zip(
-      jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0],
-      jax.tree_util.tree_leaves(param_shardings))}
-  matched = 0
-  for (path, leaf), sharding in zip(
-      jax.tree_util.tree_flatten_with_path(abstract.opt_state)[0],
-      jax.tree_util.tree_leaves(shardings.opt_state)):
-    suffix = [tuple(path[i:]) for i in range(len(path)) if tuple(path[i:]) in by_path]
-    if suffix and by_path[suffix[0]][0] == leaf.shape:
-      assert sharding == by_path[suffix[0]][1], path
-      matched += 1
-    else:
-      assert sharding.spec == jax.sharding.PartitionSpec(), path
-  # Adam keeps two moments per parameter; Muon one momentum per matrix and Adam's two for the
-  # rest; Adafactor's unfactored moments only.
-  n_params = len(by_path)
-  if name == "adam":
-    assert matched == 2 * n_params
-  if name == "muon":
-    n_muon = sum(d is not None for d in jax.tree_util.tree_leaves(
-        state_lib.muon_dimensions(nn.unbox(boxed)),
-        is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)))
-    assert matched == n_muon + 2 * (n_params - n_muon)
-  if name == "adafactor":
-    assert 0 < matched < 2 * n_params
+  kernel = ("down0_res0", "conv1", "kernel")
+  kernel_sharding = leaf_at(shardings.params, *kernel)
+  assert kernel_sharding.spec != jax.sharding.PartitionSpec()  # sharded, so the test can tell
+  params = per_device_bytes(abstract.params, shardings.params)
+  full = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract.params))
+  assert params < full / 2
+  state = per_device_bytes(abstract.opt_state, shardings.opt_state)
+  small = 4096  # step counts and other scalars, replicated
+  if name == "adam":  # two moments per parameter, each laid out like it
+    assert 2 * params <= state <= 2 * params + small
+    assert leaf_at(shardings.opt_state, "mu", *kernel) == kernel_sharding
+    assert leaf_at(shardings.opt_state, "nu", *kernel) == kernel_sharding
+  if name == "muon":  # one momentum per matrix, Adam's two moments for the rest
+    dims = state_lib.muon_dimensions(nn.unbox(boxed))
+    is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+    on_muon = [d is not None for d in jax.tree_util.tree_leaves(dims, is_leaf=is_dims)]
+    pick = lambda tree, keep: [x for x, k in zip(jax.tree_util.tree_leaves(tree), on_muon)
+                               if k == keep]
+    matrices = per_device_bytes(pick(abstract.params, True), pick(shardings.params, True))
+    rest = params - matrices
+    assert 0 < matrices and 0 < rest
+    assert matrices + 2 * rest <= state <= matrices + 2 * rest + small
+  if name == "adafactor":  # factored statistics are small and replicated; the rest sharded
+    assert state < params
+  # Scalars (counts) are replicated.
+  for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract.opt_state),
+                            jax.tree_util.tree_leaves(shardings.opt_state)):
+    if leaf.ndim == 0:
+      assert sharding.spec == jax.sharding.PartitionSpec()
 
 
 def test_unknown_optimizer_is_refused_naming_the_key():

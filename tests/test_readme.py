@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO, readme_commands, run_as_typed
+from helpers import REPO, readme_commands, run_as_typed
 from imagen_jax.core import config_lib
 
 

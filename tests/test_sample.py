@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli  # pylint: disable=g-bad-import-order
+from helpers import REPO, run_cli  # pylint: disable=g-bad-import-order
 from imagen_jax.core import fileio
 from imagen_jax.core import images as images_lib
 from imagen_jax.diffusion import samplers

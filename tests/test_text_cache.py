@@ -24,7 +24,7 @@ from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encode_job
 from imagen_jax.text import load_text_encoder
 from imagen_jax.text import tokenizer as tokenizer_lib
-from conftest import REPO, free_port, run_cli  # pylint: disable=g-bad-import-order
+from helpers import REPO, free_port, run_cli  # pylint: disable=g-bad-import-order
 
 PART_SIZE, BATCH = 64, 16
 LONG = " ".join(["a red circle to the left of a blue triangle"] * 4)  # > 16 tokens
@@ -318,13 +318,13 @@ def test_weights_on_gcs_hf_and_converted(gcs_emulator, tmp_path, monkeypatch):
   np.testing.assert_allclose(encoder.encode(captions)[0], want, atol=1e-5)
 
 
-def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_dir, tmp_path,
+def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_data_dir, tmp_path,
                                                                         monkeypatch):
   # One caption reader (data/sources.py) feeds the cache and the pipeline: every source kind.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from conftest import stage_config  # pylint: disable=g-import-not-at-top
+  from helpers import stage_config  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "models"))
   encoder = load_text_encoder("builtin:shapes-tiny", max_length=16)
   folder = tmp_path / "photos"
@@ -334,7 +334,7 @@ def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_d
     Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     (folder / f"{i}.txt").write_text(caption)
   caches = {}
-  for source, data_dir in (("shapes", shapes_dir), (f"folder:{folder}", str(tmp_path / "tfds"))):
+  for source, data_dir in (("shapes", shapes_data_dir), (f"folder:{folder}", str(tmp_path / "tfds"))):
     output = caches[source] = str(tmp_path / f"cache-{len(caches)}")
     config = config_lib.load_config("configs/encode.py:tiny", {
         "source": source, "split": "train", "data_dir": data_dir, "output": output,
@@ -351,7 +351,7 @@ def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_d
   assert sources.get_captions(sources.source_config(
       f"folder:{folder}", "train", str(tmp_path / "tfds")))[1] == "a blue square at the center"
   # The training pipeline pairs each example with the cache row of its index: its own caption.
-  config = stage_config(**{"data.data_dir": shapes_dir, "data.embed_cache": caches["shapes"],
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "data.embed_cache": caches["shapes"],
                            "text.width": encoder.width, "text.max_length": 16})
   batch = next(pipeline_lib.make_pipeline(
       config, embedding_lookup=cache_lib.EmbeddingCache(caches["shapes"]).__getitem__))

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import (  # pylint: disable=g-bad-import-order
+from helpers import (  # pylint: disable=g-bad-import-order
     REPO, SMALL_BASE_NET, assert_trees_equal, cli_argv, config_flags, run_cli, short_run_config,
     short_run_settings, start_stopping_after_checkpoint)
 from imagen_jax.core import checkpoints
@@ -23,7 +23,7 @@ from imagen_jax.core import config_lib
 from imagen_jax.diffusion import objectives
 from imagen_jax.train import train as train_lib
 
-# conftest's short run of a small base stage, 6 steps with checkpoints at 3 and 6 by default.
+# helpers' short run of a small base stage, 6 steps with checkpoints at 3 and 6 by default.
 tiny_config = functools.partial(short_run_config, total_steps=6, checkpoint_every=3)
 
 
@@ -123,7 +123,7 @@ def test_bad_config_fails_before_compiling_naming_the_value(tmp_path, shapes_dat
 
 
 def _train_flags(workdir, data_dir, **overrides):
-  """`imagen-jax train` flags of conftest's short run, with `overrides`."""
+  """`imagen-jax train` flags of helpers' short run, with `overrides`."""
   return ["--config=configs/base64.py:tiny", f"--workdir={workdir}",
           *config_flags(short_run_settings(data_dir, **overrides))]
 

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import short_run_config, tiny_config  # pylint: disable=g-bad-import-order
+from helpers import short_run_config, tiny_config  # pylint: disable=g-bad-import-order
 from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
 from imagen_jax.core import fileio

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import (  # pylint: disable=g-bad-import-order
+from helpers import (  # pylint: disable=g-bad-import-order
     assert_trees_equal, config_flags, run_cli, short_run_settings, start_stopping_after_checkpoint)
 from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
@@ -30,7 +30,7 @@ MAX_LENGTH = 16  # configs/encode.py:tiny and configs/base64.py:tiny agree on it
 
 
 def overrides(data_dir, cache):
-  """base64:tiny for a short run (conftest's short_run_settings), reading text from `cache`."""
+  """base64:tiny for a short run (helpers.short_run_settings), reading text from `cache`."""
   return short_run_settings(data_dir, **{"data.embed_cache": cache, "text.max_length": MAX_LENGTH,
                                          "total_steps": STEPS, "checkpoint_every": STOP_AT})
 

@@ -247,6 +247,10 @@ def decode_data_state(stored: Any) -> Any:
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs with shardings: the target a restore lays arrays out on."""
+  """ShapeDtypeStructs with shardings: the target a restore lays arrays out on. `shardings` is
+  a tree like `tree`, or one sharding for every leaf."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -195,6 +195,13 @@ def _did_you_mean(name: str, node: Mapping[str, Any]) -> str:
   return f"did you mean {close[0]!r}?" if close else f"valid keys: {sorted(node.keys())}"
 
 
+def copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A deep, unlocked copy of `config`: a caller changes fields of its own copy only."""
+  copied = config.copy_and_resolve_references()
+  copied.unlock()
+  return copied
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (what checkpoints and workdirs store)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default)

@@ -97,16 +97,19 @@ def check_resampling(resample: int, jump: int) -> None:
 def repaint_path(num_steps: int, resample: int = 1, jump: int = 1) -> np.ndarray:
   """The grid levels a sampler visits, int [T + 1]: 0 (noisiest) ... num_steps (clean).
 
-  Without resampling, 0, 1, ..., num_steps. With it, after every `jump` steps down (but the
-  last) the path goes `jump` levels back up and down again, `resample` times in all at that
-  point: about `resample` times the steps down.
+  Without resampling, 0, 1, ..., num_steps. With it, RePaint's schedule: the jump points are
+  counted from the clean end, the last one step before it, then every `jump` levels up the
+  path, but none within the first `jump` levels; on arriving at a jump point the path goes
+  `jump` levels back up and down again, `resample` times in all at that point. The resampling
+  thus reaches the last step, where the finest detail meets the known region.
   """
   check_resampling(resample, jump)
+  is_jump_point = lambda level: jump < level < num_steps and (num_steps - 1 - level) % jump == 0
   path, level, left = [0], 0, {}
   while level < num_steps:
     level += 1
     path.append(level)
-    if resample > 1 and level % jump == 0 and level < num_steps:
+    if resample > 1 and is_jump_point(level):
       left.setdefault(level, resample - 1)
       if left[level] > 0:
         left[level] -= 1

@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters on a trained U-Net's layers (Hu et al. 2021), without touching it.
 
-    spec = LoraSpec.from_config(config.finetune)          # rank, alpha, which layers
+    spec = LoraSpec(rank=8, alpha=8.0, layers=("attention", "dense"))
     adapters = init_adapters(key, model, config, spec)     # boxed {module path: {"a", "b"}}
     out = apply(model, base_params, unbox(adapters), spec, scale, x, log_snr, ...)  # W x + s B A x
     merged = merge(base_params, unbox(adapters), spec, scale)  # W + s A B: sample at base speed
@@ -8,7 +8,7 @@
 A layer with kernel W [in, out] (a 3x3 convolution's [3, 3, in, out] is flattened to
 [9 in, out]) gets a [in, rank] and b [rank, out]; its output becomes x W + s (x a) b with
 s = alpha / rank * scale. `b` starts at zero, so a fresh adapter is exactly the base model.
-Layers by group (`finetune.lora_layers`, comma-separated):
+Layers by group (`LoraSpec.layers`; a config's `finetune.lora_layers`, comma-separated):
 - "attention": the query, key, value (image and text) and output projections of every attention
   block: the text cross-attention is where a new word reaches the image;
 - "dense": every other dense layer (noise-level and text-pooling MLPs, the residual blocks'
@@ -38,47 +38,26 @@ from imagen_jax import models
 from imagen_jax.models import layers
 
 GROUPS = ("attention", "dense", "conv")
-FINETUNE_METHODS = ("none", "full", "lora")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
+  """Rank, weight (alpha / rank) and the layer groups the adapters go on."""
   rank: int = 8
   alpha: float = 8.0
   layers: tuple[str, ...] = ("attention", "dense")
 
   def __post_init__(self):
     if self.rank < 1:
-      raise ValueError(f"config.finetune.lora_rank must be >= 1, got {self.rank}")
+      raise ValueError(f"lora_rank must be >= 1, got {self.rank}")
     unknown = [g for g in self.layers if g not in GROUPS]
     if unknown or not self.layers:
-      raise ValueError(f"config.finetune.lora_layers={','.join(self.layers)!r}: choose one or "
-                       f"more of {', '.join(GROUPS)} (comma-separated)")
-
-  @classmethod
-  def from_config(cls, finetune: ml_collections.ConfigDict) -> "LoraSpec":
-    groups = finetune.lora_layers
-    groups = tuple(g.strip() for g in groups.split(",") if g.strip()) if isinstance(
-        groups, str) else tuple(groups)
-    return cls(int(finetune.lora_rank), float(finetune.lora_alpha), groups)
+      raise ValueError(f"lora_layers={','.join(self.layers)!r}: choose one or more of "
+                       f"{', '.join(GROUPS)} (comma-separated)")
 
   def factor(self, scale: float = 1.0) -> float:
     """s = alpha / rank * scale: the adapters' weight in the output."""
     return self.alpha / self.rank * scale
-
-
-def finetune_method(config: ml_collections.ConfigDict) -> str:
-  """config.finetune.method ("none" for configs written before fine-tuning existed)."""
-  finetune = config.get("finetune")
-  name = "none" if finetune is None else finetune.method
-  if name not in FINETUNE_METHODS:
-    raise ValueError(f"config.finetune.method={name!r}: use one of {FINETUNE_METHODS}")
-  return name
-
-
-def stage_spec(config: ml_collections.ConfigDict) -> LoraSpec | None:
-  """The adapters of a LoRA stage (`config.finetune.method == "lora"`), None for any other."""
-  return LoraSpec.from_config(config.finetune) if finetune_method(config) == "lora" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +97,8 @@ def targets(model: nn.Module, config: ml_collections.ConfigDict,
       return model.init(jax.random.PRNGKey(0), **models.init_inputs(config))
   jax.eval_shape(init)
   if not found:
-    raise ValueError(f"config.finetune.lora_layers={','.join(spec.layers)!r} matches no layer "
-                     f"of this {config.model.name}")
+    raise ValueError(f"lora_layers={','.join(spec.layers)!r} matches no layer of this "
+                     f"{config.model.name}")
   return list(found.values())
 
 

@@ -35,8 +35,8 @@ from imagen_jax.data import preprocess
 from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import stage_sampler
-from imagen_jax.models import lora as lora_lib
 from imagen_jax.sample import edit_inputs
+from imagen_jax.train import plan as plan_lib
 
 
 class ChainError(ValueError):
@@ -89,27 +89,11 @@ def stage_params(config: ml_collections.ConfigDict, workdir: str, step: int,
                  sharding: jax.sharding.Sharding, use_ema: bool = True,
                  lora_scale: float = 1.0) -> Any:
   """The parameters a stage samples with, on `sharding`: its checkpoint's (EMA) parameters,
-  or for a LoRA workdir (`imagen-jax finetune`) its base's EMA parameters (config.finetune.base
-  at base_step) with the adapters merged in once: W + lora_scale * alpha / rank * a b."""
-  which = "ema_params" if use_ema else "params"
-  abstract = lambda tree: jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nn.unbox(tree))
-  model_shapes = abstract(models.param_shapes(config))
-  spec = lora_lib.stage_spec(config)
-  if spec is None:
-    return checkpoints.Checkpointer(workdir, read_only=True).restore_params(
-        step, model_shapes, which)
-  base, base_step = config.finetune.base, int(config.finetune.base_step)
-  try:
-    base_params = checkpoints.Checkpointer(base, read_only=True).restore_params(
-        base_step, model_shapes, "ema_params")
-  except FileNotFoundError as e:
-    raise ChainError(f"the LoRA stage {workdir} adapts {base} at step {base_step}, which "
-                     f"cannot be read: {e}") from e
-  model = models.build_model(config)
-  adapters = checkpoints.Checkpointer(workdir, read_only=True).restore_params(
-      step, abstract(lora_lib.adapter_shapes(model, config, spec)), which)
-  return lora_lib.merge(base_params, adapters, spec, lora_scale)
+  or for a LoRA workdir (`imagen-jax finetune`) its base's EMA parameters with the adapters
+  merged in once, weighted by `lora_scale` (the stage's training plan, `train/plan.py`)."""
+  abstract = checkpoints.abstract_like(nn.unbox(models.param_shapes(config)), sharding)
+  return plan_lib.Plan.from_config(config).restore_network(
+      config, workdir, step, abstract, "ema_params" if use_ema else "params", lora_scale)
 
 
 def sampling_mesh() -> jax.sharding.Mesh:
@@ -160,7 +144,7 @@ class Cascade:
     for workdir, step, config in zip(workdirs, found_steps, configs):
       params = stage_params(config, workdir, step, replicated, use_ema, lora_scale)
       lora = None
-      if lora_lib.stage_spec(config) is not None:
+      if plan_lib.Plan.from_config(config).lora is not None:
         lora = {"base": config.finetune.base, "base_step": int(config.finetune.base_step),
                 "scale": float(lora_scale)}
       stages.append(Stage(workdir, step, config, models.build_model(config), params, lora))

@@ -1,6 +1,6 @@
 """Per-device memory of a stage's training step (or sampler) on a mesh, known before launch.
 
-XLA compiles the real sharded step (`train.build_train_step`: the same model, optimizer, state
+XLA compiles the real sharded step (`train.compile_train_step`: the same model, optimizer, state
 shardings and donation as `imagen-jax train`) for a mesh of devices, here fake CPU devices, and
 its buffer assignment gives the bytes per device: arguments, outputs and temporaries. The state's
 share is computed exactly from its shardings; activations and temporaries are XLA:CPU's figure,
@@ -25,6 +25,7 @@ import numpy as np
 from imagen_jax import models
 from imagen_jax.core import partitioning
 from imagen_jax.diffusion import stage_sampler
+from imagen_jax.train import plan as plan_lib
 from imagen_jax.train import train
 
 GIB = 2**30
@@ -135,18 +136,21 @@ def train_step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   the SPMD partitioner lays out collectives and gathered weights per mesh)."""
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   config = _for_planning(config, per_device_batch * batch_devices)
-  setup = train.build_train_step(config, mesh, init_state=False, compile_step=True)
-  analysis = setup.compiled_step.memory_analysis()
-  state = setup.abstract_state
+  plan = plan_lib.Plan.from_config(config)
+  layout = train.state_layout(config, mesh, plan)
+  frozen = train.frozen_inputs(layout, plan, None, mesh, restore=False)
+  step = train.compile_train_step(config, mesh, layout, plan, None, frozen)
+  analysis = step.compiled.memory_analysis()
+  state = layout.abstract_state
   return MemoryEstimate(
       what="train step", mesh=dict(mesh.shape), per_device_batch=per_device_batch,
       params=_bytes_per_device(state.params), ema=_bytes_per_device(state.ema_params),
       optimizer=_bytes_per_device(state.opt_state),
-      frozen=_bytes_per_device(setup.frozen["base"]),  # None (no LoRA): 0
-      inputs=_bytes_per_device(setup.batch_shapes),
+      frozen=_bytes_per_device(frozen["base"]),  # None (no LoRA): 0
+      inputs=_bytes_per_device(step.batch_shapes),
       temporaries=int(analysis.temp_size_in_bytes),
       generated_code=int(analysis.generated_code_size_in_bytes),
-      flops_per_device=setup.flops_per_step)
+      flops_per_device=step.flops_per_step)
 
 
 def sampler_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

@@ -13,7 +13,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -33,10 +33,13 @@ from imagen_jax.core import partitioning
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.data import preprocess
 from imagen_jax.diffusion import stage_sampler
+from imagen_jax import text
 from imagen_jax.models import lora
-from imagen_jax.train import finetune
+from imagen_jax.text import cache
+from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.train import metric_writers
 from imagen_jax.train import mfu
+from imagen_jax.train import plan as plan_lib
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
@@ -47,40 +50,51 @@ class TrainingError(RuntimeError):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None,
-                       stop_at_step: int | None = None) -> state_lib.TrainState:
+                       stop_at_step: int | None = None,
+                       before_data: Callable[[ml_collections.ConfigDict, plan_lib.Plan], None]
+                       | None = None) -> state_lib.TrainState:
   """Trains `config`'s stage in `workdir` up to config.total_steps; returns the final state.
 
   `devices` (default: all) is the mesh's device set; tests use it to compare meshes.
   `stop_at_step`: save a checkpoint at this step and return, the schedules still those of
   config.total_steps, so that a later call (on any mesh) continues the same run. The demo trains
   its base stage's first steps on one core this way while the SR stage trains on the other.
+  `before_data(config, plan)` runs once everything is checked, before the input pipeline opens:
+  fine-tuning samples its class images there (`workflows/finetune.py`).
   """
   if stop_at_step is not None and not 0 < stop_at_step <= config.total_steps:
     raise config_lib.ConfigError(f"stop_at_step={stop_at_step}: it must be a step of the run, "
                                  f"1 to total_steps={config.total_steps}")
   last_step = config.total_steps if stop_at_step is None else stop_at_step
-  # --- 1. Check the config and the workdir before anything is compiled ----------------------
+  # --- 1. Check the config, the workdir and what the run starts from, before any compute -----
   workdir = fileio.resolve(str(workdir))  # Orbax refuses relative paths (in a background thread)
   mesh = partitioning.make_mesh(config.mesh, devices)
   check_config(config, mesh)
   check_workdir_writable(workdir)
-  # Fine-tuning: the base stage checked against the config, its step fixed, class images made.
-  config = finetune.prepare(config, workdir)
+  # Fine-tuning: the base stage checked against the config and its step fixed.
+  config, plan = plan_lib.prepare(config, workdir)
+  if before_data is not None:
+    before_data(config, plan)
   lead = jax.process_index() == 0
 
   # --- 2. Text encoder and data: this process's shard of the global batch ------------------
   text_encoder = load_text_encoder_if_needed(config)
-  data = finetune.make_data(config, workdir, text_encoder.tokenize if text_encoder else None,
+  data = plan_lib.make_data(config, plan, workdir,
+                            text_encoder.tokenize if text_encoder else None,
                             open_embedding_cache(config))
 
-  # --- 3. Model, state (created sharded or restored), the step compiled ahead of time ------
+  # --- 3. State (restored, or created sharded), frozen inputs, the step compiled ahead of time
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-  setup = build_train_step(config, mesh, text_encoder=text_encoder, checkpointer=ckpt)
-  model, state, start_step = setup.model, setup.state, setup.start_step
-  if setup.data_state is not None:
+  layout = state_layout(config, mesh, plan)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
     logging.info("Resuming from the checkpoint at step %d in %s", start_step, ckpt.directory)
-    data.set_state(setup.data_state)
-  compiled_step, frozen, batch_shapes = setup.compiled_step, setup.frozen, setup.batch_shapes
+    state, data_state = ckpt.restore(start_step, layout.abstract_state)
+    data.set_state(data_state)
+  else:
+    state = create_state(config, layout, plan)
+  frozen = frozen_inputs(layout, plan, text_encoder, mesh)
+  step_fn = compile_train_step(config, mesh, layout, plan, text_encoder, frozen)
   distributed.barrier("compiled_train_step")  # hosts compile at different speeds
   peak_flops, _ = mfu.peak_tflops_per_device()
 
@@ -90,14 +104,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if lead:
     fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(config))
     logging.info("Parameters:\n%s\ntotal_params: %d", *models.parameter_table(config))
-    if setup.lora_spec is not None:
+    if plan.lora is not None:
       logging.info("LoRA adapters (%s): %d trained parameters; the base is frozen",
-                   setup.lora_spec, lora.count(state.params))
-  flops_per_step = setup.flops_per_step
+                   plan.lora, lora.count(state.params))
   logging.info("Compiled the train step in %.1f s; %s FLOPs per step per device",
-               setup.compile_seconds, f"{flops_per_step:.3g}" if flops_per_step else "unknown")
-  preview = (make_preview(config, model, text_encoder, mesh, setup.sampling_params)
-             if config.sample_every else None)
+               step_fn.compile_seconds,
+               f"{step_fn.flops_per_step:.3g}" if step_fn.flops_per_step else "unknown")
+  preview = None
+  if config.sample_every:
+    preview = make_preview(config, layout.model, text_encoder, mesh,
+                           lambda params: plan.network_params(params, frozen["base"]))
   preemption = PreemptionWatcher()
 
   # --- 5. The loop -------------------------------------------------------------------------
@@ -105,8 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_metrics = None
     progress.start(start_step)
     for step in range(start_step + 1, last_step + 1):
-      batch = pipeline_lib.global_batch(device_part(next(data), batch_shapes), mesh)
-      state, metrics = compiled_step(state, batch, frozen)
+      batch = pipeline_lib.global_batch(device_part(next(data), step_fn.batch_shapes), mesh)
+      state, metrics = step_fn.compiled(state, batch, frozen)
       train_metrics = metrics if train_metrics is None else merge_metrics(train_metrics, metrics)
       ckpt.check()  # a checkpoint that failed in the background stops the run here
 
@@ -114,8 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # The host waits for the device only here, for previews and for checkpoints.
         check_finite(state, config)
         scalars = {k: float(v) for k, v in train_metrics.compute().items()}
-        scalars.update(mfu.throughput(progress.report(step), config.batch_size, flops_per_step,
-                                      peak_flops))
+        scalars.update(mfu.throughput(progress.report(step), config.batch_size,
+                                      step_fn.flops_per_step, peak_flops))
         scalars.update({f"data/skipped_{k}": v for k, v in data.skip_counts().items()})
         scalars.update({f"data/converted_{k}": v for k, v in data.convert_counts().items()})
         writer.write_scalars(step, scalars)
@@ -140,100 +156,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-@dataclasses.dataclass
-class TrainSetup:
-  """A stage's training step compiled for a mesh, and the state it steps from."""
+# --- The state, the frozen inputs and the compiled step: for the loop, restores, benchmarks ---
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """A stage's train state as abstract arrays on a mesh: what it holds and where it lives."""
   model: nn.Module
   optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
   abstract_state: state_lib.TrainState    # ShapeDtypeStructs carrying their shardings
   state_shardings: state_lib.TrainState
-  state: state_lib.TrainState | None      # restored, created, or None (init_state=False)
-  start_step: int                         # the restored checkpoint's step, or 0
-  data_state: Any                         # the input pipeline's state saved with it, or None
-  # What the step reads but never updates: {"text": the frozen encoder's params on the mesh or
-  # None, "base": a LoRA run's frozen base params (abstract unless `init_state`) or None}.
-  frozen: dict[str, Any]
-  batch_shapes: dict[str, jax.ShapeDtypeStruct]  # the global batch, with its shardings
-  lora_spec: lora.LoraSpec | None = None  # a LoRA run's adapters (state.params are adapters)
-  compiled_step: Any = None               # (state, batch, frozen) -> (state, metrics)
-  compile_seconds: float = 0.0
-  flops_per_step: float = 0.0             # per device, from the traced step
-
-  def sampling_params(self, params: Any) -> Any:
-    """The network's parameters for trained `params` (a LoRA run's: merged into the base)."""
-    if self.lora_spec is None:
-      return params
-    return lora.merge(self.frozen["base"], params, self.lora_spec)
+  abstract_network: Any                   # the network's parameters (a LoRA run's frozen base)
+  mesh: jax.sharding.Mesh
 
 
-def build_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                     text_encoder: Any = None, checkpointer: checkpoints.Checkpointer | None = None,
-                     step: int | None = None, init_state: bool = True,
-                     compile_step: bool = True) -> TrainSetup:
-  """Everything before the first step, in one place for the loop, restores and benchmarks.
-
-  The abstract state and its shardings come from the boxed parameter shapes (nothing is
-  allocated); the state is restored from `checkpointer` (its latest step, or `step`) when it
-  has one, otherwise created directly sharded (unless `init_state=False`): from random
-  initialization, or for fine-tuning (`config.finetune`, already `finetune.prepare`d) from the
-  base stage's EMA parameters ("full") or as fresh adapters on them ("lora", whose frozen base
-  is restored whenever `init_state`). The step is traced and AOT-compiled with the state
-  donated, as maxdiffusion does.
-  """
+def state_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 plan: plan_lib.Plan) -> StateLayout:
+  """The abstract state and its shardings, from the boxed parameter shapes (nothing is
+  allocated): parameters follow their logical names, optimizer leaves their parameter."""
   model = models.build_model(config)
-  method, spec = finetune.method(config), lora.stage_spec(config)
   optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.total_steps)
-  key = jax.random.PRNGKey(config.seed)
-  model_shapes = jax.eval_shape(functools.partial(init_params, config, model), key)
-  if spec is None:
-    init_trainable = lambda k: nn.unbox(init_params(config, model, k))
-    param_shapes = model_shapes
-  else:  # the trained parameters are the adapters
-    init_trainable = lambda k: nn.unbox(lora.init_adapters(k, model, config, spec))
-    param_shapes = lora.adapter_shapes(model, config, spec)
-  state_shardings, abstract_state = make_state_shardings(param_shapes, optimizer, mesh)
-  base_shardings = partitioning.tree_shardings(model_shapes, mesh)
-  abstract_base = checkpoints.abstract_like(nn.unbox(model_shapes), base_shardings)
-  base = finetune.Base(config.finetune.base, config.finetune.base_step) if method != "none" else None
-  state, start_step, data_state = None, 0, None
-  if checkpointer is not None:
-    step = checkpointer.latest_step() if step is None else step
-    if step is not None:
-      state, data_state = checkpointer.restore(step, abstract_state)
-      start_step = step
-  if state is None and init_state:
-    with partitioning.mesh_context(mesh):
-      if method == "full":  # every parameter starts from the base's EMA parameters
-        state = jax.jit(lambda p: state_lib.create(p, optimizer), out_shardings=state_shardings)(
-            finetune.restore_base_params(base, abstract_base))
-      else:
-        state = jax.jit(lambda k: state_lib.create(init_trainable(k), optimizer),
-                        out_shardings=state_shardings)(key)
-  text_params, text_shardings = place_text_params(text_encoder, mesh)
-  frozen_base, frozen_base_shardings = None, None
-  if spec is not None:
-    frozen_base = (finetune.restore_base_params(base, abstract_base) if init_state
-                   else abstract_base)
-    frozen_base_shardings = base_shardings
-  frozen = {"text": text_params, "base": frozen_base}
-  setup = TrainSetup(model, optimizer, abstract_state, state_shardings, state, start_step,
-                     data_state, frozen, batch_spec(config, mesh), spec)
-  if compile_step:
-    train_step = step_lib.make_train_step(config, model, optimizer, lr_schedule,
-                                          text_encoder.apply if text_encoder else None,
-                                          lora.network(model, spec))
-    frozen_shardings = {"text": text_shardings, "base": frozen_base_shardings}
-    with partitioning.mesh_context(mesh):
-      start = time.perf_counter()
-      traced = jax.jit(
-          train_step, in_shardings=(state_shardings, batch_shardings(setup.batch_shapes),
-                                    frozen_shardings),
-          out_shardings=(state_shardings, None), donate_argnums=(0,)
-      ).trace(abstract_state, setup.batch_shapes, frozen)
-      setup.compiled_step = traced.lower().compile()
-      setup.compile_seconds = time.perf_counter() - start
-    setup.flops_per_step = mfu.model_flops(traced.jaxpr) / mesh.size
-  return setup
+  state_shardings, abstract_state = make_state_shardings(
+      plan.trainable_shapes(config, model), optimizer, mesh)
+  network_shapes = models.param_shapes(config)
+  abstract_network = checkpoints.abstract_like(
+      nn.unbox(network_shapes), partitioning.tree_shardings(network_shapes, mesh))
+  return StateLayout(model, optimizer, lr_schedule, abstract_state, state_shardings,
+                     abstract_network, mesh)
+
+
+def create_state(config: ml_collections.ConfigDict, layout: StateLayout,
+                 plan: plan_lib.Plan) -> state_lib.TrainState:
+  """A fresh state at step 0, created directly sharded: as the plan starts its parameters."""
+  initial = plan.initial_trainable(config, layout.model, layout.abstract_network)
+  with partitioning.mesh_context(layout.mesh):
+    return jax.jit(lambda: state_lib.create(initial(), layout.optimizer),
+                   out_shardings=layout.state_shardings)()
+
+
+def frozen_inputs(layout: StateLayout, plan: plan_lib.Plan, text_encoder: Any,
+                  mesh: jax.sharding.Mesh, restore: bool = True) -> dict[str, Any]:
+  """What the step reads but never updates, on the mesh: {"text": the frozen encoder's params
+  or None, "base": a LoRA run's frozen network or None}; abstract unless `restore`."""
+  return {"text": place_text_params(text_encoder, mesh, restore),
+          "base": plan.frozen_base(layout.abstract_network, restore)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The training step compiled ahead of time for a mesh, with the state donated."""
+  compiled: Any                           # (state, batch, frozen) -> (state, metrics)
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]  # the global batch, with its shardings
+  compile_seconds: float
+  flops_per_step: float                   # per device, from the traced step
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       layout: StateLayout, plan: plan_lib.Plan, text_encoder: Any,
+                       frozen: dict[str, Any]) -> CompiledStep:
+  """Traces and AOT-compiles the step for `layout` on `mesh` (as maxdiffusion does)."""
+  train_step = step_lib.make_train_step(config, layout.model, layout.optimizer,
+                                        layout.lr_schedule,
+                                        text_encoder.apply if text_encoder else None,
+                                        plan.apply_fn(layout.model))
+  batch_shapes = batch_spec(config, mesh, plan)
+  frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+  with partitioning.mesh_context(mesh):
+    start = time.perf_counter()
+    traced = jax.jit(
+        train_step, in_shardings=(layout.state_shardings, batch_shardings(batch_shapes),
+                                  frozen_shardings),
+        out_shardings=(layout.state_shardings, None), donate_argnums=(0,)
+    ).trace(layout.abstract_state, batch_shapes, frozen)
+    compiled = traced.lower().compile()
+    seconds = time.perf_counter() - start
+  return CompiledStep(compiled, batch_shapes, seconds, mfu.model_flops(traced.jaxpr) / mesh.size)
 
 
 # --- Helpers, in the order the loop uses them ------------------------------------------------
@@ -299,7 +296,6 @@ def load_text_encoder_if_needed(config: ml_collections.ConfigDict):
   """The frozen T5 for on-the-fly encoding (no embedding cache), checked against text.width."""
   if config.data.embed_cache:
     return None
-  from imagen_jax import text  # pylint: disable=g-import-not-at-top
   encoder = text.load_configured(config.text, config.dtype)
   if encoder.width != config.text.width:
     raise config_lib.ConfigError(
@@ -311,14 +307,12 @@ def load_text_encoder_if_needed(config: ml_collections.ConfigDict):
 def open_embedding_cache(config: ml_collections.ConfigDict):
   if not config.data.embed_cache:
     return None
-  from imagen_jax.text import cache  # pylint: disable=g-import-not-at-top
   embeddings = cache.EmbeddingCache(config.data.embed_cache)
   if embeddings.width != config.text.width or embeddings.max_length != config.text.max_length:
     raise config_lib.ConfigError(
         f"the embedding cache {config.data.embed_cache!r} holds width {embeddings.width}, "
         f"max_length {embeddings.max_length}; the config says text.width={config.text.width}, "
         f"text.max_length={config.text.max_length}")
-  from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   cached_layer, wanted = (encoder_lib.output_layer_of(embeddings.encoder_spec),
                           encoder_lib.output_layer_of(config.text))
   if cached_layer != wanted:
@@ -327,11 +321,6 @@ def open_embedding_cache(config: ml_collections.ConfigDict):
         f"{cached_layer} (-1: all) but the config says text.output_layer={wanted}: encode the "
         "captions again with that text.output_layer")
   return embeddings.__getitem__
-
-
-def init_params(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array) -> Any:
-  """The model's parameters, boxed with their logical axis names."""
-  return model.init(key, **models.init_inputs(config, batch_size=1))["params"]
 
 
 def make_state_shardings(param_shapes: Any, optimizer: Any, mesh: jax.sharding.Mesh
@@ -366,19 +355,21 @@ def make_state_shardings(param_shapes: Any, optimizer: Any, mesh: jax.sharding.M
   return shardings, checkpoints.abstract_like(abstract, shardings)
 
 
-def place_text_params(text_encoder, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """The frozen encoder's params on the mesh (sharded by their logical names) and shardings."""
+def place_text_params(text_encoder, mesh: jax.sharding.Mesh, restore: bool = True) -> Any:
+  """The frozen encoder's params on the mesh, sharded by their logical names (abstract, with
+  their shardings, unless `restore`); None without an encoder."""
   if text_encoder is None:
-    return None, None
-  from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+    return None
   shardings = encoder_lib.param_shardings(text_encoder.config, text_encoder.dtype,
                                           text_encoder.max_length, mesh)
+  if not restore:
+    return checkpoints.abstract_like(text_encoder.params, shardings)
   host = jax.tree_util.tree_map(np.asarray, text_encoder.params)
-  return encoder_lib.put_sharded(host, shardings), shardings
+  return encoder_lib.put_sharded(host, shardings)
 
 
-def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-               ) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               plan: plan_lib.Plan) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch the step sees, sharded over ('data', 'fsdp'): images stay uint8 until
   the step (4x less host-to-device traffic than float32)."""
   b, length = config.batch_size, config.text.max_length
@@ -390,7 +381,7 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     shapes["text_emb"] = ((b, length, config.text.width), jnp.float32)
   else:
     shapes["tokens"] = ((b, length), jnp.int32)
-  if finetune.uses_prior(config):
+  if plan.uses_prior:
     shapes["loss_weight"] = ((b,), jnp.float32)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
           for k, (shape, dtype) in shapes.items()}
@@ -456,11 +447,12 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
                   devices: Sequence[jax.Device] | None = None) -> state_lib.TrainState:
   """The TrainState of a checkpoint laid out on `config.mesh` over `devices` (any count)."""
   ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-  setup = build_train_step(config, partitioning.make_mesh(config.mesh, devices),
-                           checkpointer=ckpt, step=step, init_state=False, compile_step=False)
-  if setup.state is None:
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
     raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
-  return setup.state
+  layout = state_layout(config, partitioning.make_mesh(config.mesh, devices),
+                        plan_lib.Plan.from_config(config))
+  return ckpt.restore(step, layout.abstract_state)[0]
 
 
 class PreemptionWatcher:

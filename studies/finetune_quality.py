@@ -2,14 +2,14 @@
 class-prior preservation.
 
     imagen-jax demo --workdir=demo_run        # a trained cascade (any shapes cascade will do)
-    python -m benchmarks.finetune_quality --workdir=demo_run [--arms=lora,lora_prior,full] \
+    python -m studies.finetune_quality --workdir=demo_run [--arms=lora,lora_prior,full] \
         [--steps=400] [--num_prompts=100] [--samples_per_cell=4]
 
 The subject: 8 images of a yellow triangle, one per 3x3 cell but the bottom right, captioned
 "a blicket at the <cell>" (`shapes.write_subject_folder`). "blicket" is a word the builtin
 tokenizer never saw (it is spelled in pieces and bytes), and a yellow triangle is a held-out
 pair: no training image of the base shows one. Each arm fine-tunes the base stage with
-`imagen-jax finetune`'s defaults (`finetune_config`; full fine-tuning at --full_lr) into
+`imagen-jax finetune`'s defaults (the `finetune` variant; full fine-tuning at --full_lr) into
 WORKDIR/finetune/<arm> (reused when finished), then samples "a blicket at the <cell>" for all 9
 cells through the arm's base stage and the cascade's SR stage; the shapes judge reads each
 image as if the prompt said "a yellow triangle at the <cell>". The 9th cell was never shown.
@@ -30,9 +30,9 @@ from absl import flags
 _WORKDIR = flags.DEFINE_string("workdir", "demo_run", "The demo's workdir: base/, sr/, data/.")
 _ARMS = flags.DEFINE_list("arms", ["lora", "lora_prior", "full", "full_prior"],
                           "lora, lora_prior, full, full_prior.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Fine-tuning steps (finetune.steps).")
+_STEPS = flags.DEFINE_integer("steps", 400, "Fine-tuning steps (total_steps).")
 _FULL_LR = flags.DEFINE_float("full_lr", 2e-4, "Full fine-tuning's learning rate (LoRA's is "
-                              "finetune.lr's default).")
+                              "the variant's optimizer.lr).")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 100, "Validation and held-out prompts each.")
 _SAMPLES_PER_CELL = flags.DEFINE_integer("samples_per_cell", 4, "Blicket images per cell.")
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke test: the demo's quick variant, 4 steps.")
@@ -51,7 +51,6 @@ def main(argv: Sequence[str]) -> None:
   from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import shapes_grammar as grammar  # pylint: disable=g-import-not-at-top
   from imagen_jax.models import lora  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import finetune  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(_WORKDIR.value)
   base, sr, data_dir = (os.path.join(workdir, d) for d in ("base", "sr", "data"))
   root = os.path.join(workdir, "finetune")
@@ -71,13 +70,12 @@ def main(argv: Sequence[str]) -> None:
     method, prior = arm.split("_")[0], arm.endswith("_prior")
     overrides = {"data.source": f"folder:{subject}", "data.data_dir": os.path.join(root, "tfds"),
                  "finetune.base": base, "finetune.method": method,
-                 "finetune.steps": 4 if _QUICK.value else _STEPS.value}
+                 "total_steps": 4 if _QUICK.value else _STEPS.value}
     if method == "full":
-      overrides["finetune.lr"] = _FULL_LR.value
+      overrides["optimizer.lr"] = _FULL_LR.value
     if prior:
       overrides["finetune.prior_class"] = "a triangle"
-    config = finetune.finetune_config(config_lib.load_config(
-        f"configs/demo_base.py:{variant}", overrides))
+    config = config_lib.load_config(f"configs/demo_base.py:{variant},finetune", overrides)
     arm_dir = os.path.join(root, arm)
     start = time.perf_counter()
     if not os.path.isdir(arm_dir) or checkpoints.Checkpointer(

@@ -1,6 +1,6 @@
 """Ablations of the demo's base stage: one training run per arm, judged alone at 32x32.
 
-    python -m benchmarks.demo_ablation --workdir=ablation [--data_dir=demo_run/data] \
+    python -m studies.demo_ablation --workdir=ablation [--data_dir=demo_run/data] \
         --arm="random: text.encoder='builtin:shapes-tiny'" \
         --arm="pretrained: text.encoder='builtin:shapes-tiny-pretrained'" [--quick]
 

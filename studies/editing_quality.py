@@ -1,7 +1,7 @@
 """Editing with a trained shapes cascade, judged from pixels: inpainting, image-to-image, upscaling.
 
     imagen-jax demo --workdir=demo_run          # the trained cascade (or any shapes cascade)
-    python -m benchmarks.editing_quality --workdir=demo_run [--num_images=100]
+    python -m studies.editing_quality --workdir=demo_run [--num_images=100]
 
 Inputs are the dataset's own renders (64x64, `data.shapes.example`, seed 0) of prompts the
 stages never trained on (the validation split's generator), written to

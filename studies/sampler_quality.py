@@ -1,7 +1,7 @@
 """Quality per network evaluation: a stage's samplers on a trained shapes cascade.
 
     imagen-jax demo --workdir=demo_run          # the trained cascade (or any shapes cascade)
-    python -m benchmarks.sampler_quality --workdir=demo_run \
+    python -m studies.sampler_quality --workdir=demo_run \
         --samplers=ddpm,ddim,edm_heun,dpmpp_2m,dpmpp_3m,unipc --evals=5,10,15,25,50 \
         [--guidance_interval=0.28:5.42] [--spacing=time] [--stage=sr]
 
