@@ -2,6 +2,7 @@
 
     core                               config, sharding, distributed, I/O, checkpoints, images
     diffusion  models  data  text      the pieces of a diffusion model and its inputs
+    interop                            other frameworks' checkpoints in and out (diffusers)
     train  sample                      training a stage; sampling a cascade
     eval  demo                         scoring samples; the shapes demo
     commands  cli                      flags in, one library call out
@@ -23,13 +24,14 @@ ALLOWED = {
     "models": {"core", "diffusion"},
     "data": {"core"},
     "text": {"core", "data"},
+    "interop": {"core", "diffusion", "models", "data", "text"},
     "train": {"core", "diffusion", "models", "data", "text"},
     "sample": {"core", "diffusion", "models", "data", "text"},
     "eval": {"core", "diffusion", "models", "data", "text", "sample"},
     "demo": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
     "finetune": {"core", "diffusion", "models", "data", "text", "train", "sample"},
     "commands": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval",
-                 "demo", "finetune"},
+                 "demo", "finetune", "interop"},
     "cli": {"core"},  # it loads `commands.<name>` by name, one per process
     "main": {"cli"},  # python -m imagen_jax
     "configs": set(),
