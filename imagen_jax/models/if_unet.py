@@ -164,7 +164,8 @@ def from_diffusers_config(cfg: Mapping[str, Any]) -> IFUNetConfig:
     if key in _FIXED and value != _FIXED[key]:
       raise _refuse(key, value, f"IF's U-Nets use {_FIXED[key]!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
-      raise _refuse(key, value, f"supported: {list(_CHOICES[key])}")
+      pixels = " (IF's stages work on pixels: 4 channels is a latent U-Net's)" if value == 4 else ""
+      raise _refuse(key, value, f"supported: {list(_CHOICES[key])}{pixels}")
   channels = tuple(cfg["block_out_channels"])
   levels = len(channels)
   down, up = tuple(cfg["down_block_types"]), tuple(cfg["up_block_types"])
@@ -181,8 +182,8 @@ def from_diffusers_config(cfg: Mapping[str, Any]) -> IFUNetConfig:
   if mid_only_cross is None:  # diffusers' rule: a single bool applies to the middle block too
     mid_only_cross = only_cross if isinstance(only_cross, bool) else False
   groups = cfg["norm_num_groups"]
-  if not isinstance(groups, int):
-    raise _refuse("norm_num_groups", groups, "IF's U-Nets normalize with GroupNorm")
+  if not isinstance(groups, int) or any(c % groups for c in channels):
+    raise _refuse("norm_num_groups", groups, f"needs an int dividing {list(channels)}")
   if cfg.get("encoder_hid_dim_type") and not cfg.get("encoder_hid_dim"):
     raise _refuse("encoder_hid_dim", cfg.get("encoder_hid_dim"), "encoder_hid_dim_type needs it")
   names = {f.name for f in dataclasses.fields(IFUNetConfig)}
@@ -193,9 +194,6 @@ def from_diffusers_config(cfg: Mapping[str, Any]) -> IFUNetConfig:
       "attention_head_dim": _per_level(cfg, "attention_head_dim", levels, int),
       "only_cross_attention": _per_level(cfg, "only_cross_attention", levels, bool),
       "mid_block_only_cross_attention": bool(mid_only_cross)})
-  for c in channels:
-    if c % groups:
-      raise _refuse("norm_num_groups", groups, f"must divide block_out_channels {list(channels)}")
   heads = config.attention_head_dim
   widths = [(heads[-1], channels[-1])]  # (head width, channels) of each attention block
   widths += [(heads[i], channels[i]) for i, t in enumerate(down) if "Attn" in t]
@@ -524,6 +522,12 @@ def init_inputs(config: IFUNetConfig, batch_size: int = 1, image_size: int | Non
 
 def param_shapes(config: IFUNetConfig) -> Any:
   """The parameter tree as ShapeDtypeStructs in `nn.Partitioned` boxes (nothing allocated)."""
+  return jax.tree_util.tree_map(lambda x: x, _param_shapes(config))  # a copy of the cached tree
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: IFUNetConfig) -> Any:
+  # Tracing IF-I-XL takes seconds; reading and writing weights both need its shapes.
   model = IFUNet(config)
   return jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), **init_inputs(config, text_length=1))["params"])
