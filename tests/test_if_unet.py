@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors
 
 from conftest import assert_trees_equal
 from imagen_jax.core import partitioning

@@ -146,14 +146,13 @@ def tensors_from_params(params: Any, dtype: str = "float32") -> dict[str, np.nda
 
 # --- Files --------------------------------------------------------------------------------------
 
-def _variant_names(variant: str | None) -> tuple[str, list[str]]:
-  """(the single weights file, the index files) of a variant, as diffusers names them."""
+def _variant_names(variant: str | None) -> tuple[str, str]:
+  """(the single weights file, the shards' index) of a variant: diffusers puts the variant name
+  before the last suffix. Shard names come from the index, whatever their spelling."""
   if not variant:
-    return WEIGHTS_NAME, [INDEX_NAME]
-  # diffusers writes the variant before the index's last suffix; older releases before ".safetensors".
+    return WEIGHTS_NAME, INDEX_NAME
   return (f"diffusion_pytorch_model.{variant}.safetensors",
-          [f"diffusion_pytorch_model.safetensors.index.{variant}.json",
-           f"diffusion_pytorch_model.{variant}.safetensors.index.json"])
+          f"diffusion_pytorch_model.safetensors.index.{variant}.json")
 
 
 def weight_files(directory: str, variant: str | None = None) -> tuple[str, dict[str, str] | None]:
@@ -163,8 +162,8 @@ def weight_files(directory: str, variant: str | None = None) -> tuple[str, dict[
   """
   tried = []
   for candidate in ([None, "fp16"] if variant is None else [variant]):
-    single, indexes = _variant_names(candidate)
-    for name in [single] + indexes:
+    single, index = _variant_names(candidate)
+    for name in (single, index):
       path = os.path.join(directory, name)
       tried.append(name)
       if os.path.exists(path):
