@@ -53,6 +53,9 @@ TF = [
 
 LAUNCH = ["xmanager>=0.8.5,<0.9"]
 
+# The tests compare the DeepFloyd IF U-Net and its weight reader/writer with diffusers' own.
+DIFFUSERS = ["diffusers>=0.42.1,<0.43"]
+
 setuptools.setup(
     name="imagen-jax",
     version="0.1.0",
@@ -66,6 +69,7 @@ setuptools.setup(
     package_dir={"imagen_jax.configs": "configs"},
     package_data={"imagen_jax": ["text/assets/*"]},
     install_requires=CORE,
-    extras_require={"test": TEST, "tf": TF, "launch": LAUNCH},
+    extras_require={"test": TEST, "tf": TF, "launch": LAUNCH,
+                    "diffusers": DIFFUSERS},
     entry_points={"console_scripts": ["imagen-jax=imagen_jax.cli:main"]},
 )

@@ -3,7 +3,7 @@
     core                               config, sharding, distributed, I/O, checkpoints, images
     diffusion  models  data  text      the pieces of a diffusion model and its inputs
     train                              training a stage (and its plan: what the network is)
-    sample                             sampling a cascade
+    interop  sample                    other frameworks' checkpoints in and out; a cascade
     eval                               scoring samples
     workflows                          what composes train + sample + eval: demo, fine-tuning
     commands  cli                      flags in, one library call out
@@ -26,11 +26,12 @@ ALLOWED = {
     "data": {"core"},
     "text": {"core", "data"},
     "train": {"core", "diffusion", "models", "data", "text"},
+    "interop": {"core", "diffusion", "models", "data", "text", "train"},  # a stage's plan
     "sample": {"core", "diffusion", "models", "data", "text", "train"},  # a stage's plan
     "eval": {"core", "diffusion", "models", "data", "text", "sample"},
     "workflows": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
     "commands": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval",
-                 "workflows"},
+                 "workflows", "interop"},
     "cli": {"core"},  # it loads `commands.<name>` by name, one per process
     "main": {"cli"},  # python -m imagen_jax
     "configs": set(),
