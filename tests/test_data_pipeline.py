@@ -50,9 +50,10 @@ def test_restoring_into_another_layout_is_refused(shapes_data_dir):
 
 
 def test_epoch_order_is_a_permutation_that_changes_each_epoch(shapes_data_dir):
-  config = stage_config(**{"data.data_dir": shapes_data_dir, "batch_size": 20})
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "batch_size": 32})
   data = pipeline_lib.make_pipeline(config)
-  epochs = [np.concatenate([next(data)["index"] for _ in range(10)]) for _ in range(2)]
+  per_epoch = SHAPES_SIZES["train"] // 32
+  epochs = [np.concatenate([next(data)["index"] for _ in range(per_epoch)]) for _ in range(2)]
   for order in epochs:
     assert sorted(order.tolist()) == list(range(SHAPES_SIZES["train"]))
   assert not np.array_equal(epochs[0], epochs[1])
@@ -60,12 +61,14 @@ def test_epoch_order_is_a_permutation_that_changes_each_epoch(shapes_data_dir):
 
 
 def test_two_processes_shards_are_disjoint_and_cover_the_epoch(shapes_data_dir):
-  config = stage_config(**{"data.data_dir": shapes_data_dir, "batch_size": 20})  # local batch 10
+  config = stage_config(**{"data.data_dir": shapes_data_dir, "batch_size": 32})  # local batch 16
   shards = []
   for process in range(2):
     data = pipeline_lib.make_pipeline(config, process_index=process, process_count=2)
-    assert data.local_batch_size == 10
-    shards.append(np.concatenate([next(data)["index"] for _ in range(10)]))  # 100 each
+    assert data.local_batch_size == 16
+    # Half an epoch each.
+    shards.append(np.concatenate([next(data)["index"]
+                                  for _ in range(SHAPES_SIZES["train"] // 32)]))
   assert not set(shards[0]) & set(shards[1])
   assert set(shards[0]) | set(shards[1]) == set(range(SHAPES_SIZES["train"]))
 
@@ -152,16 +155,17 @@ def test_embedding_cache_lookup_missing_is_an_error_naming_the_key_or_a_counted_
     return np.full((16, 8), index, np.float16), np.arange(16) < 5
 
   config = stage_config(**{"data.data_dir": shapes_data_dir, "data.embed_cache": "/cache/demo",
-                           "batch_size": 50})
+                           "batch_size": 64})
   with pytest.raises(pipeline_lib.MissingEmbeddingError, match=r"/cache/demo.*key (\d+)"):
     for _ in range(4):
       next(pipeline_lib.make_pipeline(config, embedding_lookup=lookup))
   config.data.missing_embedding = "skip"
   data = pipeline_lib.make_pipeline(config, embedding_lookup=lookup, tokenize_fn=fake_tokenize)
-  batches = [next(data) for _ in range(4)]  # 200 examples: the first epoch's 191 and more
+  # More examples than the first epoch's usable ones: every missing key has been met.
+  batches = [next(data) for _ in range(-(-SHAPES_SIZES["train"] // 64) + 1)]
   for batch in batches:
     assert "tokens" not in batch
-    assert batch["text_emb"].dtype == np.float32 and batch["text_emb"].shape == (50, 16, 8)
+    assert batch["text_emb"].dtype == np.float32 and batch["text_emb"].shape == (64, 16, 8)
     np.testing.assert_array_equal(batch["text_emb"][:, 0, 0], batch["index"])
     assert not set(batch["index"].tolist()) & missing
   assert data.skip_counts()["missing_embedding"] >= len(missing)

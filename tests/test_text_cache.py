@@ -324,7 +324,7 @@ def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_d
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from helpers import stage_config  # pylint: disable=g-import-not-at-top
+  from helpers import SHAPES_SIZES, stage_config  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "models"))
   encoder = load_text_encoder("builtin:shapes-tiny", max_length=16)
   folder = tmp_path / "photos"
@@ -341,7 +341,7 @@ def test_encode_reads_captions_as_training_does_from_shapes_and_folders(shapes_d
         "batch_size": 8, "part_size": 64, "progress": False})
     stats = encode_job.run(config)
     captions = sources.get_captions(sources.source_config(source, "train", data_dir))
-    assert stats["captions"] == len(captions) == {"shapes": 200}.get(source, 3)
+    assert stats["captions"] == len(captions) == {"shapes": SHAPES_SIZES["train"]}.get(source, 3)
     cache = cache_lib.EmbeddingCache(output)
     fresh, _ = encoder.encode(list(captions))
     for i in range(len(captions)):
