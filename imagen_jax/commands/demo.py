@@ -1,7 +1,7 @@
 """`imagen-jax demo`: train, sample and score a tiny shapes cascade on a CPU (the README's main job).
 
-    imagen-jax demo --workdir=demo_run          # 14-42 minutes on 2 cores, by CPU
-    imagen-jax demo --workdir=demo_run --quick  # about 2 minutes; the scores then mean little
+    imagen-jax demo --workdir=demo_run          # tens of minutes on a small CPU
+    imagen-jax demo --workdir=demo_run --quick  # a few minutes; the scores then mean little
 
 Builds the shapes data, trains the base and SR stages, samples the validation and held-out
 prompts and judges every image from its pixels; WORKDIR/report.html shows them. A second run

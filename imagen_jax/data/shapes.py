@@ -37,8 +37,7 @@ SIZES = (64, 256)
 _SPLIT_CODES = {"train": 0, "validation": 1, "heldout": 2}
 # Fraction of two-object captions per split. The evaluation splits keep the grammar's mix (a
 # third); training sees pairs twice as often, because they are the hard prompts (two objects
-# bound to their own words and to each other's place) and each carries two color-shape examples
-# (benchmarks/RESULTS.md, "Pairs in the training mix").
+# bound to their own words and to each other's place) and each carries two color-shape examples.
 PAIR_FRACTION = {"train": 2 / 3, "validation": 1 / 3, "heldout": 1 / 3}
 CELL_MARGIN = 0.06     # min distance (fraction of the side) of a centre from its cell's edges
 PAIR_GAP = 0.04        # min empty space between the two objects of a pair caption
@@ -213,8 +212,8 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 def encode_png(image: np.ndarray) -> bytes:
   """uint8 [H, W, 3] -> PNG bytes (8-bit RGB, no row filters, zlib level 1).
 
-  Written here rather than by PIL, whose adaptive row filtering costs twice as long for no
-  smaller files on flat colors: the encoder is most of the dataset's build time.
+  Written here rather than by PIL, whose adaptive row filtering is slower for no smaller files
+  on flat colors: the encoder is most of the dataset's build time.
   """
   height, width, _ = image.shape
   rows = np.zeros((height, width * 3 + 1), np.uint8)  # each row: filter type 0, then pixels

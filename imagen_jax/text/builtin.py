@@ -1,6 +1,6 @@
 """`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions, and
 `builtin:shapes-tiny-pretrained`: the same encoder trained on the grammar's text alone (T5's span
-corruption, `pretrain`; about a minute on a CPU the first time it is used).
+corruption, `pretrain`; trained once, the first time it is used).
 
 The demo and the tiny configs condition on them (text.width 64, max_length 16). The vocabulary
 is the grammar's 128 pieces (each grammar word one piece) plus SentencePiece's 256 byte pieces:
@@ -150,8 +150,8 @@ def pretrained_params(config: t5.T5Config, vocab: bytes) -> tuple[dict[str, np.n
   logging.info("Pretraining builtin:shapes-tiny-pretrained on %d captions (span corruption)",
                len(captions))
   trained, metrics = pretrain.pretrain(config, start, captions, pretrain.PretrainConfig())
-  logging.info("Span corruption: loss %.3f -> %.3f, held-out span-token accuracy %.3f",
-               metrics["first_loss"], metrics["last_loss"], metrics["span_token_accuracy"])
+  logging.info("Span corruption: loss %.3f -> %.3f, span-token accuracy on fresh corruptions %.3f",
+               metrics["first_loss"], metrics["last_loss"], metrics["fresh_corruption_accuracy"])
   return weights.params_to_hf(trained, config), metrics
 
 

@@ -1,7 +1,7 @@
 """The shapes demo: train, sample and score a tiny cascade on a CPU (`imagen-jax demo`).
 
-    scores = demo.run("demo_run")              # 14-42 minutes on 2 cores, by CPU
-    scores = demo.run("demo_run", quick=True)  # about 2 minutes; the scores then mean little
+    scores = demo.run("demo_run")              # tens of minutes on a small CPU
+    scores = demo.run("demo_run", quick=True)  # a few minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
 2. writes the text encoder, once per machine: a random tiny T5 v1.1 with the grammar's
@@ -64,8 +64,8 @@ def stage_configs(workdir: str, quick: bool) -> dict[str, ml_collections.ConfigD
 
 
 def use_every_core(configs: dict[str, ml_collections.ConfigDict]) -> int:
-  """Before JAX starts: one CPU device per core (each stage trains data-parallel over them; 1.3x
-  the steps per second of one device on 2 cores), unless the user chose the count (XLA_FLAGS,
+  """Before JAX starts: one CPU device per core (each stage trains data-parallel over them, which
+  keeps every core busy where one device would not), unless the user chose the count (XLA_FLAGS,
   JAX_NUM_CPU_DEVICES). Returns the count asked for, 0 when left alone. Accelerators are
   unaffected: the setting is the CPU backend's."""
   from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
@@ -84,7 +84,7 @@ def build_data(workdir: str, quick: bool) -> str:
 
 def prepare_text_encoders(configs: dict[str, ml_collections.ConfigDict]) -> None:
   """Writes the stages' builtin encoders once per machine (a pretrained one trains on the
-  grammar's text first, 1-2 minutes on 2 cores), so the time shows as its own step."""
+  grammar's text first), so the time shows as its own step."""
   from imagen_jax.text import builtin  # pylint: disable=g-import-not-at-top
   for name in sorted({c.text.encoder for c in configs.values()}):
     logging.info("demo: text encoder %s in %s", name, builtin.resolve(name))
@@ -111,13 +111,12 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
 # can train at once. On a CPU two one-device processes, one core each, do more work per second
 # than one process over both cores (XLA:CPU leaves a 2-device program's cores partly idle on the
 # demo's small convolutions). So the base stage's first steps train on half the cores while the
-# SR stage trains on the other half, then the base finishes on every core: the demo's stages in
-# 829 s instead of 1,026-1,092 (benchmarks/RESULTS.md, "Stages side by side"). The switch is a fixed
-# step, so the scores stay those of the configured seeds. The share is the base steps one core
-# trains in the SR stage's time on the other: base 2.5 (Muon's update included) and SR 5.0
-# steps/s on one core each of a 2-core AMD EPYC VM, so 2,400 SR steps take as long as ~1,220 of
-# the base's 2,100. On a CPU
-# with other ratios one side waits for the other; the result is the same.
+# SR stage trains on the other half, then the base finishes on every core, which trains both
+# stages sooner than one after the other. The switch is a fixed step, so the scores stay those
+# of the configured seeds. The share is the fraction of the base's steps that one core trains in
+# the time the SR stage takes on the other (their per-core step rates, Muon's update included),
+# so that both sides finish together; on a CPU with other ratios one side waits for the other,
+# and the result is the same.
 BASE_SHARE_BESIDE_SR = 0.58
 
 
