@@ -18,7 +18,7 @@ from imagen_jax.workflows import demo
 from imagen_jax.commands import shared_flags
 
 shared_flags.use("workdir")
-_QUICK = flags.DEFINE_bool("quick", False, "A 2-minute run for tests: few steps, few prompts.")
+_QUICK = flags.DEFINE_bool("quick", False, "A short run for tests: few steps, few prompts.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None,
                                     "Prompts sampled per split (default 100; --quick 8).")
 

@@ -19,6 +19,8 @@ object lies inside the image. The two objects of a pair caption never touch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
 import os
 import struct
 import sys
@@ -190,7 +192,6 @@ def write_subject_folder(folder: str, obj: grammar.Obj, word: str,
   """A fine-tuning subject: one image of `obj` per cell (placed as the dataset places single
   objects), captioned with a new `word` in its place ("a blicket at the top left corner"),
   as a `folder:` source (PNGs and captions.jsonl). Returns the caption rows."""
-  import json  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   rng = np.random.default_rng(seed)
   rows = []
@@ -296,7 +297,6 @@ class ImagenShapes(builders.LocalBuilder):
     jobs = [(split, start, min(start + chunk, num), self._seed, size)
             for start in range(0, num, chunk)]
     if self._num_workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
-      import multiprocessing  # pylint: disable=g-import-not-at-top
       # fork, not spawn: spawn re-imports the caller's __main__ (a script without a main guard
       # would recurse) and the workers' imports cost more than the work for small splits. The
       # children only run numpy, PIL and zlib, never JAX, so JAX's threads in a training

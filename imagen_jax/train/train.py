@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -471,5 +472,4 @@ class PreemptionWatcher:
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self._signalled
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return multihost_utils.reached_preemption_sync_point(step)
