@@ -127,9 +127,8 @@ def stage_config() -> ml_collections.ConfigDict:
       "a corgi wearing a red bow tie",
       "an oil painting of a lighthouse at sunset",
   )
-  # UniPC at 25 log-SNR-uniform steps: on the shapes cascade 15 match DDIM at 50 (and DDPM at
-  # any count); 25 leaves room for the paper's guidance 5-8, which that cascade (guidance 3)
-  # does not exercise (benchmarks/RESULTS.md, "Fast samplers"). DDPM at 256 was the default.
+  # UniPC at log-SNR-uniform steps matches DDIM and DDPM in a fraction of their steps; the count
+  # leaves room for the paper's stronger guidance, which the shapes cascade does not exercise.
   c.sample.sampler = "unipc"          # ddpm, ddim, edm_heun, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc
   c.sample.steps = 25
   c.sample.eta = 0.0                  # DDIM's eta
@@ -181,30 +180,26 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
                    checkpoint_every: int, sample_steps: int, quick_steps: int,
                    quick_sample_steps: int) -> ml_collections.ConfigDict:
   """What both demo stages share: the tiny shapes encoder, the objective and the optimizer that
-  train in minutes on a 2-core CPU, and the `quick` variant the tests run (scores mean little).
+  train in minutes on a CPU, and the `quick` variant the tests run (scores mean little).
 
   Plain weighting: min-SNR gives the noisiest steps, where the layout is decided (positions and
-  shapes; for SR, what to read off the low-res image), almost no weight. With it the base stage
-  got 7% of validation prompts right and the SR stage ignored its input; with plain weighting
-  59% and 47% for the cascade. x0-prediction: the output is the clean image itself, so the
-  noise of z_t has no identity path into it (with v or eps the net must subtract that noise
-  exactly, which a net trained for minutes does not: speckled backgrounds); it also weights the
-  x0 error of every noise level alike, where v weights it by 1 + SNR. v -> x0 took the cascade
-  from 53% to 69% (validation) and its background from 22.6/255 to 5.4 (benchmarks/RESULTS.md).
+  shapes; for SR, what to read off the low-res image), almost no weight, so a base stage trained
+  with it rarely gets a prompt right and an SR stage ignores its input. x0-prediction: the
+  output is the clean image itself, so the noise of z_t has no identity path into it (with v or
+  eps the net must subtract that noise exactly, which a net trained for minutes does not:
+  speckled backgrounds); it also weights the x0 error of every noise level alike, where v
+  weights it by 1 + SNR.
   """
   if variant not in ("full", "quick"):
     raise ValueError(f"unknown demo {c.stage} variant {variant!r}: use full or quick")
   quick = variant == "quick"
-  # The random tiny T5 (`builtin:shapes-tiny`). Its copy pretrained on the grammar's text alone
-  # (`builtin:shapes-tiny-pretrained`, `text/pretrain.py`) is a lottery on held-out prompts: the
-  # base alone at 400 + 400 prompts, validation / held-out, pretrained on an Intel VM 93% / 71%,
-  # on an AMD VM 84.5% / 48% and, pretrained with seed 1 there, 81% / 25%; random there 80.5% /
-  # 65% (and 83% / 60% on the Intel VM). Held-out pairs need shape words that mean the same
-  # whatever color they follow (benchmarks/RESULTS.md, "The README's command on another CPU").
+  # The random tiny T5 (`builtin:shapes-tiny`), not its copy pretrained on the grammar's text
+  # alone (`builtin:shapes-tiny-pretrained`, `text/pretrain.py`): what the pretrained copy does to
+  # held-out prompts swings with the machine and the pretraining seed, from a gain to a loss,
+  # since held-out pairs need shape words that mean the same whatever color they follow.
   # Its token embeddings alone (`output_layer` 0), not its output: a random encoder's layers only
   # mix each word with its neighbours (the same "circle" reads differently after "red" and after
-  # "blue"), which the U-Net must then undo. Validation 80.5% -> 91.2%, held-out 65.2% -> 65.5%
-  # (one layer of context: 83.0% / 55.0%); benchmarks/RESULTS.md, "The encoder's output layer".
+  # "blue"), which the U-Net must then undo.
   c.text.encoder = "builtin:shapes-tiny"
   c.text.output_layer = 0
   c.text.width = 64

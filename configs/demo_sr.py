@@ -20,8 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lowres.size = 32
   # Noise augmentation of the low-res input up to 0.1 (the paper's SR stages train up to 1.0):
   # the less the input is noised in training, the more the stage copies its shapes instead of
-  # redrawing unsure ones as its color's training shape. 0.3 -> 0.1 took held-out prompts from
-  # 36% to 48% through the cascade (benchmarks/RESULTS.md, "The SR stage's noise augmentation").
+  # redrawing unsure ones as its color's training shape, which is what held-out prompts need.
   c.lowres.aug_max = 0.1
   c.model = ml_collections.ConfigDict(dict(
       name="efficient_unet",
@@ -42,17 +41,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   common.cpu_demo_stage(c, variant, total_steps=2400, checkpoint_every=2400, sample_steps=10,
                         quick_steps=20, quick_sample_steps=4)
-  # Four times the steps at half the batch (the base's 32): the SR stage's cleanliness follows
-  # its steps, and throughput is flat in batch size on a CPU. 600 at 32 -> 1,200 at 16 (the same
-  # time): background 5.1 / 5.9 -> 3.3 / 3.6; on the pretrained encoder's base, 1,200 / 1,800 /
-  # 2,400 at 16: 3.7 / 4.1, 3.0 / 3.3, 2.7 / 3.0, edge IoU 0.877 / 0.885 / 0.886, the same
-  # all-correct (benchmarks/RESULTS.md, "The SR stage at batch 16", "Text encoder, again").
+  # More steps at half the batch (the base's 32): the SR stage's cleanliness (background, edges)
+  # follows its steps, not its batch, and on a CPU throughput is flat in batch size, so a
+  # smaller batch buys steps for the same time without costing prompt adherence.
   c.batch_size = 16  # (the quick variant's already)
-  # UniPC at 10 log-SNR steps: 55.6 dB PSNR to the converged SR sample where DDIM at 25 (the
-  # former default) gives 49.8, with the same judged scores (benchmarks/RESULTS.md, "Fast
-  # samplers", SR stage).
+  # UniPC at log-SNR steps gets closer to the converged SR sample than DDIM does in more
+  # steps, with the same judged scores.
   c.sample.sampler = "unipc"
   c.sample.spacing = "logsnr"
   c.sample.guidance = 1.0
-  c.sample.aug_level = 0.05  # inside the training range, 0.05 / 0.1 / 0: 48% / 48% / 46% held-out
+  c.sample.aug_level = 0.05  # inside the training range; a little noise hides the base's artifacts
   return common.finetuning(c) if finetune else c

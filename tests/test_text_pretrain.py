@@ -54,7 +54,7 @@ def test_pretraining_learns_the_grammar_and_keeps_the_encoder_shapes(monkeypatch
   assert metrics["last_loss"] < 0.7 * metrics["first_loss"]
   # Half the hidden words are colors and shapes the context cannot tell (every pair is in the
   # text); a quarter of the others is what chance would give.
-  assert metrics["span_token_accuracy"] > 0.3
+  assert metrics["fresh_corruption_accuracy"] > 0.3
   config, trained = weights.load_hf(path)
   _, random = weights.load_hf(builtin.materialize("builtin:shapes-tiny"))
   flat_trained, flat_random = weights.flatten(trained), weights.flatten(random)

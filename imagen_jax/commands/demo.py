@@ -1,7 +1,7 @@
 """`imagen-jax demo`: train, sample and score a tiny shapes cascade on a CPU (the README's main job).
 
-    imagen-jax demo --workdir=demo_run          # 14-42 minutes on 2 cores, by CPU
-    imagen-jax demo --workdir=demo_run --quick  # about 2 minutes; the scores then mean little
+    imagen-jax demo --workdir=demo_run          # tens of minutes on a small CPU
+    imagen-jax demo --workdir=demo_run --quick  # a few minutes; the scores then mean little
 
 Builds the shapes data, trains the base and SR stages, samples the validation and held-out
 prompts and judges every image from its pixels; WORKDIR/report.html shows them. A second run
@@ -18,7 +18,7 @@ from imagen_jax.workflows import demo
 from imagen_jax.commands import shared_flags
 
 shared_flags.use("workdir")
-_QUICK = flags.DEFINE_bool("quick", False, "A 2-minute run for tests: few steps, few prompts.")
+_QUICK = flags.DEFINE_bool("quick", False, "A short run for tests: few steps, few prompts.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None,
                                     "Prompts sampled per split (default 100; --quick 8).")
 

@@ -24,6 +24,11 @@ from absl import logging
 from imagen_jax.commands import shared_flags
 from imagen_jax.core import config_lib
 from imagen_jax.core import fileio
+from imagen_jax.eval import drawbench
+from imagen_jax.eval import fid
+from imagen_jax.eval import inception
+from imagen_jax.eval import shapes
+from imagen_jax.sample import outdir as outdir_lib
 
 METRICS = ["shapes", "fid", "fid-stats", "drawbench", "drawbench-tally"]
 
@@ -72,13 +77,11 @@ def _require(**values: Any) -> None:
 
 
 def _extractor():
-  from imagen_jax.eval import inception  # pylint: disable=g-import-not-at-top
   return inception.FeatureExtractor(inception.load_weights(_INCEPTION_WEIGHTS.value),
                                     batch_size=_INCEPTION_BATCH.value)
 
 
 def fid_main() -> dict[str, Any]:
-  from imagen_jax.eval import fid  # pylint: disable=g-import-not-at-top
   if _METRIC.value == "fid":
     _require(samples=_SAMPLES.value, reference=_REFERENCE.value,
              inception_weights=_INCEPTION_WEIGHTS.value)
@@ -92,8 +95,6 @@ def fid_main() -> dict[str, Any]:
 
 
 def drawbench_main() -> dict[str, Any]:
-  from imagen_jax.eval import drawbench  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   if _METRIC.value == "drawbench-tally":
     _require(ratings=_RATINGS.value)
     return drawbench.tally(_RATINGS.value, page=_PAGE.value)
@@ -125,7 +126,6 @@ def main(argv: Sequence[str]) -> None:
   if _METRIC.value == "shapes":
     if not _SAMPLES.value:
       raise flags.ValidationError("--samples is required")
-    from imagen_jax.eval import shapes  # pylint: disable=g-import-not-at-top
     scores: dict[str, Any] = shapes.score_outdir(_SAMPLES.value)
   elif _METRIC.value in ("fid", "fid-stats"):
     scores = fid_main()

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from absl import flags
 
+from imagen_jax import models
 from imagen_jax.commands import shared_flags
 from imagen_jax.core import config_lib
 from imagen_jax.train import memory
@@ -42,7 +43,6 @@ def main(argv: Sequence[str]) -> None:
   if not _MEMORY.value:
     print(config_lib.to_json(config))
     if "model" in config and config.model:
-      from imagen_jax import models  # pylint: disable=g-import-not-at-top
       table, total = models.parameter_table(config)
       print(table)
       print(f"total_params: {total}")

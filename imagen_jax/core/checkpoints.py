@@ -43,9 +43,10 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 # Orbax splits every replicated array into one slice per replica, each copied to the host by
 # its own dispatched op, so that replicas write their parts in parallel. That pays for large
-# arrays on many hosts, but a small net replicated over 8 devices has ~6,000 such slices per save
-# (~0.5 ms each on a CPU: 3-4 s per checkpoint of a 2M-parameter test net). Slices under 1 MiB
-# are written whole by one replica instead; the paper-size kernels still split across replicas.
+# arrays on many hosts, but a small net replicated over several devices has thousands of such
+# slices per save, and their per-op overhead makes each checkpoint take seconds. Slices under
+# 1 MiB are written whole by one replica instead; the paper-size kernels still split across
+# replicas.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 

@@ -8,6 +8,7 @@ command line (through ml_collections' `config_flags`) and Python callers (tests,
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.resources
 import importlib.util
 import json
@@ -190,7 +191,6 @@ def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) 
 
 
 def _did_you_mean(name: str, node: Mapping[str, Any]) -> str:
-  import difflib  # pylint: disable=g-import-not-at-top
   close = difflib.get_close_matches(name, list(node.keys()), n=1)
   return f"did you mean {close[0]!r}?" if close else f"valid keys: {sorted(node.keys())}"
 

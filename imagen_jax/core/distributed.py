@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 # (flag, environment variables in the order they are read)
@@ -77,7 +78,7 @@ def _on_cloud_tpu_vm(environ: Mapping[str, str]) -> bool:
   # JAX decides this when it is imported (TPU chips on the PCI bus and libtpu installed); on a
   # TPU VM the worker list comes from the metadata server, or from TPU_WORKER_HOSTNAMES on GKE.
   try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top  # JAX internal: TPU VMs only
   except ImportError:
     return False
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)) and (
@@ -154,7 +155,7 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  # JAX internal: multi-process only
   jax_distributed.global_state.client.wait_at_barrier(f"imagen_jax:{name}", timeout_s * 1000)
 
 
@@ -162,7 +163,6 @@ def allgather_json(value: Any) -> list[Any]:
   """Every process's JSON-able `value`, in process order (a collective: all must call it)."""
   if jax.process_count() == 1:
     return [value]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
   lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
   padded = np.zeros(int(lengths.max()), np.uint8)

@@ -2,12 +2,11 @@
 
 XLA:CPU allocates an execution's temporaries afresh each time it runs (tens of MB per train
 step of the demo). glibc serves allocations that large with a new mmap and unmaps them on free,
-so every step touches fresh 4 KiB pages: ~37,000 page faults per step of the demo's base stage,
-15% of a CPU-hosted run's time in the kernel (37% of a 2-device run's). With the glibc tunable
-`glibc.malloc.hugetlb=1` (glibc 2.35+), malloc asks for transparent huge pages on those
-mappings: 2 MiB pages, 512x fewer faults, and the demo's base stage trains 1.2x faster
-(benchmarks/RESULTS.md, "Huge pages"). Allocator tunables and XLA_FLAGS cannot do this; and
-glibc reads its tunables only when a process starts, hence the re-execution.
+so every step touches fresh 4 KiB pages, and a CPU-hosted run spends a good part of its time in
+the kernel serving page faults. With the glibc tunable `glibc.malloc.hugetlb=1` (glibc 2.35+),
+malloc asks for transparent huge pages on those mappings: 2 MiB pages, 512x fewer faults, and
+the time goes back to training. Allocator tunables and XLA_FLAGS cannot do this; and glibc
+reads its tunables only when a process starts, hence the re-execution.
 
 Applied only where it can help: Linux with glibc 2.35 or newer and transparent huge pages in
 "madvise" mode (the usual default; "always" already gives them, "never" forbids them). A

@@ -79,11 +79,10 @@ def use_cpu_devices(count: int) -> bool:
 def cpu_devices_per_core(batch_sizes: Sequence[int], cores: int | None = None) -> int:
   """One CPU device per core, at most as many as divide every batch size evenly.
 
-  XLA:CPU runs one program's small convolutions on fewer threads than a 2-core machine has
-  (the demo's base step kept ~1.5 of 2 cores busy); two devices, each with half the batch,
-  keep both busy: 0.41 -> 0.30 s per step, 2.33 -> 3.03 steps/s in the training loop, where four
-  devices on 2 cores were slower than two (0.36 s). benchmarks/RESULTS.md, "Data parallel over
-  a CPU's cores". `cores`: how many to count (default: this process's, `cpu_cores`).
+  XLA:CPU runs one program's small convolutions on fewer threads than the machine has, leaving
+  cores partly idle; one device per core, each with its share of the batch, keeps every core
+  busy, while more devices than cores only add overhead. `cores`: how many to count (default:
+  this process's, `cpu_cores`).
   """
   cores = cores or cpu_cores()
   return max(n for n in range(1, cores + 1) if all(b % n == 0 for b in batch_sizes))

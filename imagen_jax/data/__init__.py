@@ -18,11 +18,11 @@ from imagen_jax.data.preprocess import to_uint8
 
 def get_data_source(data_config: Any, split: str | None = None) -> tuple[Any, Any]:
   """(random-access source, sources.SourceInfo) of `data_config.source`; see `sources`."""
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top  # heavy: tfds, not paid by `to_model_range` users
   return sources.get_data_source(data_config, split)
 
 
 def get_captions(data_config: Any, split: str | None = None) -> Any:
   """Random access to the captions of `data_config.source`'s split (`captions[i]`: str)."""
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top  # heavy: tfds, not paid by `to_model_range` users
   return sources.get_captions(data_config, split)

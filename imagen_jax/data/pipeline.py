@@ -60,12 +60,12 @@ class MissingEmbeddingError(KeyError):
 class ReadInBlocks(grain.MapDataset):
   """Stream position -> (source index, record), reading `block` positions' records per call.
 
-  array_record reads one record in about 0.5 ms but 32 in one call in about 0.03 ms each
-  (benchmarks/RESULTS.md, "Input pipeline"): reading a batch's records together makes the demo's
-  pipeline about twice as cheap, CPU the training step shares on a CPU host. Blocks start at
-  multiples of `block` (the local batch, so each process reads only its own positions); the
-  grain threads that ask for positions of one block wait for one read. Each element is what
-  reading its position alone gives, so batches, resumption and random draws are unchanged.
+  array_record's per-call overhead is far larger than the cost of one more record in the same
+  call, so reading a batch's records together makes the pipeline much cheaper, and on a CPU
+  host that is CPU time the training step gets back. Blocks start at multiples of `block` (the
+  local batch, so each process reads only its own positions); the grain threads that ask for
+  positions of one block wait for one read. Each element is what reading its position alone
+  gives, so batches, resumption and random draws are unchanged.
   """
 
   def __init__(self, parent: grain.MapDataset, data_source: Any, block: int):

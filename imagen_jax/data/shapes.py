@@ -19,6 +19,8 @@ object lies inside the image. The two objects of a pair caption never touch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
 import os
 import struct
 import sys
@@ -37,8 +39,7 @@ SIZES = (64, 256)
 _SPLIT_CODES = {"train": 0, "validation": 1, "heldout": 2}
 # Fraction of two-object captions per split. The evaluation splits keep the grammar's mix (a
 # third); training sees pairs twice as often, because they are the hard prompts (two objects
-# bound to their own words and to each other's place) and each carries two color-shape examples
-# (benchmarks/RESULTS.md, "Pairs in the training mix").
+# bound to their own words and to each other's place) and each carries two color-shape examples.
 PAIR_FRACTION = {"train": 2 / 3, "validation": 1 / 3, "heldout": 1 / 3}
 CELL_MARGIN = 0.06     # min distance (fraction of the side) of a centre from its cell's edges
 PAIR_GAP = 0.04        # min empty space between the two objects of a pair caption
@@ -191,7 +192,6 @@ def write_subject_folder(folder: str, obj: grammar.Obj, word: str,
   """A fine-tuning subject: one image of `obj` per cell (placed as the dataset places single
   objects), captioned with a new `word` in its place ("a blicket at the top left corner"),
   as a `folder:` source (PNGs and captions.jsonl). Returns the caption rows."""
-  import json  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   rng = np.random.default_rng(seed)
   rows = []
@@ -213,8 +213,8 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 def encode_png(image: np.ndarray) -> bytes:
   """uint8 [H, W, 3] -> PNG bytes (8-bit RGB, no row filters, zlib level 1).
 
-  Written here rather than by PIL, whose adaptive row filtering costs twice as long for no
-  smaller files on flat colors: the encoder is most of the dataset's build time.
+  Written here rather than by PIL, whose adaptive row filtering is slower for no smaller files
+  on flat colors: the encoder is most of the dataset's build time.
   """
   height, width, _ = image.shape
   rows = np.zeros((height, width * 3 + 1), np.uint8)  # each row: filter type 0, then pixels
@@ -297,7 +297,6 @@ class ImagenShapes(builders.LocalBuilder):
     jobs = [(split, start, min(start + chunk, num), self._seed, size)
             for start in range(0, num, chunk)]
     if self._num_workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
-      import multiprocessing  # pylint: disable=g-import-not-at-top
       # fork, not spawn: spawn re-imports the caller's __main__ (a script without a main guard
       # would recurse) and the workers' imports cost more than the work for small splits. The
       # children only run numpy, PIL and zlib, never JAX, so JAX's threads in a training

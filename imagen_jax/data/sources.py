@@ -85,7 +85,7 @@ def _build_lock(data_dir: str | None):
   if "://" in str(root):
     yield
     return
-  import fcntl  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top  # platform: POSIX only
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, ".imagen_jax_build.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

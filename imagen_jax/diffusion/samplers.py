@@ -194,8 +194,8 @@ def edm_heun(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: int,
 def edm_sigma_range(log_snr_fn: schedules.LogSnrFn, start: float = 1.0) -> tuple[float, float]:
   """EDM Heun's noise levels (sigma_min, sigma_max): the schedule's own range within EDM's
   defaults [0.002, 80], from time `start` down. The network never saw a sigma below the
-  schedule's (the cosine's is 0.0125): Karras's steps, dense at low noise, spent there, cost the
-  shapes cascade 9-40 points of all-correct."""
+  schedule's (the cosine's is 0.0125), so Karras's steps, dense at low noise, would be spent
+  where the network's predictions mean nothing, and samples lose prompt adherence."""
   with jax.ensure_compile_time_eval():
     ends = np.asarray(log_snr_fn(jnp.array([0.0, start], jnp.float32)), np.float64)
   return max(0.002, math.exp(-ends[0] / 2)), min(80.0, math.exp(-ends[1] / 2))

@@ -100,7 +100,7 @@ def source_images(source: str, split: str, image_size: int, *, data_dir: str = "
   `num_images` > 0 takes a random subset (by `seed`). Undecodable images are skipped and
   counted by kind in `skipped`, as the training pipeline does.
   """
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top  # heavy: tfds, only for a data source's reference statistics
   # FID reads images only: the caption check of get_data_source is pointed at the image
   # feature, so that sources whose captions live elsewhere (coco: captions/text) need no flag.
   data_config = sources.source_config(source, split, data_dir, image_key=image_key,

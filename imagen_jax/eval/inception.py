@@ -283,7 +283,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data)) as npz:
       return {name: npz[name] for name in npz.files}
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  # optional: torch, only to read the .pth file
   except ImportError as e:
     raise ImportError(
         f"reading {path} (a torch pickle) needs torch. Convert it once where torch is installed: "

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from imagen_jax.data import shapes_grammar as grammar
+from imagen_jax.sample import outdir as outdir_lib
 
 ATTRIBUTES = ("objects", "color", "shape", "position", "all_correct")
 MEASURES = ("background", "background_p99", "edge_iou")
@@ -217,5 +218,4 @@ def score_verdicts_by_split(records: Sequence[dict[str, Any]],
 
 def score_outdir(samples_dir: str) -> dict[str, dict[str, float]]:
   """The scores per split of an `imagen-jax sample` outdir (see score_by_split)."""
-  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   return score_by_split(*outdir_lib.read_samples(samples_dir))

@@ -1,21 +1,18 @@
 """Convolutions that XLA:CPU runs fast: XLA's forward and input gradient, the weight gradient as
 matmuls.
 
-Why: on XLA:CPU the weight gradient of a 3x3 convolution is the slow third of a training step.
-Measured on the 2-core CPU of benchmarks/RESULTS.md (batch 16, 64x64, 128 -> 128 channels):
-forward 185-250 ms (80-100 GFLOP/s) and input gradient 215-240 ms, both XLA's own convolution
-kernels, but weight gradient 2.0-2.2 s (9-10 GFLOP/s). The same weight gradient as one matmul
-per kernel tap (the input shifted by the tap, contracted with the output gradient over batch and
-positions) takes 450-700 ms. Computing the forward or input gradient as matmuls too (im2col or
-shifted-input matmuls) was measured and is slower on this CPU (40-47 against 80-108 GFLOP/s:
-XLA:CPU's matmuls with a 128-deep contraction reach only ~52 GFLOP/s, and im2col's copies cost
-more than they save), so those stay XLA's. bf16 inputs accumulate in float32 here as well.
+Why: on XLA:CPU the weight gradient of a 3x3 convolution is the slow third of a training step:
+XLA's own kernel for it runs at a small fraction of the rate of its forward and input-gradient
+kernels. The same weight gradient as one matmul per kernel tap (the input shifted by the tap,
+contracted with the output gradient over batch and positions) is several times faster. The
+forward and input gradient stay XLA's: as matmuls too (im2col or shifted-input matmuls) they
+are slower, since XLA:CPU's matmuls with a short contraction are slower than its convolution
+kernels and im2col's copies cost more than they save. bf16 inputs accumulate in float32 here
+as well.
 
-Which CPUs: the weakness is XLA:CPU's kernel on x86 CPUs without AVX-512. On a 2-core Intel
-Xeon with AVX-512 (same JAX) XLA's weight gradient is as fast as the per-tap matmuls or faster:
-0.6-1.15x their time from 8x8 to 128x128 and 32 to 512 channels, 0.3-0.8x at the demo's
-16x16 shapes, where the matmuls' transposing copies of each tap dominate; the demo's base step
-takes 0.30 s with XLA's against 0.355 s (benchmarks/RESULTS.md, "The CPU convolution").
+Which CPUs: the weakness is XLA:CPU's kernel on x86 CPUs without AVX-512. With AVX-512, XLA's
+weight gradient is about as fast as the per-tap matmuls or faster, most of all at the demo's
+small feature maps, where the matmuls' transposing copies of each tap dominate.
 
 `conv_impl` selects it like `attention_impl`: "auto" is "matmul_grad" on x86 CPUs without
 AVX-512 and "xla" everywhere else (AVX-512 CPUs, other CPUs, GPU and TPU); both compute the
@@ -52,9 +49,9 @@ def resolve(impl: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def slow_xla_weight_gradient(machine: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> bool:
-  """Whether the host CPU is one where XLA:CPU's weight gradient was measured slow: x86 without
-  AVX-512 (no `avx512f` among Linux's /proc/cpuinfo flags; an x86 host without that file counts
-  as without). Other architectures: False (not measured; XLA's own kernels are the default)."""
+  """Whether the host CPU is one where XLA:CPU's weight gradient is slow: x86 without AVX-512
+  (no `avx512f` among Linux's /proc/cpuinfo flags; an x86 host without that file counts as
+  without). Other architectures: False (untested there, so XLA's own kernels stay the default)."""
   machine = (machine or platform.machine()).lower()
   if machine not in ("x86_64", "amd64", "i386", "i686"):
     return False

@@ -27,14 +27,13 @@ Choices where the paper is silent (stated so they can be checked):
 - every level down-samples, so the first DBlock already runs at half resolution; the full-
   resolution residual block fed by the stem (as imagen-pytorch's `final_resnet_block` and
   `init_conv_to_final_conv_residual`) keeps a pixel-level path to the output: without it a tiny
-  net could not fit eps-prediction at low noise (a tiny SR net overfitting 4 images: loss 0.47
-  after 300 steps without it, 0.07 with it);
+  net cannot fit eps-prediction at low noise, not even on a handful of images;
 - conditioning enters every residual block (scale-shift norm, as in the base U-Net) rather than
   once per DBlock/UBlock; conditioning and text-pooling widths (`emb_dim`, `pool_width`) 2048;
 - attention heads: `num_heads` (8) over the level's width.
 With T5-XXL text, SR 1 (F.2's widths and blocks) has 0.59B parameters (paper: 600M). F.3 gives
 SR 2 400M; with F.2's blocks and cross-attention only it would have 0.58B, so configs/sr1024.py
-uses 4 residual blocks per side at the lowest level (0.40B). See benchmarks/RESULTS.md.
+uses 4 residual blocks per side at the lowest level (0.40B).
 The network is fully convolutional apart from attention, so SR 2 trains on 256 crops and samples
 at 1024.
 """

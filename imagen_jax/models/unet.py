@@ -28,7 +28,7 @@ Choices where the paper is silent (stated so they can be checked):
 configs/base64.py sets emb_dim = pool_width = text_dim = 2 * model_dim: with T5-XXL text that is
 2.08B parameters at model_dim 512 (the paper's 2B) and 0.52B at model_dim 256 (JAX-Toolbox's
 Imagen-base-500M). ADM's 4 * model_dim conditioning and per-block 4096-wide text projections
-would give 2.40B; see benchmarks/RESULTS.md.
+would give 2.40B, well over the paper's count.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import models
+from imagen_jax import text
 from imagen_jax.core import checkpoints
 from imagen_jax.core import fileio
 from imagen_jax.core import partitioning
@@ -77,7 +78,6 @@ def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
     if cur.lowres.size != prev.image_size:
       raise ChainError(f"{name(i)} takes {cur.lowres.size}x{cur.lowres.size} low-res inputs but "
                        f"{name(i - 1)} outputs {prev.image_size}x{prev.image_size}")
-  from imagen_jax import text  # pylint: disable=g-import-not-at-top
   for i in range(1, len(configs)):
     if difference := text.text_difference(configs[i].text, configs[0].text):
       key, mine, base = difference
@@ -151,7 +151,6 @@ class Cascade:
       logging.info("Loaded %s (%s, %dx%d) at step %d%s", workdir, config.stage, config.image_size,
                    config.image_size, step, f", LoRA on {lora['base']}" if lora else "")
     if text_encoder is None:
-      from imagen_jax import text  # pylint: disable=g-import-not-at-top
       base = configs[0]
       text_encoder = text.load_configured(base.text)
     return cls(stages, text_encoder, mesh)

@@ -1,6 +1,6 @@
 """`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions, and
 `builtin:shapes-tiny-pretrained`: the same encoder trained on the grammar's text alone (T5's span
-corruption, `pretrain`; about a minute on a CPU the first time it is used).
+corruption, `pretrain`; trained once, the first time it is used).
 
 The demo and the tiny configs condition on them (text.width 64, max_length 16). The vocabulary
 is the grammar's 128 pieces (each grammar word one piece) plus SentencePiece's 256 byte pieces:
@@ -28,8 +28,13 @@ import shutil
 import tempfile
 import uuid
 
+from absl import logging
 import numpy as np
+from safetensors import numpy as st_numpy
+import sentencepiece as spm
 
+from imagen_jax.data import shapes_grammar
+from imagen_jax.text import pretrain
 from imagen_jax.text import t5
 from imagen_jax.text import weights
 
@@ -53,8 +58,6 @@ def train_shapes_vocabulary() -> bytes:
 
   pad 0, EOS 1, unk 2, no BOS: T5's special ids. Normalisation is nmt_nfkc, as T5's.
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  from imagen_jax.data import shapes_grammar  # pylint: disable=g-import-not-at-top
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(shapes_grammar.vocabulary_corpus()), model_writer=out,
@@ -70,7 +73,7 @@ def with_byte_fallback(model_proto: bytes) -> bytes:
   Appended, not trained in (`byte_fallback=True` at training puts them at ids 3-258): every
   existing piece keeps its id. Needs protobuf (only to remake the shipped asset).
   """
-  from sentencepiece import sentencepiece_model_pb2 as model_pb2  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2 as model_pb2  # pylint: disable=g-import-not-at-top  # optional: protobuf, only to remake the shipped asset
   proto = model_pb2.ModelProto()
   proto.ParseFromString(model_proto)
   if proto.trainer_spec.byte_fallback:
@@ -123,12 +126,11 @@ def cache_root() -> str:
 def write_hf_dir(path: str, config: t5.T5Config, tensors: dict[str, np.ndarray],
                  vocab: bytes) -> None:
   """A Hugging Face T5EncoderModel directory with deterministic bytes."""
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(weights.config_to_hf(config), f, indent=2, sort_keys=True)
   with open(os.path.join(path, "model.safetensors"), "wb") as f:
-    f.write(save({k: tensors[k] for k in sorted(tensors)}, metadata={"format": "pt"}))
+    f.write(st_numpy.save({k: tensors[k] for k in sorted(tensors)}, metadata={"format": "pt"}))
   with open(os.path.join(path, weights.VOCAB_FILE), "wb") as f:
     f.write(vocab)
 
@@ -140,18 +142,14 @@ def pretrained_params(config: t5.T5Config, vocab: bytes) -> tuple[dict[str, np.n
                                                                   dict[str, float]]:
   """The random weights trained with span corruption on every caption of the grammar (HF
   layout), and the pretraining's metrics."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from imagen_jax.data import shapes_grammar  # pylint: disable=g-import-not-at-top
-  from imagen_jax.text import pretrain  # pylint: disable=g-import-not-at-top
   processor = spm.SentencePieceProcessor(model_proto=vocab)
   captions = [np.asarray(processor.encode(c)) for c in shapes_grammar.vocabulary_corpus()]
   start = weights.hf_to_params(random_params(config), config)
   logging.info("Pretraining builtin:shapes-tiny-pretrained on %d captions (span corruption)",
                len(captions))
   trained, metrics = pretrain.pretrain(config, start, captions, pretrain.PretrainConfig())
-  logging.info("Span corruption: loss %.3f -> %.3f, held-out span-token accuracy %.3f",
-               metrics["first_loss"], metrics["last_loss"], metrics["span_token_accuracy"])
+  logging.info("Span corruption: loss %.3f -> %.3f, span-token accuracy on fresh corruptions %.3f",
+               metrics["first_loss"], metrics["last_loss"], metrics["fresh_corruption_accuracy"])
   return weights.params_to_hf(trained, config), metrics
 
 
@@ -170,7 +168,6 @@ def materialize(name: str) -> str:
                          dir=os.path.dirname(target))
   try:
     vocab = shapes_vocabulary()
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     vocab_size = spm.SentencePieceProcessor(model_proto=vocab).get_piece_size()
     config = shapes_tiny_config(vocab_size)
     if short == "shapes-tiny":

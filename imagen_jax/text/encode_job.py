@@ -21,18 +21,24 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
+from tqdm import auto as tqdm
 
 from imagen_jax.core import distributed
 from imagen_jax.core import fileio
+from imagen_jax.core import partitioning
 from imagen_jax.text import cache as cache_lib
+from imagen_jax.text import encoder as encoder_lib
+from imagen_jax.text import weights
 
 
 # ------------------------------------------------------------------------------- sources
 
 def open_source(config: Any) -> Any:
   """The captions of config.source's split, read as training reads them (data/sources.py)."""
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top  # heavy: tfds, only to read captions (not --verify or --convert)
   data_config = sources.source_config(config.source, config.split, config.data_dir,
                                       caption_key=config.caption_key)
   try:
@@ -57,11 +63,6 @@ def _batches(metadata: cache_lib.Metadata, parts: Sequence[int], batch: int):
 
 def run(config) -> dict[str, Any]:
   """Encodes config.source into the cache at config.output; returns this process's stats."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
-
   if not config.output:
     raise ValueError("config.output is empty: give the cache directory (local or gs://)")
   if config.storage_dtype not in cache_lib.STORAGE_DTYPES:
@@ -182,7 +183,6 @@ def run(config) -> dict[str, Any]:
 
 
 def _progress(total: int, enabled: bool):
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, unit="caption", unit_scale=True, disable=not enabled,
                    mininterval=1.0, file=sys.stderr, desc="encode")
 
@@ -191,8 +191,6 @@ def _progress(total: int, enabled: bool):
 
 def convert(source: str, output: str, dtype: str = "float32") -> dict[str, Any]:
   """Reads T5 weights (Hugging Face or t5x directory) and writes them as an Orbax checkpoint."""
-  from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.text import weights  # pylint: disable=g-import-not-at-top
   kind, config, params = encoder_lib.read_weights(source, dtype=np.dtype(
       cache_lib.STORAGE_DTYPES[dtype]))
   vocab_path = encoder_lib._find_vocab(source, None)  # pylint: disable=protected-access

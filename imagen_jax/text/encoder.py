@@ -272,7 +272,7 @@ def place(params: Any, config: t5.T5Config, dtype: Any, max_length: int,
 def put_sharded(params: Any, shardings: Any) -> Any:
   """Host arrays that every process holds in full -> global arrays on `shardings`, each device
   receiving only its slice. (`jax.device_put` onto a multi-process mesh first checks that every
-  process passed the same values: one compiled all-gather per array, 0.5 s per leaf on CPUs.)"""
+  process passed the same values: one compiled all-gather per array, slow for many leaves.)"""
   return jax.tree_util.tree_map(
       lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]),
       params, shardings)

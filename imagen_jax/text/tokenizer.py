@@ -120,7 +120,7 @@ class Tokenizer:
 def _seqio_vocabulary(model_proto: bytes, model_path: str | None):
   """seqio's SentencePieceVocabulary over the same model (needs the `tf` extra)."""
   try:
-    import seqio  # pylint: disable=g-import-not-at-top
+    import seqio  # pylint: disable=g-import-not-at-top  # optional: the tf extra
   except ImportError as e:
     raise ImportError("backend='seqio' needs the tf extra: pip install 'imagen-jax[tf]'") from e
   if model_path is None or fileio.is_remote(model_path) and not model_path.startswith("gs://"):

@@ -30,7 +30,9 @@ import os
 import re
 from typing import Any, Mapping
 
+from flax import serialization
 import numpy as np
+from safetensors import numpy as st_numpy
 
 from imagen_jax.core import fileio
 from imagen_jax.text import t5
@@ -205,7 +207,6 @@ def params_to_hf(params: Mapping[str, Any], config: t5.T5Config) -> dict[str, np
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   if fileio.is_remote(path):
     return st_numpy.load(fileio.read_bytes(path))
   return st_numpy.load_file(path)
@@ -263,7 +264,7 @@ def is_t5x_dir(path: str) -> bool:
 
 def _read_tensorstore(checkpoint_dir: str, spec: Mapping[str, Any]) -> np.ndarray:
   """Reads a zarr array that t5x stored next to its msgpack file (the spec's path is relative)."""
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top  # heavy: only t5x checkpoints need it
   spec = json.loads(json.dumps(spec))  # a private, JSON-plain copy
   kvstore = spec.get("kvstore")
   relative = kvstore.get("path") if isinstance(kvstore, dict) and "path" in kvstore else spec.pop("path")
@@ -286,7 +287,6 @@ def _is_ts_spec(value: Any) -> bool:
 
 def read_t5x_target(path: str) -> dict[str, np.ndarray]:
   """Flat `{name: array}` of the model parameters (`target`) of a t5x checkpoint."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
   checkpoint_dir = find_t5x_checkpoint(path)
   contents = serialization.msgpack_restore(fileio.read_bytes(fileio.join(checkpoint_dir, "checkpoint")))
   # Legacy t5x: {"version": 3, "optimizer": {"target": ..., "state": ...}}; later: {"target": ...}.
@@ -380,7 +380,7 @@ def is_converted_dir(path: str) -> bool:
 def save_converted(path: str, config: t5.T5Config, params: Mapping[str, Any], vocab: bytes,
                    source: str) -> None:
   """Writes params as an Orbax checkpoint plus the config and vocabulary; loads shard-wise."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # heavy: only converted weights need it
   fileio.makedirs(path)
   params_path = fileio.join(path, ORBAX_PARAMS)
   checkpointer = ocp.StandardCheckpointer()
@@ -403,7 +403,7 @@ def load_converted_config(path: str) -> t5.T5Config:
 def load_converted(path: str, target: Any = None) -> tuple[t5.T5Config, dict[str, Any]]:
   """Restores a converted encoder. `target`: a tree of jax.ShapeDtypeStruct with shardings
   (each host then reads only its shards); None restores plain arrays on the default device."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # heavy: only converted weights need it
   config = load_converted_config(path)
   params_path = fileio.join(path, ORBAX_PARAMS)
   params_path = params_path if fileio.is_remote(path) else os.path.abspath(params_path)

@@ -6,7 +6,7 @@ its buffer assignment gives the bytes per device: arguments, outputs and tempora
 share is computed exactly from its shardings; activations and temporaries are XLA:CPU's figure,
 an estimate of what the GPU/TPU compilers assign (they fuse and schedule differently: XLA:CPU's
 scheduler favours concurrency over memory, so its figure is likely high, and rematerialization
-barely moves it; benchmarks/RESULTS.md). `imagen-jax inspect --memory` prints it.
+barely moves it). `imagen-jax inspect --memory` prints it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DEVICE_MEMORY = {
 ESTIMATE_NOTE = ("XLA:CPU's buffer assignment for the real sharded program: parameters, "
                  "optimizer state and EMA are exact; activations and temporaries are an estimate "
                  "of the GPU/TPU compilers', likely high (XLA:CPU schedules for concurrency, "
-                 "they for memory; remat barely moves it: benchmarks/RESULTS.md).")
+                 "they for memory; remat barely moves it).")
 
 
 @dataclasses.dataclass
@@ -122,9 +122,9 @@ def _for_planning(config: ml_collections.ConfigDict, global_batch: int
     config.model.conv_impl = "xla"  # what "auto" runs on GPU/TPU, not the CPU's matmul gradient
   if config.model.get("attention_impl", "auto") == "auto":
     # Not the CPU's chunked attention, which "auto" would pick on the fake devices: under fsdp
-    # its chunks are all-gathered across the batch (the 500M base's temporaries 102 GiB on 8
-    # devices, 432 on 64). XLA's attention keeps the probabilities, as cuDNN's does not: on a
-    # GPU with bf16 the estimate is high by their size.
+    # its chunks are all-gathered across the batch, so its temporaries grow with the device
+    # count. XLA's attention keeps the probabilities, as cuDNN's does not: on a GPU with bf16
+    # the estimate is high by their size.
     config.model.attention_impl = "xla"
   config.data.embed_cache = config.data.embed_cache or "(memory estimate: precomputed)"
   return config

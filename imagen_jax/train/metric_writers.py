@@ -20,6 +20,10 @@ import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
+from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from imagen_jax.core import fileio
@@ -59,8 +63,6 @@ class TensorBoardWriter:
     self._write(step, values)
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-    from tensorboard.plugins.text import metadata as text_metadata  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2  # pylint: disable=g-import-not-at-top
     values = []
     for name, text in texts.items():
       tensor = tensor_pb2.TensorProto(

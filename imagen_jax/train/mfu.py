@@ -22,9 +22,9 @@ def model_flops(jaxpr: Any) -> float:
   devices together: 2 per multiply-add, loop bodies counted once per iteration.
 
   XLA's cost analysis counts a while loop's body once, so a step with a `lax.map`/`scan` inside
-  (the CPU's chunked attention, gradient accumulation) looked up to 15% cheaper than it is; this
-  count walks the jaxpr instead and multiplies each scan body by its length. Elementwise work is
-  left out, as MFU conventionally does (it is a few percent of a U-Net's FLOPs). cuDNN's fused
+  (the CPU's chunked attention, gradient accumulation) looked cheaper than it is; this count
+  walks the jaxpr instead and multiplies each scan body by its length. Elementwise work is left
+  out, as MFU conventionally does (it is a small share of a U-Net's FLOPs). cuDNN's fused
   attention is counted from its shapes (4 BNTSH forward, 10 BNTSH backward with the recompute).
   A `while_loop` of unknown trip count counts once.
   """
@@ -62,8 +62,8 @@ def model_flops(jaxpr: Any) -> float:
 
 def matmul_probe_tflops(n: int = 1024, repeats: int = 50) -> float:
   """The best f32 matmul rate XLA reaches on this device: a CPU's practical peak (the best of
-  `repeats` 10 ms products, so that a moment of contention on a shared machine does not halve
-  it)."""
+  `repeats` short products, so that a moment of contention on a shared machine does not drag
+  it down)."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import models
+from imagen_jax import text
 from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
 from imagen_jax.core import fileio
@@ -211,7 +212,6 @@ def check_matches_base(config: ml_collections.ConfigDict, base: Base) -> None:
   output_layer) in which `config` differs from the base's training config, else the first
   parameter of `config`'s network that the base checkpoint lacks or holds with another shape
   (or the first it has that the network lacks)."""
-  from imagen_jax import text  # pylint: disable=g-import-not-at-top  # the encoder loads lazily
   base_config, _ = checkpoints.restore_config(base.workdir, base.step)
   if difference := text.text_difference(config.text, base_config.text):
     key, mine, theirs = difference
@@ -232,7 +232,7 @@ def check_matches_base(config: ml_collections.ConfigDict, base: Base) -> None:
 
 def check_subject(config: ml_collections.ConfigDict) -> None:
   """Converts the subject's source now and raises SourceError if it has no usable example."""
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top  # tfds loads lazily
+  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top  # heavy: tfds, which sampling (it imports the plan) never needs
   data_source, info = sources.get_data_source(config.data)
   sources.check_not_empty(data_source, info)
   logging.info("Fine-tuning on %d examples of %s", len(data_source), config.data.source)
@@ -279,7 +279,7 @@ def make_data(config: ml_collections.ConfigDict, plan: Plan, workdir: str,
   """The run's input pipeline: the stage's own, or with class-prior preservation a `Mixture`
   of the subject's examples and the class images, half the batch each (DreamBooth's batches),
   the class examples' loss weighted by the plan's prior weight."""
-  from imagen_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top  # grain loads lazily
+  from imagen_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top  # heavy: grain and tfds, which sampling never needs
   if not plan.uses_prior:
     return pipeline_lib.make_pipeline(config, tokenize_fn=tokenize_fn,
                                       embedding_lookup=embedding_lookup)

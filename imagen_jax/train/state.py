@@ -44,8 +44,8 @@ def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
 # Parameters Muon leaves to Adam: the stem and output convolutions (a network's first and last
 # layers, as in Muon's own recipe), embeddings (a table of rows, not a linear map), and the
 # matrices that read the conditioning vector (one per image: the noise-level and text-pooling
-# MLPs, each block's FiLM projection), which held half of the demo base's Newton-Schulz time
-# (111 -> 57 ms a step on one core) for a few vectors' worth of signal.
+# MLPs, each block's FiLM projection), which cost a large share of Newton-Schulz's time for a
+# few vectors' worth of signal.
 MUON_EXCLUDED = frozenset({"stem", "out_conv", "text_position", "conditioning", "emb_proj"})
 
 

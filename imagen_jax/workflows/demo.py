@@ -1,7 +1,7 @@
 """The shapes demo: train, sample and score a tiny cascade on a CPU (`imagen-jax demo`).
 
-    scores = demo.run("demo_run")              # 14-42 minutes on 2 cores, by CPU
-    scores = demo.run("demo_run", quick=True)  # about 2 minutes; the scores then mean little
+    scores = demo.run("demo_run")              # tens of minutes on a small CPU
+    scores = demo.run("demo_run", quick=True)  # a few minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
 2. writes the text encoder, once per machine: a random tiny T5 v1.1 with the grammar's
@@ -37,12 +37,23 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
+from imagen_jax.core import checkpoints
 from imagen_jax.core import config_lib
 from imagen_jax.core import fileio
+from imagen_jax.core import partitioning
+from imagen_jax.data import preprocess
+from imagen_jax.data import shapes
+from imagen_jax.data import sources
+from imagen_jax.eval import shapes as judge
+from imagen_jax.sample import cascade as cascade_lib
+from imagen_jax.sample import outdir as outdir_lib
+from imagen_jax.text import builtin
+from imagen_jax.train import train
 
 SPLITS = ("validation", "heldout")
 FULL_SHAPES = None                       # the dataset's own split sizes (110k examples)
@@ -64,11 +75,10 @@ def stage_configs(workdir: str, quick: bool) -> dict[str, ml_collections.ConfigD
 
 
 def use_every_core(configs: dict[str, ml_collections.ConfigDict]) -> int:
-  """Before JAX starts: one CPU device per core (each stage trains data-parallel over them; 1.3x
-  the steps per second of one device on 2 cores), unless the user chose the count (XLA_FLAGS,
+  """Before JAX starts: one CPU device per core (each stage trains data-parallel over them, which
+  keeps every core busy where one device would not), unless the user chose the count (XLA_FLAGS,
   JAX_NUM_CPU_DEVICES). Returns the count asked for, 0 when left alone. Accelerators are
   unaffected: the setting is the CPU backend's."""
-  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
   if partitioning.user_set_cpu_devices():
     return 0
   count = partitioning.cpu_devices_per_core([c.batch_size for c in configs.values()])
@@ -76,7 +86,6 @@ def use_every_core(configs: dict[str, ml_collections.ConfigDict]) -> int:
 
 
 def build_data(workdir: str, quick: bool) -> str:
-  from imagen_jax.data import shapes  # pylint: disable=g-import-not-at-top
   data_dir = os.path.join(workdir, "data")
   shapes.build(data_dir, 64, num_examples=QUICK_SHAPES if quick else FULL_SHAPES)
   return data_dir
@@ -84,15 +93,13 @@ def build_data(workdir: str, quick: bool) -> str:
 
 def prepare_text_encoders(configs: dict[str, ml_collections.ConfigDict]) -> None:
   """Writes the stages' builtin encoders once per machine (a pretrained one trains on the
-  grammar's text first, 1-2 minutes on 2 cores), so the time shows as its own step."""
-  from imagen_jax.text import builtin  # pylint: disable=g-import-not-at-top
+  grammar's text first), so the time shows as its own step."""
   for name in sorted({c.text.encoder for c in configs.values()}):
     logging.info("demo: text encoder %s in %s", name, builtin.resolve(name))
 
 
 def trained_step(workdir: str) -> int:
   """The step of the stage's latest checkpoint (0: none)."""
-  from imagen_jax.core import checkpoints  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     return 0
   return checkpoints.Checkpointer(workdir, read_only=True).latest_step() or 0
@@ -100,7 +107,6 @@ def trained_step(workdir: str) -> int:
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
   """An ordinary training run; skipped when its final checkpoint exists."""
-  from imagen_jax.train import train  # pylint: disable=g-import-not-at-top
   if trained_step(workdir) == config.total_steps:
     logging.info("%s is trained (step %d): reusing it", workdir, config.total_steps)
     return
@@ -111,13 +117,12 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str) -> None:
 # can train at once. On a CPU two one-device processes, one core each, do more work per second
 # than one process over both cores (XLA:CPU leaves a 2-device program's cores partly idle on the
 # demo's small convolutions). So the base stage's first steps train on half the cores while the
-# SR stage trains on the other half, then the base finishes on every core: the demo's stages in
-# 829 s instead of 1,026-1,092 (benchmarks/RESULTS.md, "Stages side by side"). The switch is a fixed
-# step, so the scores stay those of the configured seeds. The share is the base steps one core
-# trains in the SR stage's time on the other: base 2.5 (Muon's update included) and SR 5.0
-# steps/s on one core each of a 2-core AMD EPYC VM, so 2,400 SR steps take as long as ~1,220 of
-# the base's 2,100. On a CPU
-# with other ratios one side waits for the other; the result is the same.
+# SR stage trains on the other half, then the base finishes on every core, which trains both
+# stages sooner than one after the other. The switch is a fixed step, so the scores stay those
+# of the configured seeds. The share is the fraction of the base's steps that one core trains in
+# the time the SR stage takes on the other (their per-core step rates, Muon's update included),
+# so that both sides finish together; on a CPU with other ratios one side waits for the other,
+# and the result is the same.
 BASE_SHARE_BESIDE_SR = 0.58
 
 
@@ -126,11 +131,9 @@ def side_by_side_cores(device_count: int) -> tuple[list[int], list[int]] | None:
   chose the CPU device count itself (`use_every_core`: `device_count` > 0) for 2+ cores, and JAX
   runs on the CPU, on an OS that lets a process choose its cores (Linux). None: train one stage
   after the other."""
-  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
   if (device_count == 0 or not hasattr(os, "sched_setaffinity")
       or partitioning.cpu_cores() < 2):
     return None
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return None
   cores = sorted(os.sched_getaffinity(0))
@@ -154,7 +157,6 @@ def start_training_process(name: str, spec: str, overrides: dict[str, str], work
                            stop_at_step: int | None) -> subprocess.Popen:
   """`imagen-jax train` for one stage on `cores` (one CPU device per core that divides the
   batch); its output goes to this process's stderr, each line prefixed with `[name]`."""
-  from imagen_jax.core import partitioning  # pylint: disable=g-import-not-at-top
   command = [sys.executable, "-m", "imagen_jax", "train", f"--config={spec}",
              f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
   if stop_at_step is not None:
@@ -219,7 +221,6 @@ def train_stages(workdir: str, quick: bool, device_count: int,
 
 def eval_prompts(data_dir: str, num_prompts: int) -> list[dict[str, str]]:
   """The first `num_prompts` captions of each evaluation split, with the split named."""
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
   prompts = []
   for split in SPLITS:
     captions = sources.get_captions(sources.source_config("shapes", split, data_dir))
@@ -231,9 +232,6 @@ def eval_prompts(data_dir: str, num_prompts: int) -> list[dict[str, str]]:
 def dataset_scores(data_dir: str, num_prompts: int) -> dict[str, dict[str, float]]:
   """The judge's scores on the dataset's own renders of the same prompts: the ceiling the
   samples are compared with (all-correct near 100%, background 0, the renders' edge IoU)."""
-  from imagen_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from imagen_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
   records, images = [], []
   for split in SPLITS:
     source, info = sources.get_data_source(sources.source_config("shapes", split, data_dir))
@@ -246,8 +244,6 @@ def dataset_scores(data_dir: str, num_prompts: int) -> dict[str, dict[str, float
 
 
 def sample_eval_prompts(stage_dirs: Sequence[str], prompts: list[dict[str, str]], outdir: str) -> list[dict]:
-  from imagen_jax.sample import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   cascade = cascade_lib.Cascade.from_workdirs(stage_dirs)
   return outdir_lib.sample_to_outdir(cascade, prompts, outdir,
                                      settings=cascade.default_settings(), batch_size=64,
@@ -257,8 +253,6 @@ def sample_eval_prompts(stage_dirs: Sequence[str], prompts: list[dict[str, str]]
 def score(outdir: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[np.ndarray],
                                list[dict[str, Any]]]:
   """(scores per split, records, images, each image's verdict) of the samples in `outdir`."""
-  from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
-  from imagen_jax.sample import outdir as outdir_lib  # pylint: disable=g-import-not-at-top
   records, images = outdir_lib.read_samples(outdir)
   verdicts = judge.judge_records(records, images)
   return judge.score_verdicts_by_split(records, verdicts), records, images, verdicts
@@ -268,7 +262,6 @@ def score_table(scores: dict[str, dict[str, float]],
                 dataset: dict[str, dict[str, float]] | None = None) -> str:
   """The verdicts (percent) and picture measures per split; `dataset` rows (the renders'
   own scores) follow as `<split> (data)`."""
-  from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
   header = (f"{'split':<18}{'n':>5}" + "".join(f"{a:>13}" for a in judge.ATTRIBUTES)
             + f"{'background':>12}{'bg_p99':>8}{'edge_iou':>10}")
   rows = []
@@ -285,7 +278,6 @@ def write_report(path: str, scores: dict[str, Any], records: list[dict[str, Any]
                  timings: dict[str, float], dataset: dict[str, Any] | None = None) -> None:
   """A self-contained HTML page: the scores (beside the dataset renders' own), then per split
   every image over its prompt and verdict (`score`'s)."""
-  from imagen_jax.eval import shapes as judge  # pylint: disable=g-import-not-at-top
 
   def data_uri(image):
     buf = io.BytesIO()
