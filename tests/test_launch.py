@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import REPO  # pylint: disable=g-bad-import-order
+from helpers import REPO, readme_commands  # pylint: disable=g-bad-import-order
 from imagen_jax.core import config_lib
 
 LAUNCH = os.path.join(REPO, "launch")
@@ -233,19 +233,12 @@ def test_gpu_multinode_sets_up_every_process(tmp_path, tasks_per_node, want_devi
              for line in lines)
 
 
-# ------------------------------------------------------------------ README "Training on a pod"
+# ------------------------------------------------------- docs/pods.md "Training on a pod"
 
-def readme_pod_commands():
-  """The shell commands of the README's pod section, continuation lines joined, $VM expanded."""
-  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-    text = f.read()
-  section = text.split("## Training on a pod", 1)[1].split("\n## ", 1)[0]
-  blocks = section.split("```bash")[1:]
-  lines = []
-  for block in blocks:
-    code = block.split("```", 1)[0].replace("\\\n", " ")
-    lines += [line.strip() for line in code.splitlines() if line.strip()
-              and not line.strip().startswith("#")]
+def pod_commands():
+  """The shell commands of docs/pods.md's section "Training on a pod" (every ```bash block in it,
+  continuation lines joined, comments dropped), each split into words with $VM expanded."""
+  lines = readme_commands("Training on a pod", page=os.path.join("docs", "pods.md"))
   variables = dict(line.split("=", 1) for line in lines if re_assignment(line))
   return [shlex.split(line.replace("$VM", shlex.split(variables["VM"])[0]))
           for line in lines if not re_assignment(line)]
@@ -265,9 +258,9 @@ def check_imagen_args(args, parse_value):
       config_lib.set_by_path(loaded, key, parse_value(value))
 
 
-def test_readme_pod_commands_run_as_written(xm_launch):
+def test_docs_pod_commands_run_as_written(xm_launch):
   seen = set()
-  for words in readme_pod_commands():
+  for words in pod_commands():
     if words[0] == "launch/tpu_vm.sh":
       out = tpu_vm("--dry_run", *words[1:])
       assert out.returncode == 0, (words, out.stderr)
@@ -293,6 +286,7 @@ def test_readme_pod_commands_run_as_written(xm_launch):
     elif words[:2] == ["imagen-jax", "sample"]:
       assert len(next(w for w in words if w.startswith("--stages=")).split(",")) == 3
     else:
-      raise AssertionError(f"a README command this test does not know: {words}")
-    seen.add(words[0])
-  assert seen == {"launch/tpu_vm.sh", "sbatch", "xmanager", "imagen-jax"}
+      raise AssertionError(f"a docs/pods.md command this test does not know: {words}")
+    seen.add(" ".join(words[:2]) if words[0] == "imagen-jax" else words[0])
+  assert seen == {"launch/tpu_vm.sh", "sbatch", "xmanager", "imagen-jax inspect",
+                  "imagen-jax sample"}
