@@ -60,7 +60,12 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   assert sorted({r["split"] for r in records}) == ["heldout", "validation"]
   assert [sum(r["split"] == s for r in records) for s in ("validation", "heldout")] == [8, 8]
   scores = json.loads((workdir / "scores.json").read_text())
-  assert scores["scores"] == judge.score_by_split(records, images)
+  assert scores["scores"] == judge.score_by_split(records, images, by_kind=True)
+  # One- and two-object prompts apart, each a part of its split.
+  for split in ("validation", "heldout"):
+    kinds = [scores["scores"][f"{split} {kind}"]["n"] for kind in ("singles", "pairs")
+             if f"{split} {kind}" in scores["scores"]]
+    assert sum(kinds) == scores["scores"][split]["n"]
 
   # report.html shows every image (as sampled, enlarged) over its prompt and verdict.
   figures = report_figures((workdir / "report.html").read_text())

@@ -81,6 +81,24 @@ def test_eval_command_reports_scores_per_split(tmp_path):
   assert scores["heldout"]["all_correct"] == pytest.approx(2 / 3)
 
 
+def test_scores_by_kind_keep_single_and_two_object_prompts_apart():
+  verdicts, records = [], []
+  for i in range(12):
+    ex = shapes_data.example("heldout", i)
+    image = shapes_data.render(ex.placed, 64)
+    pair = len(grammar.parse(ex.caption).objects) == 2
+    if pair:
+      image = np.zeros_like(image)  # every two-object sample blank: pairs 0%, singles 100%
+    records.append({"prompt": ex.caption, "split": "heldout"})
+    verdicts.append(judge.judge(image, ex.caption))
+  scores = judge.score_verdicts_by_split(records, verdicts, by_kind=True)
+  singles, pairs = scores["heldout singles"], scores["heldout pairs"]
+  assert singles["n"] + pairs["n"] == scores["heldout"]["n"] == 12 and pairs["n"] > 0
+  assert singles["all_correct"] == 1.0 and pairs["all_correct"] == 0.0
+  assert scores["heldout"]["all_correct"] == pytest.approx(singles["n"] / 12)
+  assert "heldout pairs" not in judge.score_verdicts_by_split(records, verdicts)
+
+
 # --- Picture measures: background cleanliness and edge fidelity -----------------------------
 
 def test_renders_have_a_black_background_and_crisp_edges():

@@ -195,10 +195,11 @@ def score(verdicts: Iterable[dict[str, Any]]) -> dict[str, float]:
   return out
 
 
-def score_by_split(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray]
-                   ) -> dict[str, dict[str, float]]:
-  """{split: score} for samples.jsonl records (`prompt`, optional `split`) and their images."""
-  return score_verdicts_by_split(records, judge_records(records, images))
+def score_by_split(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray],
+                   by_kind: bool = False) -> dict[str, dict[str, float]]:
+  """{split: score} for samples.jsonl records (`prompt`, optional `split`) and their images
+  (`by_kind`: also "<split> singles" and "<split> pairs", one- and two-object prompts apart)."""
+  return score_verdicts_by_split(records, judge_records(records, images), by_kind)
 
 
 def judge_records(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray]
@@ -208,12 +209,20 @@ def judge_records(records: Sequence[dict[str, Any]], images: Sequence[np.ndarray
 
 
 def score_verdicts_by_split(records: Sequence[dict[str, Any]],
-                            verdicts: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+                            verdicts: Sequence[dict[str, Any]],
+                            by_kind: bool = False) -> dict[str, dict[str, float]]:
   """score_by_split of verdicts already judged (one per record, in order)."""
   by_split: dict[str, list[dict[str, Any]]] = {}
+  kinds: dict[str, list[dict[str, Any]]] = {}
   for record, verdict in zip(records, verdicts, strict=True):
-    by_split.setdefault(record.get("split", "all"), []).append(verdict)
-  return {split: score(v) for split, v in sorted(by_split.items())}
+    split = record.get("split", "all")
+    by_split.setdefault(split, []).append(verdict)
+    kind = "pairs" if len(grammar.parse(record["prompt"]).objects) > 1 else "singles"
+    kinds.setdefault(f"{split} {kind}", []).append(verdict)
+  out = {split: score(v) for split, v in sorted(by_split.items())}
+  if by_kind:
+    out.update({name: score(v) for name, v in sorted(kinds.items())})
+  return out
 
 
 def score_outdir(samples_dir: str) -> dict[str, dict[str, float]]:

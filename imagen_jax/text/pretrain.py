@@ -40,12 +40,28 @@ PAD_ID = 0
 LENGTH = 24  # encoder input and decoder target, padded
 
 
+# "span": T5's span corruption, the decoder writes only the dropped spans. "denoise": BART's
+# text infilling, the decoder writes the whole caption back from its corrupted copy, so the
+# encoder's output must keep every word, held-out pairs included, where the decoder can read
+# it. "span+denoise": each batch half and half. "span+neighbors": span corruption, and on the
+# clean caption linear heads read each token and its two neighbours off the token's own output
+# vector, so every word's output carries the words around it: a noun its adjective.
+OBJECTIVES = ("span", "denoise", "span+denoise", "span+neighbors")
+NEIGHBOR_OFFSETS = (-1, 0, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
   steps: int = 800
   batch_size: int = 128
   learning_rate: float = 3e-3
   seed: int = 0
+  objective: str = "span"
+
+  def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"unknown pretraining objective {self.objective!r}; choose from "
+                       f"{OBJECTIVES}")
 
 
 def corrupt(ids: np.ndarray, vocab_size: int, rng: np.random.Generator
@@ -76,14 +92,29 @@ def corrupt(ids: np.ndarray, vocab_size: int, rng: np.random.Generator
   return inputs + [EOS_ID], targets + [EOS_ID]
 
 
+def infill(ids: np.ndarray, vocab_size: int, rng: np.random.Generator
+           ) -> tuple[list[int], list[int]]:
+  """BART's text infilling: the caption with its noise spans (as `corrupt` draws them) each
+  replaced by one mask token (the first sentinel) -> (that input, the whole caption), each
+  ending in EOS."""
+  inputs, _ = corrupt(ids, vocab_size, rng)
+  mask_id = vocab_size
+  inputs = [mask_id if token >= vocab_size else token for token in inputs]
+  return inputs, list(ids) + [EOS_ID]
+
+
 def batch(captions_ids: list[np.ndarray], vocab_size: int, rng: np.random.Generator,
-          size: int) -> dict[str, np.ndarray]:
+          size: int, objective: str = "span") -> dict[str, np.ndarray]:
   """A padded batch: encoder ids/mask [B, LENGTH], decoder inputs/targets/mask [B, LENGTH]."""
-  out = {k: np.zeros((size, LENGTH), np.int32) for k in ("enc", "dec_in", "target")}
-  out["enc_mask"] = np.zeros((size, LENGTH), bool)
-  out["dec_mask"] = np.zeros((size, LENGTH), bool)
+  out = {k: np.zeros((size, LENGTH), np.int32) for k in ("enc", "dec_in", "target", "clean")}
+  for k in ("enc_mask", "dec_mask", "clean_mask"):
+    out[k] = np.zeros((size, LENGTH), bool)
   for b, i in enumerate(rng.integers(len(captions_ids), size=size)):
-    inputs, targets = corrupt(captions_ids[i], vocab_size, rng)
+    clean = list(captions_ids[i]) + [EOS_ID]
+    out["clean"][b, :len(clean)] = clean
+    out["clean_mask"][b, :len(clean)] = True
+    denoise = objective == "denoise" or (objective == "span+denoise" and b % 2)
+    inputs, targets = (infill if denoise else corrupt)(captions_ids[i], vocab_size, rng)
     out["enc"][b, :len(inputs)] = inputs
     out["enc_mask"][b, :len(inputs)] = True
     out["dec_in"][b, 1:len(targets)] = targets[:-1]  # teacher forcing, PAD as the start token
@@ -110,13 +141,18 @@ class DecoderLayer(nn.Module):
 
 
 class SpanCorruption(nn.Module):
-  """The encoder under training (vocabulary plus sentinels) and a throwaway decoder."""
+  """The encoder under training (vocabulary plus sentinels) and a throwaway decoder; with
+  `neighbors`, throwaway linear heads that read tokens off the encoder's output of clean text."""
   config: t5.T5Config  # vocab_size includes the sentinels
+  neighbors: bool = False
 
   @nn.compact
-  def __call__(self, enc, enc_mask, dec_in, dec_mask):
+  def __call__(self, enc, enc_mask, dec_in, dec_mask, clean=None, clean_mask=None):
+    """Decoder logits [B, LENGTH, V]; with `neighbors` also the heads' logits on `clean`
+    [B, LENGTH, len(NEIGHBOR_OFFSETS), V]."""
     c = self.config
-    encoded = t5.T5Encoder(c, name="encoder")(enc, enc_mask)
+    encoder = t5.T5Encoder(c, name="encoder")
+    encoded = encoder(enc, enc_mask)
     y = nn.Embed(c.vocab_size, c.d_model, name="decoder_embed")(dec_in)
     y = y + nn.Embed(LENGTH, c.d_model, name="decoder_positions")(jnp.arange(LENGTH))[None]
     self_mask = nn.combine_masks(nn.make_causal_mask(dec_in),
@@ -126,7 +162,27 @@ class SpanCorruption(nn.Module):
       y = DecoderLayer(c.d_model, c.num_heads, c.d_ff, name=f"decoder_{i}")(
           y, encoded, self_mask, cross_mask)
     y = t5.RMSNorm(1e-6, jnp.float32, jnp.float32, name="decoder_norm")(y)
-    return nn.Dense(c.vocab_size, name="logits")(y)
+    logits = nn.Dense(c.vocab_size, name="logits")(y)
+    if not self.neighbors:
+      return logits
+    h = nn.Dense(len(NEIGHBOR_OFFSETS) * c.vocab_size, name="neighbor_heads")(
+        encoder(clean, clean_mask))
+    return logits, h.reshape(h.shape[:2] + (len(NEIGHBOR_OFFSETS), c.vocab_size))
+
+
+def neighbor_targets(clean: np.ndarray, clean_mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """The token at each offset of NEIGHBOR_OFFSETS from every position [B, L, K] and where it
+  exists (inside the caption) [B, L, K]."""
+  targets, valid = [], []
+  for offset in NEIGHBOR_OFFSETS:
+    targets.append(jnp.roll(clean, -offset, axis=1))
+    inside = jnp.roll(clean_mask, -offset, axis=1)
+    if offset > 0:
+      inside = inside.at[:, -offset:].set(False)
+    elif offset < 0:
+      inside = inside.at[:, :-offset].set(False)
+    valid.append(inside & clean_mask)
+  return jnp.stack(targets, -1), jnp.stack(valid, -1)
 
 
 def pretrain(config: t5.T5Config, encoder_params: Any, captions_ids: list[np.ndarray],
@@ -137,11 +193,13 @@ def pretrain(config: t5.T5Config, encoder_params: Any, captions_ids: list[np.nda
   corruptions of the same captions (every caption is trained on, so none is held out)."""
   vocab = config.vocab_size
   wide = dataclasses.replace(config, vocab_size=vocab + NUM_SENTINELS)
-  model = SpanCorruption(wide)
+  neighbors = settings.objective == "span+neighbors"
+  model = SpanCorruption(wide, neighbors)
   rng = np.random.default_rng(settings.seed)
-  sample = batch(captions_ids, vocab, rng, 2)
+  sample = batch(captions_ids, vocab, rng, 2, settings.objective)
   params = nn.unbox(model.init(jax.random.PRNGKey(settings.seed), sample["enc"],
-                               sample["enc_mask"], sample["dec_in"], sample["dec_mask"]))["params"]
+                               sample["enc_mask"], sample["dec_in"], sample["dec_mask"],
+                               sample["clean"], sample["clean_mask"]))["params"]
   # Start from the given encoder; the sentinels' rows are new.
   start = jax.tree_util.tree_map(np.asarray, nn.unbox(encoder_params))
   embedding = params["encoder"]["token_embedder"]["embedding"]
@@ -152,12 +210,19 @@ def pretrain(config: t5.T5Config, encoder_params: Any, captions_ids: list[np.nda
   opt_state = optimizer.init(params)
 
   def loss_fn(p, b):
-    logits = model.apply({"params": p}, b["enc"], b["enc_mask"], b["dec_in"], b["dec_mask"])
+    out = model.apply({"params": p}, b["enc"], b["enc_mask"], b["dec_in"], b["dec_mask"],
+                      b["clean"], b["clean_mask"])
+    logits, heads = out if neighbors else (out, None)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, b["target"])
     weight = b["dec_mask"] & (b["target"] != EOS_ID) & (b["target"] < vocab)  # span tokens
     correct = (jnp.argmax(logits, -1) == b["target"]) & weight
     full = b["dec_mask"].astype(jnp.float32)
-    return jnp.sum(losses * full) / jnp.sum(full), jnp.sum(correct) / jnp.sum(weight)
+    loss = jnp.sum(losses * full) / jnp.sum(full)
+    if heads is not None:
+      targets, valid = neighbor_targets(b["clean"], b["clean_mask"])
+      head_losses = optax.softmax_cross_entropy_with_integer_labels(heads, targets)
+      loss = loss + jnp.sum(head_losses * valid) / jnp.sum(valid)
+    return loss, jnp.sum(correct) / jnp.sum(weight)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(p, s, b):
@@ -167,8 +232,8 @@ def pretrain(config: t5.T5Config, encoder_params: Any, captions_ids: list[np.nda
 
   losses = []  # left on the device: the host builds the next batch while the step runs
   for _ in range(settings.steps):
-    params, opt_state, loss = step(params, opt_state, batch(captions_ids, vocab, rng,
-                                                            settings.batch_size))
+    params, opt_state, loss = step(params, opt_state, batch(
+        captions_ids, vocab, rng, settings.batch_size, settings.objective))
     losses.append(loss)
   losses = np.asarray(jax.device_get(losses), np.float64)  # as float() gave: the same record
   fresh_corruptions = batch(captions_ids, vocab, np.random.default_rng(settings.seed + 1), 512)

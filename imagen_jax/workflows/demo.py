@@ -240,7 +240,7 @@ def dataset_scores(data_dir: str, num_prompts: int) -> dict[str, dict[str, float
       records.append({"prompt": sources.first_caption(example, info.caption_key)[0],
                       "split": split})
       images.append(preprocess.image_to_rgb(sources.lookup(example, info.image_key))[0])
-  return judge.score_by_split(records, images)
+  return judge.score_by_split(records, images, by_kind=True)
 
 
 def sample_eval_prompts(stage_dirs: Sequence[str], prompts: list[dict[str, str]], outdir: str) -> list[dict]:
@@ -255,19 +255,20 @@ def score(outdir: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[np.nd
   """(scores per split, records, images, each image's verdict) of the samples in `outdir`."""
   records, images = outdir_lib.read_samples(outdir)
   verdicts = judge.judge_records(records, images)
-  return judge.score_verdicts_by_split(records, verdicts), records, images, verdicts
+  return (judge.score_verdicts_by_split(records, verdicts, by_kind=True), records, images,
+          verdicts)
 
 
 def score_table(scores: dict[str, dict[str, float]],
                 dataset: dict[str, dict[str, float]] | None = None) -> str:
   """The verdicts (percent) and picture measures per split; `dataset` rows (the renders'
   own scores) follow as `<split> (data)`."""
-  header = (f"{'split':<18}{'n':>5}" + "".join(f"{a:>13}" for a in judge.ATTRIBUTES)
+  header = (f"{'split':<24}{'n':>5}" + "".join(f"{a:>13}" for a in judge.ATTRIBUTES)
             + f"{'background':>12}{'bg_p99':>8}{'edge_iou':>10}")
   rows = []
   for suffix, table in (("", scores), (" (data)", dataset or {})):
     for split, s in table.items():
-      rows.append(f"{split + suffix:<18}{s['n']:>5}"
+      rows.append(f"{split + suffix:<24}{s['n']:>5}"
                   + "".join(f"{s[a]:>13.1%}" for a in judge.ATTRIBUTES)
                   + f"{s['background']:>12.1f}{s['background_p99']:>8.1f}{s['edge_iou']:>10.3f}")
   return "\n".join([header, *rows])
