@@ -19,6 +19,7 @@ are not promised across versions, so the trained model ships as package data
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import io
@@ -138,16 +139,21 @@ def write_hf_dir(path: str, config: t5.T5Config, tensors: dict[str, np.ndarray],
 MODELS = ("shapes-tiny", "shapes-tiny-pretrained")
 
 
-def pretrained_params(config: t5.T5Config, vocab: bytes) -> tuple[dict[str, np.ndarray],
-                                                                  dict[str, float]]:
-  """The random weights trained with span corruption on every caption of the grammar (HF
-  layout), and the pretraining's metrics."""
+# The pretraining of `builtin:shapes-tiny-pretrained`.
+PRETRAINING = pretrain.PretrainConfig()
+
+
+def pretrained_params(config: t5.T5Config, vocab: bytes,
+                      settings: pretrain.PretrainConfig = PRETRAINING, init_seed: int = SEED
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+  """The random weights of `init_seed` trained on every caption of the grammar with `settings`
+  (HF layout), and the pretraining's metrics."""
   processor = spm.SentencePieceProcessor(model_proto=vocab)
   captions = [np.asarray(processor.encode(c)) for c in shapes_grammar.vocabulary_corpus()]
-  start = weights.hf_to_params(random_params(config), config)
-  logging.info("Pretraining builtin:shapes-tiny-pretrained on %d captions (span corruption)",
-               len(captions))
-  trained, metrics = pretrain.pretrain(config, start, captions, pretrain.PretrainConfig())
+  start = weights.hf_to_params(random_params(config, init_seed), config)
+  logging.info("Pretraining a shapes encoder on %d captions (%s, seed %d)", len(captions),
+               settings.objective, settings.seed)
+  trained, metrics = pretrain.pretrain(config, start, captions, settings)
   logging.info("Span corruption: loss %.3f -> %.3f, span-token accuracy on fresh corruptions %.3f",
                metrics["first_loss"], metrics["last_loss"], metrics["fresh_corruption_accuracy"])
   return weights.params_to_hf(trained, config), metrics
@@ -167,16 +173,7 @@ def materialize(name: str) -> str:
   tmp = tempfile.mkdtemp(prefix=f".{short}-{uuid.uuid4().hex[:8]}-",
                          dir=os.path.dirname(target))
   try:
-    vocab = shapes_vocabulary()
-    vocab_size = spm.SentencePieceProcessor(model_proto=vocab).get_piece_size()
-    config = shapes_tiny_config(vocab_size)
-    if short == "shapes-tiny":
-      write_hf_dir(tmp, config, random_params(config), vocab)
-    else:
-      tensors, metrics = pretrained_params(config, vocab)
-      write_hf_dir(tmp, config, tensors, vocab)
-      with open(os.path.join(tmp, "pretraining.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+    write_encoder(tmp, None if short == "shapes-tiny" else PRETRAINING)
     try:
       os.rename(tmp, target)  # atomic; fails if another process got there first
     except OSError:
@@ -185,6 +182,22 @@ def materialize(name: str) -> str:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return target
+
+
+def write_encoder(path: str, settings: pretrain.PretrainConfig | None = None,
+                  init_seed: int = SEED) -> None:
+  """Writes a shapes encoder directory at `path`: the random tiny T5 of `init_seed`, pretrained
+  on the grammar's text with `settings` unless they are None (with its pretraining.json)."""
+  vocab = shapes_vocabulary()
+  config = shapes_tiny_config(spm.SentencePieceProcessor(model_proto=vocab).get_piece_size())
+  if settings is None:
+    write_hf_dir(path, config, random_params(config, init_seed), vocab)
+    return
+  tensors, metrics = pretrained_params(config, vocab, settings, init_seed)
+  write_hf_dir(path, config, tensors, vocab)
+  with open(os.path.join(path, "pretraining.json"), "w", encoding="utf-8") as f:
+    json.dump({**metrics, **dataclasses.asdict(settings), "init_seed": init_seed}, f, indent=2,
+              sort_keys=True)
 
 
 def resolve(path: str) -> str:
