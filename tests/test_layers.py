@@ -5,6 +5,7 @@
     train  sample                      training a stage; sampling a cascade
     eval                               scoring samples
     workflows                          what composes train + sample + eval: demo, fine-tuning
+    serve                              the sampling server: batching, HTTP API, web page
     commands  cli                      flags in, one library call out
 
 Every `import` of an imagen_jax module counts, including those inside functions.
@@ -28,8 +29,9 @@ ALLOWED = {
     "sample": {"core", "diffusion", "models", "data", "text"},
     "eval": {"core", "diffusion", "models", "data", "text", "sample"},
     "workflows": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
+    "serve": {"core", "diffusion", "models", "data", "text", "sample", "eval"},
     "commands": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval",
-                 "workflows"},
+                 "workflows", "serve"},
     "cli": {"core"},  # it loads `commands.<name>` by name, one per process
     "main": {"cli"},  # python -m imagen_jax
     "configs": set(),
