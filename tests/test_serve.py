@@ -142,6 +142,16 @@ def test_request_bodies_take_openai_fields_and_refuse_unknown_ones():
     api.EditRequest.model_validate({"prompt": "x", "mode": "outpaint"})
 
 
+def test_row_keys_are_the_sample_commands_keys():
+  from imagen_jax.diffusion import stage_sampler  # pylint: disable=g-import-not-at-top
+  from imagen_jax.serve import batcher  # pylint: disable=g-import-not-at-top
+  seeds = [0, 7, 7, 2**31, 2**32 - 1]
+  indices = [0, 0, 5, 3, 2**31 + 1]
+  keys = np.asarray(batcher.row_keys(np.asarray(seeds, np.uint32), np.asarray(indices, np.uint32)))
+  for key, seed, index in zip(keys, seeds, indices):
+    np.testing.assert_array_equal(key, np.asarray(stage_sampler.image_keys(seed, [index]))[0])
+
+
 # --- The server ------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -264,18 +264,22 @@ def _endpoint(path: str) -> str:
   return path if path in known else "other"
 
 
-async def _wait_change(job: batcher_lib.Job, seen: int, timeout: float) -> bool:
-  """Waits until `job` has more than `seen` events or has ended; False after `timeout`."""
+async def _wait_change(job: batcher_lib.Job, seen: int, timeout: float,
+                       until_done: bool = False) -> bool:
+  """Waits until `job` has more than `seen` events (`until_done`: has ended) or has ended;
+  False after `timeout`."""
   loop = asyncio.get_running_loop()
   changed = asyncio.Event()
 
-  def wake():
+  def wake():  # in the thread that changed the job: wakes the loop only when it matters
+    if until_done and not job.done:
+      return
     with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
       loop.call_soon_threadsafe(changed.set)
 
   job.watch(wake)
   try:
-    if job.events_since(seen) or job.done:
+    if job.done or (not until_done and job.events_since(seen)):
       return True
     await asyncio.wait_for(changed.wait(), timeout)
     return True
@@ -435,7 +439,7 @@ def create_app(batcher: batcher_lib.Batcher, limits: Limits = Limits(),
         return responses.Response(status_code=499)
       if time.time() > job.deadline:
         batcher.expire()
-      await _wait_change(job, len(job.events_since(0)), 0.25)
+      await _wait_change(job, 0, 0.25, until_done=True)
     headers = {"X-Job-Id": job.id}
     if job.status == batcher_lib.SUCCEEDED:
       return responses.JSONResponse(images_response(job, base_url), headers=headers)

@@ -184,9 +184,11 @@ class PromptCache:
     return emb, np.arange(length) < tokens
 
 
-def _keys(seed: int, index: int) -> np.ndarray:
-  """The PRNG key [2] of image `index` of a run with `seed` (`stage_sampler.image_keys`)."""
-  return np.asarray(stage_sampler.image_keys(seed, [index]))[0]
+@jax.jit
+def row_keys(seeds: jax.Array, indices: jax.Array) -> jax.Array:
+  """PRNG keys [B, 2]: row b's is image indices[b] of a run with seeds[b] (uint32 [B] each), as
+  `stage_sampler.image_keys` makes it, in one compiled call per batch size."""
+  return jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(seeds, indices)
 
 
 class Batcher:
@@ -472,8 +474,9 @@ class Batcher:
     for r, (job, _) in enumerate(rows):
       if job.negative_prompt:
         null_emb[r], null_mask[r] = self.embed(job.negative_prompt)
-    keys = np.stack([_keys(job.seed, i) for job, i in rows]
-                    + [_keys(0, _PAD_INDEX + p) for p in range(pads)])
+    keys = np.asarray(row_keys(
+        np.asarray([job.seed for job, _ in rows] + [0] * pads, np.uint32),
+        np.asarray([i for _, i in rows] + [_PAD_INDEX + p for p in range(pads)], np.uint32)))
     defaults = self.defaults_for(program.edit)
     rows_settings = [stage_sampler.RowSettings.stack(
         [job.settings[k] for job, _ in rows] + [defaults[k]] * pads, null_emb, null_mask)
