@@ -50,8 +50,9 @@ _MAX_PIXELS = flags.DEFINE_integer("max_pixels", api.Limits.max_pixels,
                                    "checked before it is decoded (413 beyond).")
 _TIMEOUT = flags.DEFINE_float("timeout", api.Limits.timeout_s, "Seconds a job may take from "
                               "its arrival (504 beyond); a request may ask for less.")
-_BATCH_WAIT_MS = flags.DEFINE_float("batch_wait_ms", 5.0, "How long the oldest queued request "
-                                    "waits for others to batch with when the worker is idle.")
+_BATCH_WAIT_MS = flags.DEFINE_float(
+    "batch_wait_ms", 10.0, "When the worker is idle, a batch short of the largest size starts "
+    "once no request has come for this long (at most 10 times this after the first).")
 _PROMPT_CACHE = flags.DEFINE_integer("prompt_cache", 256, "Prompt embeddings kept (LRU).")
 _JOB_TTL = flags.DEFINE_float("job_ttl", 600.0, "Seconds a finished job (and its images) stays "
                               "readable at /v1/jobs/{id} and /v1/files/.")

@@ -201,7 +201,7 @@ class Batcher:
   def __init__(self, cascade: cascade_lib.Cascade, *, batch_sizes: Sequence[int] = (1, 4, 8),
                max_queue: int = 64,
                default_settings: Sequence[stage_sampler.StageSettings] | None = None,
-               batch_wait_s: float = 0.005, prompt_cache: int = 256, job_ttl_s: float = 600.0,
+               batch_wait_s: float = 0.01, prompt_cache: int = 256, job_ttl_s: float = 600.0,
                max_jobs: int = 1000, metrics: metrics_lib.Metrics | None = None):
     if not batch_sizes or min(batch_sizes) < 1:
       raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
@@ -436,10 +436,12 @@ class Batcher:
         self.expire()
         if self._pending and not self._paused:
           program = self._pending[0][0].program
-          count = sum(job.program == program for job, _ in self._pending)
-          # Requests arriving together (many clients at once) wait a moment for each other.
-          wait = self._pending[0][0].created + self.batch_wait_s - time.time()
-          if count >= largest or wait <= 0:
+          same = [job for job, _ in self._pending if job.program == program]
+          # A burst of requests (clients answered by one batch send their next together) is
+          # batched whole: wait until none came for batch_wait_s, at most 10 times that.
+          oldest, newest = same[0].created, max(job.created for job in same)
+          wait = min(newest + self.batch_wait_s, oldest + 10 * self.batch_wait_s) - time.time()
+          if len(same) >= largest or wait <= 0:
             break
           self._cond.wait(wait)
           continue

@@ -83,7 +83,7 @@ class DrainingServer(uvicorn.Server):
 def build(cascade: cascade_lib.Cascade, settings: Sequence[stage_sampler.StageSettings], *,
           host: str = "127.0.0.1", port: int = 8000, batch_sizes: Sequence[int] = (1, 4, 8),
           max_queue: int = 64, limits: api.Limits = api.Limits(), api_key: str | None = None,
-          batch_wait_s: float = 0.005, prompt_cache: int = 256, job_ttl_s: float = 600.0,
+          batch_wait_s: float = 0.01, prompt_cache: int = 256, job_ttl_s: float = 600.0,
           drain_timeout: float | None = None, log_level: str = "info",
           access_log: bool = True) -> DrainingServer:
   """The server of `cascade`, its worker started (compiling); `.run()` serves until SIGTERM."""
