@@ -105,23 +105,32 @@ class Served:
       self.batcher.resume()
 
 
-@pytest.fixture(scope="module")
-def served(tiny_cascade):
-  """A server on loopback (uvicorn in a thread of this process) over the tiny cascade, one
-  device, batch sizes 1 and 3, 3 steps per stage, every batch size compiled."""
-  cascade, settings = server_lib.load(tiny_cascade, devices=1, steps=[str(STEPS)])
+@contextlib.contextmanager
+def running_server(stages, **options):
+  """A server on loopback (uvicorn in a thread of this process) over `stages`, one device,
+  3 steps per stage, batch sizes 1 and 3 (or `options`), every batch size compiled."""
+  cascade, settings = server_lib.load(stages, devices=1, steps=[str(STEPS)])
   port = free_port()
-  server = server_lib.build(cascade, settings, port=port, batch_sizes=(1, 3), max_queue=8,
-                            limits=LIMITS, log_level="warning", access_log=False)
+  options = {"batch_sizes": (1, 3), "max_queue": 8, "limits": LIMITS, **options}
+  server = server_lib.build(cascade, settings, port=port, log_level="warning", access_log=False,
+                            **options)
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
   client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-  wait_until(lambda: server.started and client.get("/readyz").status_code == 200, 900,
-             "the server to compile its batch sizes")
-  yield Served(client, server.batcher, cascade, settings)
-  server.drain_and_stop()
-  thread.join(120)
-  client.close()
+  try:
+    wait_until(lambda: server.started and client.get("/readyz").status_code == 200, 900,
+               "the server to compile its batch sizes")
+    yield Served(client, server.batcher, cascade, settings)
+  finally:
+    server.drain_and_stop()
+    thread.join(120)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_cascade):
+  with running_server(tiny_cascade) as running:
+    yield running
 
 
 # --- Request bodies, no server -----------------------------------------------------------------
