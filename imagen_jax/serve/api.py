@@ -459,19 +459,22 @@ def create_app(batcher: batcher_lib.Batcher, limits: Limits = Limits(),
     if not http.headers.get("content-type", "").startswith("multipart/form-data"):
       raise ApiError(400, "an edit is a multipart/form-data request (image and mask as files)",
                      "invalid_content_type")
+    fields: dict[str, Any] = {}
+    files: dict[str, list[bytes]] = {}
     try:
       form = await http.form(max_files=4, max_fields=64, max_part_size=limits.max_body_bytes)
     except Exception as e:  # pylint: disable=broad-except  (starlette's multipart errors)
       raise ApiError(400, f"cannot read the multipart body: {e}", "invalid_body") from e
-    fields: dict[str, Any] = {}
-    files: dict[str, list[UploadFile]] = {}
-    for key, value in form.multi_items():
-      if isinstance(value, UploadFile):
-        files.setdefault(key, []).append(value)
-      elif key in fields:
-        raise ApiError(422, f"field {key!r} is given twice", "invalid_field", key)
-      else:
-        fields[key] = value.split(",") if key in PER_STAGE and "," in value else value
+    try:  # uploads are read into memory, then the form's spooled files are closed
+      for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+          files.setdefault(key, []).append(await value.read())
+        elif key in fields:
+          raise ApiError(422, f"field {key!r} is given twice", "invalid_field", key)
+        else:
+          fields[key] = value.split(",") if key in PER_STAGE and "," in value else value
+    finally:
+      await form.close()
     unknown = sorted(set(files) - {"image", "image[]", "mask"})
     if unknown:
       raise ApiError(422, f"unknown file field {unknown[0]!r} (files: image, mask)",
@@ -497,10 +500,10 @@ def create_app(batcher: batcher_lib.Batcher, limits: Limits = Limits(),
       raise ApiError(400, "inpainting needs a mask file (white or transparent = regenerate)"
                      if edit.uses_mask else f"mode {mode!r} takes no mask", "invalid_value",
                      "mask")
-    image = _decode(await uploads[0].read(), "image", limits)
+    image = _decode(uploads[0], "image", limits)
     mask = None
     if mask_file is not None:
-      mask = _decode_mask(await mask_file.read(), limits)
+      mask = _decode_mask(mask_file, limits)
       if mask.shape != image.shape[:2]:
         raise ApiError(400, f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
                        f"{image.shape[1]}x{image.shape[0]}: they must be the same size",

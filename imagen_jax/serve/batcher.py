@@ -202,7 +202,8 @@ class Batcher:
                max_queue: int = 64,
                default_settings: Sequence[stage_sampler.StageSettings] | None = None,
                batch_wait_s: float = 0.01, prompt_cache: int = 256, job_ttl_s: float = 600.0,
-               max_jobs: int = 1000, metrics: metrics_lib.Metrics | None = None):
+               max_jobs: int = 1000, max_result_bytes: int = 1 << 30,
+               metrics: metrics_lib.Metrics | None = None):
     if not batch_sizes or min(batch_sizes) < 1:
       raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     self.cascade = cascade
@@ -215,7 +216,7 @@ class Batcher:
     self.max_queue = max_queue
     self.defaults = list(default_settings or cascade.default_settings())
     self.batch_wait_s = batch_wait_s
-    self.job_ttl_s, self.max_jobs = job_ttl_s, max_jobs
+    self.job_ttl_s, self.max_jobs, self.max_result_bytes = job_ttl_s, max_jobs, max_result_bytes
     self.metrics = metrics or metrics_lib.Metrics()
     self.embed = PromptCache(cascade.text_encoder, prompt_cache, self.metrics)
     self.ready = False
@@ -382,13 +383,16 @@ class Batcher:
     self._forget_old(time.time())
 
   def _forget_old(self, now: float) -> None:
-    """Drops finished jobs past their time to live, and the oldest finished beyond max_jobs."""
+    """Drops finished jobs past their time to live, then the oldest finished ones while more
+    than max_jobs jobs or max_result_bytes of images are held."""
     finished = [j for j in self._jobs.values() if j.done]
     extra = len(self._jobs) - self.max_jobs
+    held = sum(len(png) for j in finished for png in j.pngs if png)
     for job in finished:
-      if now - job.finished > self.job_ttl_s or extra > 0:
+      if now - job.finished > self.job_ttl_s or extra > 0 or held > self.max_result_bytes:
         del self._jobs[job.id]
         extra -= 1
+        held -= sum(len(png) for png in job.pngs if png)
 
   def _drop(self, job: Job, reason: str) -> None:
     """Removes the queued images of `job` (the caller holds the lock)."""
