@@ -41,7 +41,7 @@ SERVE_DIR="${OUT:-${TMPDIR:-/tmp}}/serve_cascade"
 if [[ "${TINY:-0}" == 1 ]]; then
   SERVE_BASE=(--config=configs/base64.py:tiny --config.image_size=16)
   SERVE_SR=(--config=configs/sr256.py:tiny)
-  SERVE_LOAD=(--clients=1,4 --requests=8 --batch_sizes=1,4 --steps=2 --overload_seconds=5)
+  SERVE_LOAD=(--clients=1,4 --requests=8 --batch_sizes=2 --steps=2 --overload_seconds=5)
 else
   SERVE_BASE=(--config=configs/demo_base.py:quick); SERVE_SR=(--config=configs/demo_sr.py:quick)
   SERVE_LOAD=(--batch_sizes=1,4,16)

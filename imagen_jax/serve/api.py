@@ -395,7 +395,7 @@ def create_app(batcher: batcher_lib.Batcher, limits: Limits = Limits(),
       chosen = {"guidance": guidance, "sampler": sampler, "steps": steps, "threshold": threshold}
       try:
         settings.append(dataclasses.replace(
-            default, **{k: v for k, v in chosen.items() if v is not None}))
+            default, **{name: value for name, value in chosen.items() if value is not None}))
       except ValueError as e:
         raise ApiError(400, f"stage {k + 1}: {e}", "invalid_value") from e
     if edit is not None:
