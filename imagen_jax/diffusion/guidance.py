@@ -78,9 +78,9 @@ def guided_model_fn(model_fn: Callable[..., jax.Array], weight: float | jax.Arra
   The conditional and unconditional halves run as one batched forward pass of size 2B. A
   Python-float weight of 1 skips the unconditional half; an array weight [B] guides each example
   by its own. `null` (emb [B, L, D], mask [B, L]) replaces the zeroed text of the unconditional
-  half (a negative prompt). With an `interval`, guidance runs only
-  where the noise level (of the first example: samplers step the batch together) lies in it; a
-  `lax.cond` runs the conditional pass alone elsewhere, so the skipped passes are skipped work.
+  half (a negative prompt). With an `interval`, guidance runs only where the noise level (of the
+  first example: samplers step the batch together) lies in it; a `lax.cond` runs the
+  conditional pass alone elsewhere, so the skipped passes are skipped work.
   """
   interval = check_interval(interval)
   if isinstance(weight, (int, float)) and weight == 1.0:
