@@ -29,6 +29,11 @@ CORE = [
     "scipy>=1.14,<2",
     "tqdm>=4.66,<5",
     "gcsfs>=2025.1",
+    # `imagen-jax serve`: the HTTP API, its server, its metrics and multipart uploads.
+    "fastapi>=0.165,<1",
+    "uvicorn>=0.55,<1",
+    "prometheus-client>=0.26,<1",
+    "python-multipart>=0.0.34,<0.1",
 ]
 
 TEST = [
@@ -43,6 +48,9 @@ TEST = [
     "nbclient>=0.10,<0.12",
     "nbformat>=5.10,<6",
     "ipykernel>=6.29,<8",
+    # The serving tests: FastAPI's TestClient, and the web page in Debian's Chromium.
+    "httpx>=0.28,<1",
+    "playwright>=1.65,<2",
 ]
 
 TF = [
@@ -67,7 +75,7 @@ setuptools.setup(
     # imagen_jax.configs, so `--config=configs/base64.py` works from any directory.
     packages=setuptools.find_packages(include=["imagen_jax", "imagen_jax.*"]) + ["imagen_jax.configs"],
     package_dir={"imagen_jax.configs": "configs"},
-    package_data={"imagen_jax": ["text/assets/*"]},
+    package_data={"imagen_jax": ["text/assets/*", "serve/static/*"]},
     install_requires=CORE,
     extras_require={"test": TEST, "tf": TF, "launch": LAUNCH,
                     "diffusers": DIFFUSERS},

@@ -3,7 +3,8 @@
 # included): the issue's anchors are base64:500m at batch 64 in bf16 (JAX-Toolbox: 107 images/s
 # per A100) and the paper's SR 256 Efficient U-Net at batch 32; then `inspect --memory`'s
 # estimate of the first row's step, to set beside its measured device_peak_gib; and each
-# sampler's own cost per step beside the network's (benchmarks/sampler_overhead.py). Prints each
+# sampler's own cost per step beside the network's (benchmarks/sampler_overhead.py); then the
+# sampling server under concurrent clients (benchmarks/serve_load.py). Prints each
 # table and its RESULT_JSON / MEMORY_JSON line; pass OUT=dir to also keep the output there.
 #   bash benchmarks/gpu_suite.sh
 #   TINY=1 bash benchmarks/gpu_suite.sh     # the same commands on tiny configs, on a CPU (a test)
@@ -34,4 +35,20 @@ run benchmarks.sample --config=$BASE --batch_size=$BATCH --config.dtype=bfloat16
 run benchmarks.sampler_overhead --configs=$BASE,$SR "${OVERHEAD[@]}"
 run imagen_jax.cli inspect --config=$BASE --config.dtype=bfloat16 --memory --mesh=fsdp:1 \
     --batch_size=$BATCH --device=h100
+# Serving: `imagen-jax serve` under 1, 4 and 16 concurrent clients (benchmarks/serve_load.py), on
+# the demo's cascade (tiny: base64:tiny at 16x16 and sr256:tiny) trained a few steps here first.
+SERVE_DIR="${OUT:-${TMPDIR:-/tmp}}/serve_cascade"
+if [[ "${TINY:-0}" == 1 ]]; then
+  SERVE_BASE=(--config=configs/base64.py:tiny --config.image_size=16)
+  SERVE_SR=(--config=configs/sr256.py:tiny)
+  SERVE_LOAD=(--clients=1,4 --requests=8 --batch_sizes=2 --steps=2 --overload_seconds=5)
+else
+  SERVE_BASE=(--config=configs/demo_base.py:quick); SERVE_SR=(--config=configs/demo_sr.py:quick)
+  SERVE_LOAD=(--batch_sizes=1,4,16)
+fi
+SERVE_TRAIN=(--config.total_steps=2 --config.checkpoint_every=2 --config.sample_every=0
+             --config.batch_size=8 --config.data.data_dir="$SERVE_DIR/data")
+run imagen_jax.cli train "${SERVE_BASE[@]}" --workdir="$SERVE_DIR/base" "${SERVE_TRAIN[@]}"
+run imagen_jax.cli train "${SERVE_SR[@]}" --workdir="$SERVE_DIR/sr" "${SERVE_TRAIN[@]}"
+run benchmarks.serve_load --stages="$SERVE_DIR/base,$SERVE_DIR/sr" "${SERVE_LOAD[@]}"
 exit $status

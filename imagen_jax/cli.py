@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("imagen_jax.commands.demo", "train, sample and score a tiny shapes cascade on the CPU"),
     "eval": ("imagen_jax.commands.eval", "score samples: shapes adherence, FID, DrawBench"),
     "inspect": ("imagen_jax.commands.inspect", "print a resolved config and its model's parameter table"),
+    "serve": ("imagen_jax.commands.serve",
+              "serve a cascade over HTTP: an OpenAI-style images API, batching, a web page"),
 }
 
 USAGE_ERROR = 2  # bad command line or config: nothing has run

@@ -17,13 +17,13 @@ def test_gpu_suite_runs_on_tiny_configs(tmp_path):
   env = {**os.environ, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
          "XLA_FLAGS": ""}
   out = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=REPO, env=env, text=True,
-                       capture_output=True, timeout=1200)
+                       capture_output=True, timeout=1800)
   assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
   log = (tmp_path / "gpu_suite.log").read_text()
   results = [json.loads(line.split("RESULT_JSON ", 1)[1]) for line in log.splitlines()
              if line.startswith("RESULT_JSON ")]
   assert [r["benchmark"] for r in results] == ["train_step", "train_step", "sample",
-                                               "sampler_overhead"]
+                                               "sampler_overhead", "serve_load"]
   assert all(row["images_per_s"] > 0 for r in results[:3] for row in r["rows"])
   overhead = results[3]["rows"]
   assert {row["config"] for row in overhead} == {"configs/base64.py:tiny", "configs/sr256.py:tiny"}
@@ -33,6 +33,10 @@ def test_gpu_suite_runs_on_tiny_configs(tmp_path):
              for row in overhead)
   memory = json.loads(log.split("MEMORY_JSON ", 1)[1].splitlines()[0])
   assert memory["per_device_batch"] == 2 and memory["params"] > 0
+  serving = results[4]
+  assert [row["clients"] for row in serving["rows"][:2]] == ["1", "4"]
+  assert all(row["ok"] > 0 and row["5xx"] == 0 and row["lost"] == 0 for row in serving["rows"])
+  assert serving["exit_code"] == 0
 
 
 def test_demo_ablation_parses_arms():

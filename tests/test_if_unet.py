@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_trees_equal
+from helpers import assert_trees_equal
 from imagen_jax.core import partitioning
 from imagen_jax.interop import diffusers_format
 from imagen_jax.models import if_unet

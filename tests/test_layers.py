@@ -6,6 +6,7 @@
     interop  sample                    other frameworks' checkpoints in and out; a cascade
     eval                               scoring samples
     workflows                          what composes train + sample + eval: demo, fine-tuning
+    serve                              the sampling server: batching, HTTP API, web page
     commands  cli                      flags in, one library call out
 
 Every `import` of an imagen_jax module counts, including those inside functions.
@@ -30,8 +31,9 @@ ALLOWED = {
     "sample": {"core", "diffusion", "models", "data", "text", "train"},  # a stage's plan
     "eval": {"core", "diffusion", "models", "data", "text", "sample"},
     "workflows": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval"},
+    "serve": {"core", "diffusion", "models", "data", "text", "sample", "eval"},
     "commands": {"core", "diffusion", "models", "data", "text", "train", "sample", "eval",
-                 "workflows", "interop"},
+                 "workflows", "interop", "serve"},
     "cli": {"core"},  # it loads `commands.<name>` by name, one per process
     "main": {"cli"},  # python -m imagen_jax
     "configs": set(),

@@ -43,8 +43,11 @@ def drop_tokens(key: jax.Array, text_emb: jax.Array, rate: float) -> jax.Array:
 def combine(cond: jax.Array, uncond: jax.Array, weight: float | jax.Array) -> jax.Array:
   """eps = w * eps_c + (1 - w) * eps_u: w = 1 is exactly the conditional, w = 0 the unconditional.
 
-  Guidance is affine in the network output, so it holds for eps, x0 or v outputs alike.
+  Guidance is affine in the network output, so it holds for eps, x0 or v outputs alike. The
+  weight is one number or one per example [B] (outputs [B, ...]).
   """
+  if jnp.ndim(weight) == 1:
+    weight = jnp.reshape(weight, (-1,) + (1,) * (cond.ndim - 1)).astype(cond.dtype)
   return weight * cond + (1.0 - weight) * uncond
 
 
@@ -68,20 +71,23 @@ def in_interval(log_snr, interval: Interval):
 
 
 def guided_model_fn(model_fn: Callable[..., jax.Array], weight: float | jax.Array,
-                    interval: Sequence[float] = ()) -> Callable[..., jax.Array]:
+                    interval: Sequence[float] = (),
+                    null: tuple[jax.Array, jax.Array] | None = None) -> Callable[..., jax.Array]:
   """Wraps `model_fn(z, log_snr, text_emb, text_mask, **extra)` with classifier-free guidance.
 
   The conditional and unconditional halves run as one batched forward pass of size 2B. A
-  Python-float weight of 1 skips the unconditional half. With an `interval`, guidance runs only
-  where the noise level (of the first example: samplers step the batch together) lies in it; a
-  `lax.cond` runs the conditional pass alone elsewhere, so the skipped passes are skipped work.
+  Python-float weight of 1 skips the unconditional half; an array weight [B] guides each example
+  by its own. `null` (emb [B, L, D], mask [B, L]) replaces the zeroed text of the unconditional
+  half (a negative prompt). With an `interval`, guidance runs only where the noise level (of the
+  first example: samplers step the batch together) lies in it; a `lax.cond` runs the
+  conditional pass alone elsewhere, so the skipped passes are skipped work.
   """
   interval = check_interval(interval)
   if isinstance(weight, (int, float)) and weight == 1.0:
     return model_fn
 
   def guided(z, log_snr, text_emb, text_mask, **extra):
-    null_emb, null_mask = null_text(text_emb, text_mask)
+    null_emb, null_mask = null_text(text_emb, text_mask) if null is None else null
     double = lambda a, b: jnp.concatenate([a, b], axis=0)
     extra2 = {k: (None if v is None else double(v, v)) for k, v in extra.items()}
     out = model_fn(double(z, z), double(log_snr, log_snr), double(text_emb, null_emb),

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion import augmentation
 from imagen_jax.diffusion import edm
@@ -71,6 +72,25 @@ class StageSettings:
         guidance_interval=self.guidance_interval)
 
 
+class RowSettings(NamedTuple):
+  """Each image's own settings of one stage, as arrays: traced, not static like StageSettings, so
+  images with different values share one compiled program. They replace `settings.guidance`,
+  `threshold` and `percentile`, and give the unconditional half of guidance its own text."""
+  guidance: Any                # float32 [B]: guidance weight (1: the conditional alone)
+  threshold: Any               # int32 [B]: index into thresholding.METHODS
+  percentile: Any              # float32 [B]: dynamic thresholding's, 0-100 scale
+  null_emb: Any = None         # float32 [B, L, D]: a negative prompt's embeddings (None: zeros)
+  null_mask: Any = None        # bool [B, L]
+
+  @classmethod
+  def stack(cls, settings: Sequence[StageSettings], null_emb: Any = None,
+            null_mask: Any = None) -> "RowSettings":
+    """Host arrays of each image's StageSettings (its guidance, threshold and percentile)."""
+    return cls(np.asarray([s.guidance for s in settings], np.float32),
+               np.asarray([thresholding.METHODS.index(s.threshold) for s in settings], np.int32),
+               np.asarray([s.percentile for s in settings], np.float32), null_emb, null_mask)
+
+
 def image_keys(seed: int, indices: Any) -> jax.Array:
   """One PRNG key per image [N, 2]: image `i` of a run with `seed` is always sampled from the
   same noise, whatever batch it falls in."""
@@ -79,16 +99,18 @@ def image_keys(seed: int, indices: Any) -> jax.Array:
 
 
 def x0_denoiser(config: Any, model: Any, params: Any, text_emb: jax.Array, text_mask: jax.Array,
-                guidance_weight: float, lowres: jax.Array | None = None,
+                guidance_weight: float | jax.Array, lowres: jax.Array | None = None,
                 aug_log_snr: jax.Array | None = None,
-                guidance_interval: guidance.Interval = ()) -> samplers.X0Fn:
-  """x0_fn(z, log_snr) of a stage with classifier-free guidance (in its interval) folded in."""
+                guidance_interval: guidance.Interval = (),
+                null_text: tuple[jax.Array, jax.Array] | None = None) -> samplers.X0Fn:
+  """x0_fn(z, log_snr) of a stage with classifier-free guidance (in its interval) folded in; the
+  weight is one number or one per image [B], `null_text` the unconditional text (emb, mask)."""
 
   def net(z, log_snr, emb, mask, lowres=None, aug_log_snr=None):
     return model.apply({"params": params}, z, log_snr, emb, mask, lowres=lowres,
                        aug_log_snr=aug_log_snr)
 
-  guided = guidance.guided_model_fn(net, guidance_weight, guidance_interval)
+  guided = guidance.guided_model_fn(net, guidance_weight, guidance_interval, null_text)
   extra = {} if lowres is None else {"lowres": lowres, "aug_log_snr": aug_log_snr}
   bound = lambda z, log_snr: guided(z, log_snr, text_emb, text_mask, **extra)
   if config.diffusion.formulation == "edm":
@@ -100,12 +122,15 @@ def sample_stage(config: Any, model: Any, params: Any, keys: jax.Array, text_emb
            text_mask: jax.Array, settings: StageSettings, *, image_size: int | None = None,
            lowres: jax.Array | None = None, image: jax.Array | None = None,
            keep: jax.Array | None = None, start: float = 1.0, resample: int = 1, jump: int = 1,
-           on_step: Callable[[int], None] | None = None) -> jax.Array:
+           on_step: Callable[[int], None] | None = None,
+           rows: RowSettings | None = None) -> jax.Array:
   """Images [B, S, S, 3] in [-1, 1] for text_emb [B, L, D] (and lowres [B, s, s, 3] for SR).
 
   `keys` [B] holds one PRNG key per image (raw keys: [B, 2]), so an image depends only on its key.
   Jit it with `settings` static (e.g. `jax.jit(functools.partial(sample, config, model,
-  settings=...))`); `image_size` defaults to the stage's config.image_size.
+  settings=...))`); `image_size` defaults to the stage's config.image_size. `rows` (traced)
+  gives each image its own guidance weight, thresholding and unconditional text, in place of
+  those of `settings`.
 
   Editing an input `image` [B, S, S, 3] in [-1, 1] (`diffusion.editing`): `start` < 1 begins
   from it noised to that time (image-to-image; static); `keep` [B, S, S, 1] (1 = keep) keeps
@@ -121,13 +146,21 @@ def sample_stage(config: Any, model: Any, params: Any, keys: jax.Array, text_emb
     lowres, aug_log_snr = augmentation.noise_augment(
         aug_key, lowres, jnp.full((batch,), settings.aug_level, jnp.float32),
         schedules.get_log_snr_fn(config.lowres.aug_schedule))
-  x0_fn = x0_denoiser(config, model, params, text_emb, text_mask, settings.guidance,
-                      lowres, aug_log_snr, settings.guidance_interval)
+  weight, null_text = settings.guidance, None
+  threshold_fn = thresholding.get_threshold_fn(settings.threshold, settings.percentile)
+  if rows is not None:
+    weight = rows.guidance
+    threshold_fn = lambda x0: thresholding.per_example_threshold(x0, rows.threshold,
+                                                                 rows.percentile)
+    if rows.null_emb is not None:
+      null_text = (rows.null_emb, rows.null_mask)
+  x0_fn = x0_denoiser(config, model, params, text_emb, text_mask, weight,
+                      lowres, aug_log_snr, settings.guidance_interval, null_text)
   noise = noise_lib.normal(noise_key, (batch, size, size, 3))
   out = samplers.solve(
       x0_fn, noise, sample_key, sampler=settings.sampler, num_steps=settings.steps,
       log_snr_fn=schedules.stage_log_snr_fn(config.diffusion),
-      threshold_fn=thresholding.get_threshold_fn(settings.threshold, settings.percentile),
+      threshold_fn=threshold_fn,
       eta=settings.eta, spacing=settings.spacing, variant=settings.unipc_variant,
       start=start, init=image, known=None if keep is None else editing.Known(image, keep),
       resample=resample, jump=jump, on_step=on_step)

@@ -30,6 +30,23 @@ def dynamic_threshold(x0: jax.Array, percentile: float = 99.5) -> jax.Array:
   return jnp.clip(x0, -s, s) / s
 
 
+# The methods by index: `per_example_threshold` takes each example's as its index here.
+METHODS = ("none", "static", "dynamic")
+
+
+def per_example_threshold(x0: jax.Array, method: jax.Array, percentile: jax.Array) -> jax.Array:
+  """x0 [B, ...] thresholded example by example: `method` int [B] indexes METHODS and
+  `percentile` float [B] is each example's dynamic percentile (0-100 scale). Both may be traced,
+  so examples with different choices share one compiled program."""
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
+  s = jnp.maximum(jax.vmap(jnp.percentile)(flat, percentile.astype(jnp.float32)), 1.0)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+  method = jnp.reshape(method, (-1,) + (1,) * (x0.ndim - 1))
+  dynamic = jnp.clip(x0, -s, s) / s
+  return jnp.where(method == METHODS.index("dynamic"), dynamic,
+                   jnp.where(method == METHODS.index("static"), static_threshold(x0), x0))
+
+
 def get_threshold_fn(name: str, percentile: float = 99.5) -> ThresholdFn:
   """`dynamic`, `static` or `none`."""
   if name == "dynamic":

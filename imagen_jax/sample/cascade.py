@@ -205,9 +205,30 @@ class Cascade:
         [a, np.zeros((padded - n,) + a.shape[1:], a.dtype)])
     images, masks = pad(images), pad(masks)
     keys = stage_sampler.image_keys(seed, np.concatenate([indices, np.arange(padded - n) + 2**31]))
+    outputs = self.sample_encoded(emb, mask, keys, settings=settings, progress=progress,
+                                  edit=edit, images=images, masks=masks)
+    return [out[:n] for out in outputs]
+
+  def sample_encoded(self, text_emb: np.ndarray, text_mask: np.ndarray, keys: Any, *,
+                     settings: Sequence[stage_sampler.StageSettings],
+                     rows: Sequence[stage_sampler.RowSettings] | None = None,
+                     progress: Callable[[int, int, int], None] | None = None,
+                     edit: edit_inputs.Edit | None = None, images: np.ndarray | None = None,
+                     masks: np.ndarray | None = None,
+                     on_stage: Callable[[int, np.ndarray], None] | None = None
+                     ) -> list[np.ndarray]:
+    """uint8 images of every stage, [B, S_k, S_k, 3], for a batch already encoded and checked.
+
+    text_emb [B, L, D] and text_mask [B, L] as `text_encoder.encode` gives them, keys [B, 2]
+    (`stage_sampler.image_keys`), B a multiple of the mesh's size; `settings`, `progress`, `edit`,
+    `images` and `masks` as in `sample`. `rows[k]` gives each image its own guidance weight,
+    thresholding and negative prompt at stage k (`stage_sampler.RowSettings`: traced, so a batch
+    of mixed values runs one compiled program). `on_stage(k, images)` receives stage k's uint8
+    images as soon as they are done.
+    """
     batch_sharding = lambda ndim: partitioning.batch_sharding(self.mesh, ndim)
-    emb = jax.device_put(emb, batch_sharding(3))
-    mask = jax.device_put(mask, batch_sharding(2))
+    emb = jax.device_put(text_emb, batch_sharding(3))
+    mask = jax.device_put(text_mask, batch_sharding(2))
     outputs, lowres = [], None
     if edit is not None and edit.mode == "upscale":
       lowres = jax.device_put(preprocess.to_model_range(
@@ -218,6 +239,9 @@ class Cascade:
         inputs = {name: jax.device_put(value, batch_sharding(4)) for name, value in
                   edit_inputs.stage_inputs(edit, images, masks, stage.config.image_size).items()}
         statics = {"start": edit.strength, "resample": edit.resample, "jump": edit.jump}
+      if rows is not None:
+        inputs["rows"] = jax.tree_util.tree_map(
+            lambda a: jax.device_put(a, batch_sharding(np.ndim(a))), rows[k])
       fn = self._stage_fn(k, stage_settings, progress is not None, **statics)
       stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
       self._progress = progress
@@ -225,9 +249,11 @@ class Cascade:
         with partitioning.mesh_context(self.mesh):
           out = fn(stage.params, stage_keys, emb, mask, lowres=lowres, **inputs)
         lowres = out
-        outputs.append(np.asarray(preprocess.to_uint8(out))[:n])  # waits for the last report
+        outputs.append(np.asarray(preprocess.to_uint8(out)))  # waits for the last report
       finally:
         self._progress = None
+      if on_stage is not None:
+        on_stage(k, outputs[-1])
     return outputs
 
   def check_edit(self, edit: edit_inputs.Edit, settings: Sequence[stage_sampler.StageSettings]) -> None:
