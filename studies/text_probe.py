@@ -33,6 +33,8 @@ _SEEDS = flags.DEFINE_list("pretrain_seeds", ["0", "1", "2"], "Pretraining seeds
 _OBJECTIVES = flags.DEFINE_list("objectives", ["span"], "Pretraining objectives "
                                 "(text.pretrain.OBJECTIVES).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Pretraining steps (0: the default).")
+_ENCODER_DIRS = flags.DEFINE_list("encoder_dirs", [], "Shapes encoder directories to probe too "
+                                  "(e.g. those studies.encoder_table wrote), as NAME=DIR.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,9 @@ def main(argv: Sequence[str]) -> None:
       table.append(row)
 
   probe_encoder("random", "-", random)
+  for item in _ENCODER_DIRS.value:
+    name, _, path = item.partition("=")
+    probe_encoder(name, "-", weights.load_hf(path)[1])
   for objective in _OBJECTIVES.value:
     for seed in _SEEDS.value:
       settings = pretrain.PretrainConfig(seed=int(seed), objective=objective)

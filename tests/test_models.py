@@ -48,8 +48,9 @@ def tiny_net(spec, **overrides):
   return config, model, params, jax.jit(functools.partial(model.apply, {"params": params}))
 
 
-def random_inputs(config, batch=2, seed=0, size=None):
-  """Inputs with real tokens of different lengths per example (the rest padding)."""
+def random_inputs(config, batch=3, seed=0, size=None):
+  """Inputs with real tokens of different lengths per example (the rest padding). One batch
+  size for every test: each distinct shape is one more compilation."""
   inputs = models.init_inputs(config, batch)
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   _, train_size, lowres_size = config_lib.stage_sizes(config)
@@ -116,7 +117,7 @@ def test_output_shape_and_dtype(spec):
   config, _, _, apply = tiny_net(spec)
   out = apply(**random_inputs(config))
   size = config_lib.stage_sizes(config)[1]
-  assert out.shape == (2, size, size, 3) and out.dtype == jnp.float32
+  assert out.shape == (3, size, size, 3) and out.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
 
 
@@ -127,7 +128,7 @@ def test_a_fresh_network_predicts_zero():
   inputs = random_inputs(config)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), **inputs)["params"]
   out = jax.jit(model.apply)({"params": params}, **inputs)
-  assert out.shape == (2, 32, 32, 3) and float(jnp.max(jnp.abs(out))) == 0.0
+  assert out.shape == (3, 32, 32, 3) and float(jnp.max(jnp.abs(out))) == 0.0
 
 
 def test_sr_network_is_convolutional_trains_on_crops_and_samples_at_full_size():
@@ -137,14 +138,14 @@ def test_sr_network_is_convolutional_trains_on_crops_and_samples_at_full_size():
   assert config.train_crop == 32 and config.image_size == 64
   crop = apply(**random_inputs(config, size=32))
   full = apply(**random_inputs(config, size=64))
-  assert crop.shape == (2, 32, 32, 3) and full.shape == (2, 64, 64, 3)
+  assert crop.shape == (3, 32, 32, 3) and full.shape == (3, 64, 64, 3)
   assert bool(jnp.all(jnp.isfinite(full)))
 
 
 def test_space_to_depth_stem_keeps_the_interface():
   config, _, _, apply = tiny_net("configs/base64.py:tiny", **{"model.stem_patch": 2})
   out = apply(**random_inputs(config))
-  assert out.shape == (2, 32, 32, 3)
+  assert out.shape == (3, 32, 32, 3)
   assert float(jnp.std(out)) > 1e-3
 
 
@@ -159,7 +160,7 @@ def test_attention_after_every_block_or_once_per_level(every_block, expected):
   if not every_block:  # the default placement's forward pass is tested throughout
     _, _, _, apply = tiny_net("configs/base64.py:tiny", **overrides)
     out = apply(**random_inputs(config))
-    assert out.shape == (2, 32, 32, 3) and float(jnp.std(out)) > 1e-3
+    assert out.shape == (3, 32, 32, 3) and float(jnp.std(out)) > 1e-3
 
 
 @pytest.mark.parametrize("spec", TINY[1:])
@@ -183,7 +184,7 @@ def test_noise_level_and_aug_level_change_the_output(spec):
 @pytest.mark.parametrize("spec", TINY)
 def test_padded_tokens_are_ignored_and_real_tokens_are_not(spec):
   config, _, _, apply = tiny_net(spec)
-  inputs = random_inputs(config, batch=3)
+  inputs = random_inputs(config)
   mask = inputs["text_mask"]
   out = apply(**inputs)
 
@@ -205,7 +206,7 @@ def test_without_text_pooling_the_text_reaches_the_output_through_attention_only
   pooled_params = tiny_net(spec)[2]["conditioning"]
   assert {n for n in pooled_params if "pool" in n} == {"pool_in", "pool_query", "pool_key",
                                                          "pool_value", "pool_out"}
-  inputs = random_inputs(config, batch=3)
+  inputs = random_inputs(config)
   out = apply(**inputs)
   noise = jax.random.normal(jax.random.PRNGKey(7), inputs["text_emb"].shape)
   padded_changed = jnp.where(inputs["text_mask"][..., None], inputs["text_emb"], 100.0 * noise)
@@ -219,7 +220,7 @@ def test_word_order_reaches_the_net_only_through_learned_text_positions(spec):
   # Attention over the tokens and attention pooling are blind to their order: without
   # positions, reordering the real tokens (the same words) cannot change the output.
   config, _, _, apply = tiny_net(spec)
-  inputs = random_inputs(config, batch=3)
+  inputs = random_inputs(config)
   order = jnp.array([2, 0, 1] + list(range(3, config.text.max_length)))  # the first 3 real
   reordered = dict(inputs, text_emb=inputs["text_emb"][:, order])
   assert max_diff(apply(**inputs), apply(**reordered)) <= 1e-4  # summation order only
@@ -256,7 +257,7 @@ def test_cross_attention_resolutions_add_text_only_attention_blocks_to_the_unet(
   assert cross == ["down0_attn0", "up0_attn0", "up0_attn1"]
   assert all(set(params[n]) == {"norm", "query", "text_key", "text_value", "out"} for n in cross)
   assert "key" in params["down2_attn0"] and "down1_attn0" not in params  # 8x8 self+text; 16: none
-  inputs = random_inputs(config, batch=2)
+  inputs = random_inputs(config)
   silenced = dict(params, **{n: dict(params[n], out=jax.tree_util.tree_map(jnp.zeros_like,
                                                                            params[n]["out"]))
                              for n in cross})
