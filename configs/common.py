@@ -29,12 +29,22 @@ def stage_config() -> ml_collections.ConfigDict:
   # Which layer's output the U-Nets read: -1 T5's own (the paper's); k >= 0 the residual stream
   # after k layers through the final norm ("CLIP skip"); 0: each token's embedding, no context.
   c.text.output_layer = -1
+  # The unconditional text of guidance and condition dropout: "zeros" (the paper's) or
+  # "empty_prompt" (the encoded empty caption: DeepFloyd IF's).
+  c.text.null = "zeros"
+  # Padding positions of the encoder's output: "zero" (ours) or "keep" (T5's own values there,
+  # which IF's U-Nets read: its pipelines pass them no mask).
+  c.text.pad_outputs = "zero"
 
   # Low-res conditioning (SR stages only; size 0 for the base stage).
   c.lowres = ml_collections.ConfigDict()
   c.lowres.size = 0
   c.lowres.aug_max = 1.0    # training draws aug_level ~ U(0, aug_max) per example
   c.lowres.aug_schedule = "linear"  # level 0 is clean (sigma 5e-5); cosine keeps sigma 0.0125
+  c.lowres.aug_timesteps = 0  # > 0: the schedule's discrete version (IF-II: cosine, 1000)
+  # Where the augmentation noise is drawn: "input" (the low-res image, the paper's) or "output"
+  # (upsampled to the stage's size first, bilinear with corners aligned: IF-II's).
+  c.lowres.augment_at = "input"
 
   c.model = ml_collections.ConfigDict()  # filled by each stage file
 
@@ -43,6 +53,13 @@ def stage_config() -> ml_collections.ConfigDict:
   c.diffusion.schedule = "cosine"     # "cosine" or "linear" (betas 1e-4..0.02, continuous)
   c.diffusion.schedule_shift = 0.0    # added to log-SNR (< 0: more training at high noise)
   c.diffusion.parameterization = "eps"  # "eps", "x0" or "v"
+  # > 0: a discrete-time model trained on this many timesteps of `schedule`'s betas (diffusers'
+  # DDPMScheduler: "cosine" is its squaredcos_cap_v2); 0: continuous time.
+  c.diffusion.timesteps = 0
+  # "fixed", or "learned_range": the network also outputs where each DDPM step's variance lies
+  # between the posterior's and beta (DeepFloyd IF's; trained with the hybrid loss' VLB term).
+  c.diffusion.variance = "fixed"
+  c.diffusion.vlb_weight = 0.001      # learned_range: lambda of L_simple + lambda L_vlb
   c.diffusion.loss_weighting = "plain"  # "plain", "snr" or "min_snr"
   c.diffusion.min_snr_gamma = 5.0
   c.diffusion.edm_sigma_data = 0.5
@@ -138,6 +155,7 @@ def stage_config() -> ml_collections.ConfigDict:
   c.sample.guidance_interval = ()     # (lo, hi): guide only where lo < EDM sigma <= hi; () = always
   c.sample.threshold = "dynamic"      # "dynamic", "static" or "none"
   c.sample.percentile = 99.5          # dynamic thresholding percentile, 0-100 scale
+  c.sample.threshold_max = 0.0        # dynamic thresholding's largest scale (0: no limit)
   c.sample.aug_level = 0.2            # SR stages: noise-aug level of the low-res input
   c.sample.num_images = 4
   return c

@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("imagen_jax.commands.edit", "inpaint, change (img2img) or upscale an image with a cascade"),
     "demo": ("imagen_jax.commands.demo", "train, sample and score a tiny shapes cascade on the CPU"),
     "eval": ("imagen_jax.commands.eval", "score samples: shapes adherence, FID, DrawBench"),
+    "convert": ("imagen_jax.commands.convert",
+                "import DeepFloyd IF's stages from diffusers' format, export them back"),
     "inspect": ("imagen_jax.commands.inspect", "print a resolved config and its model's parameter table"),
     "serve": ("imagen_jax.commands.serve",
               "serve a cascade over HTTP: an OpenAI-style images API, batching, a web page"),

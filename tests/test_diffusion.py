@@ -308,3 +308,38 @@ def test_shifted_schedule():
   np.testing.assert_allclose(schedules.get_log_snr_fn("cosine", -3.0)(t),
                              schedules.cosine_log_snr(t) - 3.0, rtol=1e-6)
   assert float(schedules.get_log_snr_fn("cosine", -3.0)(jnp.asarray(1.0))) == schedules.LOG_SNR_MIN
+
+
+def test_learned_range_vlb_is_zero_at_the_true_posterior_and_trains_only_the_variance():
+  schedule = schedules.DiscreteSchedule("cosine", 1000)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (3, 4, 4, 3)), jnp.float32)
+  eps = jnp.asarray(rng.standard_normal((3, 4, 4, 3)), jnp.float32)
+  log_snr = schedule(jnp.array([0.101, 0.501, 0.901]))  # timesteps 100, 500, 900
+  z = objectives.q_sample(x, eps, log_snr)
+  # The true noise and v = -1 (the posterior's own variance): p is q, the KL 0.
+  exact = jnp.concatenate([eps, -jnp.ones_like(eps)], -1)
+  np.testing.assert_allclose(objectives.learned_range_vlb(exact, z, x, log_snr, schedule), 0.0,
+                             atol=1e-4)
+  # v = 1: beta, wider than q's (most at small timesteps, where the two differ most).
+  wider = jnp.concatenate([eps, jnp.ones_like(eps)], -1)
+  kl = np.asarray(objectives.learned_range_vlb(wider, z, x, log_snr, schedule))
+  assert (kl > 1e-8).all() and kl[0] > kl[1] > kl[2]
+  grads = jax.grad(lambda out: objectives.learned_range_vlb(out, z, x, log_snr, schedule).sum())(
+      wider + 0.1)
+  assert float(jnp.abs(grads[..., :3]).max()) == 0.0  # the mean's noise is held fixed
+  assert float(jnp.abs(grads[..., 3:]).max()) > 0.0
+  # At timestep 0 the step ends at the clean image: the term counts 0.
+  at_zero = schedule(jnp.full((3,), 0.001))
+  assert (objectives.learned_range_vlb(wider, objectives.q_sample(x, eps, at_zero), x, at_zero,
+                                       schedule) == 0).all()
+
+
+def test_learned_variance_spans_the_posterior_and_beta():
+  schedule = schedules.DiscreteSchedule("cosine", 1000)
+  lt, ls = schedule(jnp.array(0.501)), schedule(jnp.array(0.500))  # timesteps 500 -> 499
+  bar = schedules.discrete_alphas_cumprod("cosine", 1000).astype(np.float64)
+  beta = 1 - bar[500] / bar[499]
+  posterior = beta * (1 - bar[499]) / (1 - bar[500])
+  values = objectives.learned_variance(jnp.array([-1.0, 0.0, 1.0]), lt, ls)
+  np.testing.assert_allclose(values, [posterior, np.sqrt(posterior * beta), beta], rtol=1e-3)

@@ -26,10 +26,13 @@ def null_text(text_emb: jax.Array, text_mask: jax.Array) -> tuple[jax.Array, jax
   return jnp.zeros_like(text_emb), text_mask
 
 
-def drop_text(key: jax.Array, text_emb: jax.Array, rate: float) -> jax.Array:
-  """Zeroes each example's embeddings [B, L, D] with probability `rate` (condition dropout)."""
+def drop_text(key: jax.Array, text_emb: jax.Array, rate: float,
+              null: jax.Array | None = None) -> jax.Array:
+  """Replaces each example's embeddings [B, L, D] with probability `rate` (condition dropout)
+  by zeros, or by `null` [1, L, D] (an encoded empty caption, IF's unconditional text)."""
   keep = jax.random.uniform(key, (text_emb.shape[0], 1, 1)) >= rate
-  return jnp.where(keep, text_emb, jnp.zeros_like(text_emb))
+  return jnp.where(keep, text_emb, jnp.zeros_like(text_emb) if null is None
+                   else jnp.broadcast_to(null.astype(text_emb.dtype), text_emb.shape))
 
 
 def drop_tokens(key: jax.Array, text_emb: jax.Array, rate: float) -> jax.Array:
@@ -40,14 +43,19 @@ def drop_tokens(key: jax.Array, text_emb: jax.Array, rate: float) -> jax.Array:
   return jnp.where(keep, text_emb, jnp.zeros_like(text_emb))
 
 
-def combine(cond: jax.Array, uncond: jax.Array, weight: float | jax.Array) -> jax.Array:
+def combine(cond: jax.Array, uncond: jax.Array, weight: float | jax.Array,
+            channels: int | None = None) -> jax.Array:
   """eps = w * eps_c + (1 - w) * eps_u: w = 1 is exactly the conditional, w = 0 the unconditional.
 
   Guidance is affine in the network output, so it holds for eps, x0 or v outputs alike. The
-  weight is one number or one per example [B] (outputs [B, ...]).
+  weight is one number or one per example [B] (outputs [B, ...]). `channels`: only the first
+  ones are guided, the rest (a learned variance, as IF's pipelines do) are the conditional's.
   """
   if jnp.ndim(weight) == 1:
     weight = jnp.reshape(weight, (-1,) + (1,) * (cond.ndim - 1)).astype(cond.dtype)
+  if channels is not None and channels < cond.shape[-1]:
+    guided = weight * cond[..., :channels] + (1.0 - weight) * uncond[..., :channels]
+    return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
   return weight * cond + (1.0 - weight) * uncond
 
 
@@ -72,13 +80,14 @@ def in_interval(log_snr, interval: Interval):
 
 def guided_model_fn(model_fn: Callable[..., jax.Array], weight: float | jax.Array,
                     interval: Sequence[float] = (),
-                    null: tuple[jax.Array, jax.Array] | None = None) -> Callable[..., jax.Array]:
+                    null: tuple[jax.Array, jax.Array] | None = None,
+                    channels: int | None = None) -> Callable[..., jax.Array]:
   """Wraps `model_fn(z, log_snr, text_emb, text_mask, **extra)` with classifier-free guidance.
 
   The conditional and unconditional halves run as one batched forward pass of size 2B. A
   Python-float weight of 1 skips the unconditional half; an array weight [B] guides each example
   by its own. `null` (emb [B, L, D], mask [B, L]) replaces the zeroed text of the unconditional
-  half (a negative prompt). With an `interval`, guidance runs only where the noise level (of the
+  half (a negative prompt). `channels` as in `combine`. With an `interval`, guidance runs only where the noise level (of the
   first example: samplers step the batch together) lies in it; a `lax.cond` runs the
   conditional pass alone elsewhere, so the skipped passes are skipped work.
   """
@@ -93,7 +102,7 @@ def guided_model_fn(model_fn: Callable[..., jax.Array], weight: float | jax.Arra
     out = model_fn(double(z, z), double(log_snr, log_snr), double(text_emb, null_emb),
                    double(text_mask, null_mask), **extra2)
     cond, uncond = jnp.split(out, 2, axis=0)
-    return combine(cond, uncond, weight)
+    return combine(cond, uncond, weight, channels)
 
   if not interval:
     return guided

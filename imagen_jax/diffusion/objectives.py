@@ -98,3 +98,50 @@ def diffusion_loss(output: jax.Array, x: jax.Array, eps: jax.Array, log_snr: jax
   err = jnp.square(output.astype(jnp.float32) - target(x, eps, log_snr, parameterization))
   mse = jnp.mean(err, axis=tuple(range(1, x.ndim)))
   return loss_weight(log_snr, parameterization, weighting, min_snr_gamma) * mse
+
+
+def learned_variance(v: jax.Array, log_snr_t: jax.Array, log_snr_s: jax.Array) -> jax.Array:
+  """The variance of a DDPM step from level t to s chosen by the network's output v [B, ...]
+  (Nichol & Dhariwal's learned range): log var = f log beta + (1 - f) log posterior_var with
+  f = (v + 1) / 2, beta = 1 - alpha_bar_t / alpha_bar_s, posterior_var = beta (1 - alpha_bar_s)
+  / (1 - alpha_bar_t), floored at 1e-20 as diffusers does."""
+  log_bar_t, log_bar_s = jax.nn.log_sigmoid(log_snr_t), jax.nn.log_sigmoid(log_snr_s)
+  beta = -jnp.expm1(log_bar_t - log_bar_s)
+  posterior = jnp.maximum(beta * jax.nn.sigmoid(-log_snr_s) / jax.nn.sigmoid(-log_snr_t), 1e-20)
+  frac = (v.astype(jnp.float32) + 1.0) / 2.0
+  return jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * jnp.log(posterior)).astype(v.dtype)
+
+
+def posterior(z: jax.Array, x: jax.Array, log_snr_t: jax.Array, log_snr_s: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+  """q(z_s | z_t, x) for s less noisy than t: (mean [B, ...], variance, broadcastable), with
+  c = 1 - SNR(t) / SNR(s): mean = alpha_s ((1 - c) z_t / alpha_t + c x), var = c sigma_s^2."""
+  lt, ls = schedules.right_broadcast(log_snr_t, z), schedules.right_broadcast(log_snr_s, z)
+  alpha_t, _ = schedules.alpha_sigma(lt)
+  alpha_s, sigma_s = schedules.alpha_sigma(ls)
+  c = -jnp.expm1(lt - ls)
+  return alpha_s * ((1.0 - c) * z / alpha_t + c * x), jnp.maximum(c * sigma_s ** 2, 1e-20)
+
+
+def learned_range_vlb(output: jax.Array, z: jax.Array, x: jax.Array, log_snr: jax.Array,
+                      schedule: schedules.DiscreteSchedule) -> jax.Array:
+  """The VLB term of Nichol & Dhariwal's hybrid loss [B], in bits per dimension: KL from the
+  true posterior q(z_s | z_t, x) to the network's p(z_s | z_t) one timestep down, with the
+  network's eps (the first half of `output`'s channels) held fixed so the term trains only the
+  variance (the second half). Noise levels below timestep 1, whose step ends at the clean image
+  (the decoder term of the paper), count 0."""
+  channels = z.shape[-1]
+  eps_hat = jax.lax.stop_gradient(output[..., :channels]).astype(jnp.float32)
+  timestep = schedule.timestep(log_snr)
+  log_snr_s = schedule(timestep / schedule.num_timesteps)  # timestep - 1 (t = (k + 1) / T)
+  x0_hat = to_x0_eps(z, eps_hat, log_snr, "eps")[0]
+  mean_q, var_q = posterior(z, x, log_snr, log_snr_s)
+  mean_p, _ = posterior(z, x0_hat, log_snr, log_snr_s)
+  var_p = learned_variance(output[..., channels:].astype(jnp.float32),
+                           schedules.right_broadcast(log_snr, z),
+                           schedules.right_broadcast(log_snr_s, z))
+  log_var_p, log_var_q = jnp.log(var_p), jnp.log(var_q)
+  kl = 0.5 * (-1.0 + log_var_p - log_var_q + jnp.exp(log_var_q - log_var_p)
+              + jnp.square(mean_q - mean_p) * jnp.exp(-log_var_p))
+  bits = jnp.mean(kl, axis=tuple(range(1, z.ndim))) / jnp.log(2.0)
+  return jnp.where(timestep >= 1.0, bits, 0.0)

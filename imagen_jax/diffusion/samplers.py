@@ -4,7 +4,9 @@ input image (`editing`: image-to-image, inpainting).
 
 Every sampler takes the same denoiser, `x0_fn(z [B, ...], log_snr [B]) -> x0_hat [B, ...]` in the
 variance-preserving space (z = alpha x + sigma eps), with guidance and the network's
-parameterization already folded in (see `denoiser`). Thresholding is applied to each x0_hat.
+parameterization already folded in (see `denoiser`). Thresholding is applied to each x0_hat. A
+network with a learned variance returns `Denoised(x0_hat, v)`: DDPM draws with that variance,
+the other samplers read x0_hat alone.
 `key` is one PRNG key, or a batch of keys [B] for noise that is per example.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,25 @@ from imagen_jax.diffusion import noise as noise_lib
 from imagen_jax.diffusion import objectives
 from imagen_jax.diffusion import schedules
 
-X0Fn = Callable[[jax.Array, jax.Array], jax.Array]
+X0Fn = Callable[[jax.Array, jax.Array], "jax.Array | Denoised"]
+
+
+class Denoised(NamedTuple):
+  """What the denoiser of a network with a learned variance (IF's `learned_range`) returns:
+  x0_hat [B, ...] and v [B, ...], the network's variance output in [-1, 1], which places the
+  log variance of each DDPM step between the posterior's (v = -1) and the step's beta (v = 1)."""
+  x0: jax.Array
+  variance: jax.Array
+
+
+def x0_only(x0_fn: X0Fn) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The denoiser without its variance output: what every sampler but DDPM reads."""
+
+  def fn(z, log_snr):
+    out = x0_fn(z, log_snr)
+    return out.x0 if isinstance(out, Denoised) else out
+
+  return fn
 SAMPLERS = ("ddpm", "ddim", "edm_heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
 # Also accepted: dpmpp_{1,2,3}m[_sde] (order 1 is DDIM / DDPM), unipc_{1,2,3}m (unipc = unipc_2m).
 _MULTISTEP = re.compile(r"(dpmpp|unipc)_([123])m(_sde)?")
@@ -47,13 +67,26 @@ def parse_sampler(name: str) -> tuple[str, int]:
   return match[1] + (match[3] or ""), int(match[2])
 
 
-def denoiser(model_fn: Callable[[jax.Array, jax.Array], jax.Array], parameterization: str
-             ) -> X0Fn:
-  """x0_fn from `model_fn(z, log_snr) -> output` of a VP-trained network in `parameterization`."""
+VARIANCES = ("fixed", "learned_range")
+
+
+def denoiser(model_fn: Callable[[jax.Array, jax.Array], jax.Array], parameterization: str,
+             variance: str = "fixed") -> X0Fn:
+  """x0_fn from `model_fn(z, log_snr) -> output` of a VP-trained network in `parameterization`.
+
+  `variance` "learned_range": the output holds twice z's channels, the prediction then the
+  variance values (DeepFloyd IF); x0_fn returns `Denoised`.
+  """
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown diffusion.variance {variance!r}; choose from {VARIANCES}")
 
   def x0_fn(z, log_snr):
-    return objectives.to_x0_eps(z, model_fn(z, log_snr).astype(z.dtype), log_snr,
-                                parameterization)[0]
+    out = model_fn(z, log_snr).astype(z.dtype)
+    if variance == "fixed":
+      return objectives.to_x0_eps(z, out, log_snr, parameterization)[0]
+    channels = z.shape[-1]
+    x0 = objectives.to_x0_eps(z, out[..., :channels], log_snr, parameterization)[0]
+    return Denoised(x0, out[..., channels:])
 
   return x0_fn
 
@@ -95,7 +128,8 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
   sigma_s eps_hat; eta in between keeps var_eta = eta^2 c sigma_s^2 of fresh noise and the rest of
   sigma_s^2 along eps_hat. eps_hat is recomputed from the thresholded x0_hat. The last step
   (to t = 0) adds no fresh noise and returns z_0, the posterior mean: returning x0_hat from
-  t = 1 / N instead would shrink the variance of the samples (E[x | z] is a shrinkage).
+  t = 1 / N instead would shrink the variance of the samples (E[x | z] is a shrinkage). A
+  discrete schedule's last step goes to the clean image (diffusers' alpha_bar = 1): x0_hat.
 
   Editing (`editing`): `start` < 1 with `init` [B, ...] begins from the input noised to time
   `start`; `project` replaces the known region after every update; `resample` / `jump` walk
@@ -104,19 +138,26 @@ def ddpm_or_ddim(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, num_steps: in
   batch = noise.shape[0]
   grid = jnp.asarray(schedules.log_snr_grid(num_steps, log_snr_fn, spacing, start), jnp.float32)
   project = project or editing.keep_nothing
+  ends_clean = isinstance(log_snr_fn, schedules.DiscreteSchedule)
 
   def down(z, k, i):
     lt, ls = grid[i], grid[i + 1]
     lt_b = jnp.full((batch,), lt)
-    x0 = threshold_fn(x0_fn(z, lt_b))
+    out = x0_fn(z, lt_b)
+    learned = out.variance if isinstance(out, Denoised) and eta == 1.0 else None
+    x0 = threshold_fn(out.x0 if isinstance(out, Denoised) else out)
     eps = objectives.eps_from_x0(z, x0, lt_b)
     alpha_s, sigma_s = schedules.alpha_sigma(ls)
     c = -jnp.expm1(lt - ls)
     var = (eta ** 2) * c * sigma_s ** 2
     z_next = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s ** 2 - var, 0.0)) * eps
+    if learned is not None:  # the same posterior mean, the network's variance (IF's DDPM)
+      var = objectives.learned_variance(learned, lt, ls)
     if eta != 0.0:  # deterministic DDIM draws no noise
       fresh = noise_lib.normal(noise_lib.fold_in(key, k), z.shape, z.dtype)
       z_next = z_next + jnp.sqrt(var) * jnp.where(i < num_steps - 1, fresh, 0.0)
+    if ends_clean:  # a discrete schedule's last step lands on the clean image: x0 itself
+      z_next = jnp.where(i == num_steps - 1, x0, z_next)
     _progress(on_step, i)
     return project(z_next, ls)
 
@@ -266,6 +307,8 @@ def solve(x0_fn: X0Fn, noise: jax.Array, key: jax.Array, *, sampler: str, num_st
   if start == 1.0:
     init = None  # strength 1: pure noise, exactly as without an input
   project = editing.known_region(known, noise)
+  if family != "ddpm":
+    x0_fn = x0_only(x0_fn)
   common = dict(num_steps=num_steps, threshold_fn=threshold_fn, init=init, project=project,
                 on_step=on_step)
   if family in ("ddpm", "ddim"):

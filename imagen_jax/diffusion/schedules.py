@@ -19,7 +19,7 @@ LOG_SNR_MIN = -20.0
 LOG_SNR_MAX = 20.0
 
 LogSnrFn = Callable[[jax.Array], jax.Array]
-SPACINGS = ("time", "logsnr")
+SPACINGS = ("time", "logsnr", "leading")
 LOGSNR_SPACING_MIN = -2.0 * math.log(80.0)   # EDM's sigma_max: where `logsnr` spacing starts
 LOGSNR_SPACING_MAX = -2.0 * math.log(0.002)  # EDM's sigma_min: where it ends at the latest
 
@@ -50,13 +50,70 @@ def linear_log_snr(t: jax.Array, beta_start: float = 1e-4, beta_end: float = 0.0
 SCHEDULES: dict[str, LogSnrFn] = {"cosine": cosine_log_snr, "linear": linear_log_snr}
 
 
-def get_log_snr_fn(name: str, shift: float = 0.0) -> LogSnrFn:
+def discrete_alphas_cumprod(name: str, num_timesteps: int, beta_start: float = 1e-4,
+                            beta_end: float = 0.02) -> np.ndarray:
+  """alpha_bar [T] of a T-step DDPM schedule as diffusers' DDPMScheduler computes it (betas in
+  float32, their cumulative product in float32): `cosine` is its "squaredcos_cap_v2" (Nichol &
+  Dhariwal's cosine, betas capped at 0.999), `linear` its "linear" betas."""
+  if name == "cosine":
+    bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = [min(1 - bar((i + 1) / num_timesteps) / bar(i / num_timesteps), 0.999)
+             for i in range(num_timesteps)]
+  elif name == "linear":
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float32)
+  else:
+    raise ValueError(f"unknown noise schedule {name!r}; choose from {sorted(SCHEDULES)}")
+  return np.cumprod(1.0 - np.asarray(betas, np.float32), dtype=np.float32)
+
+
+class DiscreteSchedule:
+  """A T-step DDPM schedule (DeepFloyd IF's, or any diffusers DDPMScheduler's) in continuous time.
+
+  Timestep k in 0..T-1 sits at t = (k + 1) / T and t = 0 is the clean image, so the sampler's
+  uniform time steps are diffusers' "trailing" timesteps (`log_snr_grid`'s "leading" gives its
+  default ones). Between timesteps the log-SNR is interpolated linearly; `timestep` inverts it,
+  giving the network the (fractional) timestep it was trained on.
+  """
+
+  def __init__(self, name: str, num_timesteps: int):
+    if num_timesteps < 2:
+      raise ValueError(f"a discrete schedule needs at least 2 timesteps, got {num_timesteps}")
+    bar = discrete_alphas_cumprod(name, num_timesteps).astype(np.float64)
+    self.name, self.num_timesteps = name, num_timesteps
+    self.log_snrs = np.log(bar) - np.log1p(-bar)  # [T], decreasing in k
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    levels = np.concatenate([[LOG_SNR_MAX], self.log_snrs]).astype(np.float32)
+    return jnp.interp(t * self.num_timesteps - 1.0, np.arange(-1, self.num_timesteps,
+                                                              dtype=np.float32), levels)
+
+  def timestep(self, log_snr: jax.Array) -> jax.Array:
+    """The fractional timestep [B] of noise levels log_snr [B] (k where they are exact)."""
+    levels = np.concatenate([[LOG_SNR_MAX], self.log_snrs])[::-1].astype(np.float32)
+    steps = np.arange(self.num_timesteps - 1, -2, -1, dtype=np.float32)
+    return jnp.interp(log_snr.astype(jnp.float32), levels, steps)
+
+  def grid(self, num_steps: int, spacing: str, start: float) -> np.ndarray:
+    """The log-SNRs [num_steps + 1] of diffusers' timesteps, computed exactly (float64)."""
+    total = self.num_timesteps
+    if spacing == "leading":  # diffusers' default: k = i * (T // N), noisiest first
+      steps = np.arange(num_steps)[::-1] * (round(start * total) // num_steps)
+    else:  # "time": t = start (1 - i / N), diffusers' "trailing" where N divides T
+      steps = np.round(start * total * np.arange(num_steps, 0, -1) / num_steps) - 1
+    return np.concatenate([self.log_snrs[steps.astype(int)], [LOG_SNR_MAX]])
+
+
+def get_log_snr_fn(name: str, shift: float = 0.0, timesteps: int = 0) -> LogSnrFn:
   """The schedule `name`, its log-SNR shifted by `shift` (Hoogeboom et al. 2023, "simple
   diffusion"). A negative shift spends more of t ~ U(0, 1) at high noise, where the layout of an
   image is decided: large flat objects stay visible through noise that hides fine detail, so at
   low resolution the text's "where" is only learned from the noisiest steps."""
   if name not in SCHEDULES:
     raise ValueError(f"unknown noise schedule {name!r}; choose from {sorted(SCHEDULES)}")
+  if timesteps:  # a discrete-time model: `name`'s betas at `timesteps` steps
+    if shift:
+      raise ValueError("a shifted schedule is continuous: schedule_shift needs timesteps 0")
+    return DiscreteSchedule(name, timesteps)
   base = SCHEDULES[name]
   if not shift:
     return base
@@ -65,7 +122,13 @@ def get_log_snr_fn(name: str, shift: float = 0.0) -> LogSnrFn:
 
 def stage_log_snr_fn(diffusion_config) -> LogSnrFn:
   """The log-SNR schedule a stage trains and samples with (`config.diffusion`)."""
-  return get_log_snr_fn(diffusion_config.schedule, diffusion_config.get("schedule_shift", 0.0))
+  return get_log_snr_fn(diffusion_config.schedule, diffusion_config.get("schedule_shift", 0.0),
+                        diffusion_config.get("timesteps", 0))
+
+
+def aug_log_snr_fn(lowres_config) -> LogSnrFn:
+  """The schedule of an SR stage's noise conditioning augmentation (`config.lowres`)."""
+  return get_log_snr_fn(lowres_config.aug_schedule, timesteps=lowres_config.get("aug_timesteps", 0))
 
 
 def alpha_sigma(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,6 +151,7 @@ def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time",
   extrapolation is least accurate. The bounds keep uniform steps where they matter: beyond
   sigma 80 the image is invisible (alpha < 1.3%), below 0.002 the noise is under a quarter of a
   uint8 level, yet the clipped schedules run from log-SNR -20 (cosine) to +20 (linear).
+  `leading` (discrete schedules): diffusers' default timesteps k_i = (N - 1 - i) (T // N).
   `start` < 1 begins part-way, at the level of time `start` (image-to-image's strength): all
   `num_steps` steps are spent below it.
   Evaluated at trace time (also under jit): the grid is a constant of the compiled loop.
@@ -96,6 +160,11 @@ def log_snr_grid(num_steps: int, log_snr_fn: LogSnrFn, spacing: str = "time",
     raise ValueError(f"unknown step spacing {spacing!r}; choose from {SPACINGS}")
   if not 0.0 < start <= 1.0:
     raise ValueError(f"sampling starts at a time in (0, 1], got {start}")
+  if isinstance(log_snr_fn, DiscreteSchedule) and spacing != "logsnr":
+    return log_snr_fn.grid(num_steps, spacing, start)
+  if spacing == "leading":
+    raise ValueError("step spacing 'leading' places a discrete schedule's timesteps as "
+                     "diffusers does; this stage's schedule is continuous (diffusion.timesteps 0)")
   with jax.ensure_compile_time_eval():
     if spacing == "time":
       grid = log_snr_fn(start * jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps)

@@ -43,6 +43,7 @@ class StageSettings:
   spacing: str = "time"                       # steps uniform in "time" or in "logsnr"
   unipc_variant: str = "bh2"                  # UniPC's B(h): bh1 or bh2
   guidance_interval: tuple[float, ...] = ()   # (lo, hi] in EDM sigma; () = every step
+  threshold_max: float = 0.0                  # dynamic thresholding's largest scale (0: none)
 
   def __post_init__(self):
     samplers.parse_sampler(self.sampler)  # a bad name fails here, before any compute
@@ -104,18 +105,22 @@ def x0_denoiser(config: Any, model: Any, params: Any, text_emb: jax.Array, text_
                 guidance_interval: guidance.Interval = (),
                 null_text: tuple[jax.Array, jax.Array] | None = None) -> samplers.X0Fn:
   """x0_fn(z, log_snr) of a stage with classifier-free guidance (in its interval) folded in; the
-  weight is one number or one per image [B], `null_text` the unconditional text (emb, mask)."""
+  weight is one number or one per image [B], `null_text` the unconditional text (emb, mask).
+  A network with a learned variance (`diffusion.variance`) has its prediction guided and its
+  variance taken from the conditional pass, as IF's pipelines do."""
 
   def net(z, log_snr, emb, mask, lowres=None, aug_log_snr=None):
     return model.apply({"params": params}, z, log_snr, emb, mask, lowres=lowres,
                        aug_log_snr=aug_log_snr)
 
-  guided = guidance.guided_model_fn(net, guidance_weight, guidance_interval, null_text)
+  variance = config.diffusion.get("variance", "fixed")
+  channels = None if variance == "fixed" else 3
+  guided = guidance.guided_model_fn(net, guidance_weight, guidance_interval, null_text, channels)
   extra = {} if lowres is None else {"lowres": lowres, "aug_log_snr": aug_log_snr}
   bound = lambda z, log_snr: guided(z, log_snr, text_emb, text_mask, **extra)
   if config.diffusion.formulation == "edm":
     return edm.denoiser(bound, config.diffusion.edm_sigma_data)
-  return samplers.denoiser(bound, config.diffusion.parameterization)
+  return samplers.denoiser(bound, config.diffusion.parameterization, variance)
 
 
 def sample_stage(config: Any, model: Any, params: Any, keys: jax.Array, text_emb: jax.Array,
@@ -123,14 +128,16 @@ def sample_stage(config: Any, model: Any, params: Any, keys: jax.Array, text_emb
            lowres: jax.Array | None = None, image: jax.Array | None = None,
            keep: jax.Array | None = None, start: float = 1.0, resample: int = 1, jump: int = 1,
            on_step: Callable[[int], None] | None = None,
-           rows: RowSettings | None = None) -> jax.Array:
+           rows: RowSettings | None = None,
+           null_text: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Images [B, S, S, 3] in [-1, 1] for text_emb [B, L, D] (and lowres [B, s, s, 3] for SR).
 
   `keys` [B] holds one PRNG key per image (raw keys: [B, 2]), so an image depends only on its key.
   Jit it with `settings` static (e.g. `jax.jit(functools.partial(sample, config, model,
   settings=...))`); `image_size` defaults to the stage's config.image_size. `rows` (traced)
   gives each image its own guidance weight, thresholding and unconditional text, in place of
-  those of `settings`.
+  those of `settings`. `null_text` (emb [B, L, D], mask [B, L]) is the unconditional text where
+  the stage's is not zeros (`text.null` "empty_prompt": the encoded empty prompt, IF's).
 
   Editing an input `image` [B, S, S, 3] in [-1, 1] (`diffusion.editing`): `start` < 1 begins
   from it noised to that time (image-to-image; static); `keep` [B, S, S, 1] (1 = keep) keeps
@@ -143,15 +150,15 @@ def sample_stage(config: Any, model: Any, params: Any, keys: jax.Array, text_emb
   if config.stage == "sr":
     if lowres is None:
       raise ValueError("an SR stage needs the low-res images to condition on")
-    lowres, aug_log_snr = augmentation.noise_augment(
-        aug_key, lowres, jnp.full((batch,), settings.aug_level, jnp.float32),
-        schedules.get_log_snr_fn(config.lowres.aug_schedule))
-  weight, null_text = settings.guidance, None
-  threshold_fn = thresholding.get_threshold_fn(settings.threshold, settings.percentile)
+    lowres, aug_log_snr = augmentation.augment_lowres(
+        config, aug_key, lowres, jnp.full((batch,), settings.aug_level, jnp.float32))
+  weight = settings.guidance
+  threshold_fn = thresholding.get_threshold_fn(settings.threshold, settings.percentile,
+                                               settings.threshold_max)
   if rows is not None:
     weight = rows.guidance
-    threshold_fn = lambda x0: thresholding.per_example_threshold(x0, rows.threshold,
-                                                                 rows.percentile)
+    threshold_fn = lambda x0: thresholding.per_example_threshold(
+        x0, rows.threshold, rows.percentile, settings.threshold_max)
     if rows.null_emb is not None:
       null_text = (rows.null_emb, rows.null_mask)
   x0_fn = x0_denoiser(config, model, params, text_emb, text_mask, weight,

@@ -194,7 +194,7 @@ def iter_tensors(directory: str, variant: str | None = None) -> Iterator[tuple[s
         yield name, f.get_tensor(name)
 
 
-def _unet_directory(path: str) -> str:
+def unet_directory(path: str) -> str:
   """A U-Net directory, or a pipeline directory's `unet/`."""
   if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
       os.path.join(path, "unet")):
@@ -208,7 +208,7 @@ def read_unet(path: str, variant: str | None = None) -> DiffusersUNet:
   `variant`: None reads the float32 files where there are some, else the fp16 variant's; "fp16"
   reads only those. Tensors are converted to float32.
   """
-  directory = _unet_directory(path)
+  directory = unet_directory(path)
   with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
     diffusers_config = json.load(f)
   config = if_unet.from_diffusers_config(diffusers_config)

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax.core import config_lib
+from imagen_jax.models import if_unet
 from imagen_jax.models.efficient_unet import EfficientUNet
 from imagen_jax.models.unet import UNet
 
@@ -34,10 +35,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The stage's network from `config.model` ("unet" or "efficient_unet") and `config.dtype`."""
+  """The stage's network from `config.model` ("unet", "efficient_unet" or "if_unet") and
+  `config.dtype`."""
   m = config.model
   if config.dtype not in _DTYPES:
     raise ValueError(f"config.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+  if m.name == "if_unet":
+    return if_stage(config)
   common = dict(dropout=m.dropout, remat=m.remat, stem_patch=m.get("stem_patch", 1),
                 dtype=_DTYPES[config.dtype], attention_impl=m.get("attention_impl", "auto"),
                 conv_impl=m.get("conv_impl", "auto"), text_pooling=m.get("text_pooling", True),
@@ -58,7 +62,42 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                          text_attention=m.text_attention, num_heads=m.num_heads,
                          emb_dim=m.emb_dim, pool_width=m.pool_width,
                          text_dim=m.get("text_dim", 0), **common)
-  raise ValueError(f"unknown config.model.name {m.name!r}: use 'unet' or 'efficient_unet'")
+  raise ValueError(f"unknown config.model.name {m.name!r}: use 'unet', 'efficient_unet' or "
+                   "'if_unet'")
+
+
+def if_stage(config: ml_collections.ConfigDict) -> if_unet.IFStage:
+  """The IF U-Net of `config.model.diffusers` (diffusers' config.json) as a stage's network, on
+  the stage's discrete schedule; a setting IF's networks cannot take is refused by name."""
+  m, d = config.model, config.diffusion
+  unet = if_unet.from_diffusers_config(m.diffusers.to_dict()
+                                       if hasattr(m.diffusers, "to_dict") else m.diffusers)
+  if not d.get("timesteps", 0) or d.formulation != "vp":
+    raise ValueError("model.name 'if_unet' is a discrete-time network: it needs "
+                     "diffusion.formulation 'vp' and diffusion.timesteps > 0 (IF's: 1000), got "
+                     f"{d.formulation!r} and {d.get('timesteps', 0)}")
+  channels = 6 if d.get("variance", "fixed") == "learned_range" else 3
+  if unet.out_channels != channels:
+    raise ValueError(f"model.diffusers.out_channels={unet.out_channels} but diffusion.variance="
+                     f"{d.get('variance', 'fixed')!r} needs {channels}")
+  wanted_in = 6 if config.stage == "sr" else 3
+  if unet.in_channels != wanted_in:
+    raise ValueError(f"model.diffusers.in_channels={unet.in_channels}: a {config.stage!r} stage "
+                     f"reads {wanted_in} channels")
+  if (config.stage == "sr") != (unet.class_embed_type == "timestep"):
+    raise ValueError(f"model.diffusers.class_embed_type={unet.class_embed_type!r}: an IF SR stage "
+                     "embeds its augmentation level as a timestep, a base stage has none")
+  if config.stage == "sr" and not config.lowres.get("aug_timesteps", 0):
+    raise ValueError("an IF SR stage embeds the augmentation level as a timestep: it needs "
+                     "lowres.aug_timesteps > 0 (IF's: 1000)")
+  if unet.text_dim != config.text.width:
+    raise ValueError(f"model.diffusers reads text of width {unet.text_dim} but text.width="
+                     f"{config.text.width}")
+  return if_unet.IFStage(
+      unet, d.schedule, d.timesteps, config.lowres.aug_schedule,
+      config.lowres.get("aug_timesteps", 0) or 1000, m.get("text_mask", False),
+      _DTYPES[config.dtype], m.get("remat", "none"), m.get("attention_impl", "auto"),
+      m.get("conv_impl", "auto"))
 
 
 def init_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, Any]:
@@ -71,6 +110,8 @@ def init_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
       text_mask=jnp.ones((batch_size, config.text.max_length), bool),
       lowres=None, aug_log_snr=None)
   if config.stage == "sr":
+    if config.lowres.get("augment_at", "input") == "output":
+      lowres_size = size  # the stage's network reads the low-res image upsampled
     inputs["lowres"] = jnp.zeros((batch_size, lowres_size, lowres_size, 3), jnp.float32)
     inputs["aug_log_snr"] = jnp.zeros((batch_size,), jnp.float32)
   return inputs

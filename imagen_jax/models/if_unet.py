@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import augmentation
+from imagen_jax.diffusion import schedules
 from imagen_jax.models import layers
 
 Dtype = Any
@@ -505,6 +507,44 @@ class IFUNet(nn.Module):
     h = layers.conv(cfg.out_channels, self.dtype, impl=self.conv_impl, name="conv_out")(
         h.astype(self.dtype))
     return h.astype(jnp.float32)
+
+
+class IFStage(nn.Module):
+  """An IF U-Net as a stage's network (`models.build_model`'s inputs: x, log_snr, text_emb,
+  text_mask, lowres, aug_log_snr): the noise levels become the discrete timesteps the U-Net was
+  trained on (`schedules.DiscreteSchedule`), the low-res input joins the noisy image on the
+  channels (upsampled to its size if it is not already), and its augmentation level becomes
+  the U-Net's class label. Parameters live under `unet/`. IF's pipelines give the U-Net no text
+  mask; `text_mask=True` passes the framework's."""
+  config: IFUNetConfig
+  schedule: str = "cosine"
+  timesteps: int = 1000
+  aug_schedule: str = "cosine"
+  aug_timesteps: int = 1000
+  text_mask: bool = False
+  dtype: Dtype = jnp.float32
+  remat: bool | str = "none"
+  attention_impl: str = "auto"
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, log_snr: jax.Array, text_emb: jax.Array,
+               text_mask: jax.Array, lowres: jax.Array | None = None,
+               aug_log_snr: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x [B, H, W, 3], log_snr [B], text_emb [B, L, D], text_mask [B, L], lowres [B, h, w, 3]
+    and aug_log_snr [B] (SR) -> [B, H, W, out_channels] float32 (eps, then the variance)."""
+    del train  # IF's U-Nets have no dropout
+    steps = schedules.DiscreteSchedule(self.schedule, self.timesteps).timestep(log_snr)
+    sample, labels = x, None
+    if lowres is not None:
+      if lowres.shape[1:3] != x.shape[1:3]:
+        lowres = augmentation.upsample_align_corners(lowres, x.shape[1])
+      sample = jnp.concatenate([x, lowres.astype(x.dtype)], axis=-1)
+      labels = schedules.DiscreteSchedule(self.aug_schedule, self.aug_timesteps).timestep(
+          aug_log_snr)
+    unet = IFUNet(self.config, self.dtype, self.remat, self.attention_impl, self.conv_impl,
+                  name="unet")
+    return unet(sample, steps, text_emb, text_mask if self.text_mask else None, labels)
 
 
 def init_inputs(config: IFUNetConfig, batch_size: int = 1, image_size: int | None = None,

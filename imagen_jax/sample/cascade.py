@@ -85,17 +85,6 @@ def check_chain(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
                        "every stage needs the same encoder")
 
 
-def stage_params(config: ml_collections.ConfigDict, workdir: str, step: int,
-                 sharding: jax.sharding.Sharding, use_ema: bool = True,
-                 lora_scale: float = 1.0) -> Any:
-  """The parameters a stage samples with, on `sharding`: its checkpoint's (EMA) parameters,
-  or for a LoRA workdir (`imagen-jax finetune`) its base's EMA parameters with the adapters
-  merged in once, weighted by `lora_scale` (the stage's training plan, `train/plan.py`)."""
-  abstract = checkpoints.abstract_like(nn.unbox(models.param_shapes(config)), sharding)
-  return plan_lib.Plan.from_config(config).restore_network(
-      config, workdir, step, abstract, "ema_params" if use_ema else "params", lora_scale)
-
-
 def sampling_mesh() -> jax.sharding.Mesh:
   """Every device on the batch axis: each device samples its share of the images, with every
   stage's parameters replicated (sampling has no optimizer state to shard)."""
@@ -115,6 +104,7 @@ class Cascade:
     # is current, so one compiled program serves every call (a callback baked into the program
     # would make each call compile anew).
     self._progress: Callable[[int, int, int], None] | None = None
+    self._empty: tuple[np.ndarray, np.ndarray] | None = None  # the encoded empty caption
 
   @classmethod
   def from_workdirs(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None,
@@ -142,7 +132,7 @@ class Cascade:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     stages = []
     for workdir, step, config in zip(workdirs, found_steps, configs):
-      params = stage_params(config, workdir, step, replicated, use_ema, lora_scale)
+      params = plan_lib.sampling_params(config, workdir, step, replicated, use_ema, lora_scale)
       lora = None
       if plan_lib.Plan.from_config(config).lora is not None:
         lora = {"base": config.finetune.base, "base_step": int(config.finetune.base_step),
@@ -242,6 +232,10 @@ class Cascade:
       if rows is not None:
         inputs["rows"] = jax.tree_util.tree_map(
             lambda a: jax.device_put(a, batch_sharding(np.ndim(a))), rows[k])
+      if (stage.config.text.get("null", "zeros") == "empty_prompt"
+          and (rows is None or rows[k].null_emb is None)):
+        inputs["null_text"] = tuple(jax.device_put(a, batch_sharding(a.ndim))
+                                    for a in self._empty_prompt(len(text_emb)))
       fn = self._stage_fn(k, stage_settings, progress is not None, **statics)
       stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
       self._progress = progress
@@ -255,6 +249,15 @@ class Cascade:
       if on_stage is not None:
         on_stage(k, outputs[-1])
     return outputs
+
+  def _empty_prompt(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The encoded empty caption for `batch` images (emb [B, L, D], mask [B, L]): the
+    unconditional text of stages with `text.null` "empty_prompt" (IF's)."""
+    if self._empty is None:
+      self._empty = self.text_encoder.encode([""])
+    emb, mask = self._empty
+    return (np.broadcast_to(emb[:1], (batch,) + emb.shape[1:]),
+            np.broadcast_to(mask[:1], (batch,) + mask.shape[1:]))
 
   def check_edit(self, edit: edit_inputs.Edit, settings: Sequence[stage_sampler.StageSettings]) -> None:
     """Raises EditError naming the problem if this cascade cannot make `edit` with `settings`

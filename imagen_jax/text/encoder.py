@@ -28,6 +28,9 @@ from imagen_jax.text import weights
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+PAD_OUTPUTS = ("zero", "keep")
+
+
 def _dtype(dtype: Any) -> Any:
   if isinstance(dtype, str):
     if dtype not in DTYPES:
@@ -47,20 +50,23 @@ class TextEncoder:
 
   def __init__(self, config: t5.T5Config, params: Any, tokenizer: tokenizer_lib.Tokenizer,
                dtype: Any = "float32", path: str = "", mesh: jax.sharding.Mesh | None = None,
-               output_layer: int = -1):
+               output_layer: int = -1, pad_outputs: str = "zero"):
+    if pad_outputs not in PAD_OUTPUTS:
+      raise ValueError(f"text.pad_outputs must be one of {PAD_OUTPUTS}, got {pad_outputs!r}")
     self.config = config
     self.dtype = _dtype(dtype)
     t5.check_output_layer(output_layer, config)
     # The parameters stay whole (layers past `output_layer` unused): one tree, one sharding.
     self.module = t5.T5Encoder(config, dtype=self.dtype, param_dtype=self.dtype,
-                               output_layer=output_layer)
+                               output_layer=output_layer,
+                               keep_padding=pad_outputs == "keep")
     self.params = params
     self.tokenizer = tokenizer
     self.max_length = tokenizer.max_length
     self.width = config.d_model
     self.path = path
     self.mesh = mesh
-    self.spec = describe(config, tokenizer, path, self.dtype, output_layer)
+    self.spec = describe(config, tokenizer, path, self.dtype, output_layer, pad_outputs)
     self._batch_multiple = 1
     if mesh is not None:
       self._batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -68,7 +74,7 @@ class TextEncoder:
   def apply(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Pure encoder: ids int32 [B, L], mask bool [B, L] -> float32 [B, L, d_model].
 
-    Zero at masked positions. Jit-able; under a mesh context (`jax.set_mesh`) activations get
+    Zero at masked positions (unless `pad_outputs` "keep"). Jit-able; under a mesh context (`jax.set_mesh`) activations get
     the logical sharding constraints of `core/partitioning.py`.
     """
     with partitioning.axis_rules_context():
@@ -133,17 +139,19 @@ def boxed_param_shapes(config: t5.T5Config, dtype: Any = jnp.float32, max_length
 
 
 def describe(config: t5.T5Config, tokenizer: tokenizer_lib.Tokenizer, path: str,
-             dtype: Any, output_layer: int = -1) -> dict[str, Any]:
+             dtype: Any, output_layer: int = -1, pad_outputs: str = "zero") -> dict[str, Any]:
   """What identifies an encoder: cascade stages must agree on all but `path` and `dtype`.
 
-  `output_layer` is named only when it is not T5's own output (-1), so the specs stored with
-  earlier embedding caches still match."""
+  `output_layer` and `pad_outputs` are named only when they are not the defaults (-1, "zero"),
+  so the specs stored with earlier embedding caches still match."""
   spec = {"path": path, "size": t5.size_name(config), "config": config.to_dict(),
           "vocab_size": tokenizer.vocab_size, "vocab_sha256": tokenizer.sha256,
           "d_model": config.d_model, "max_length": tokenizer.max_length,
           "dtype": jnp.dtype(dtype).name}
   if output_layer != -1:
     spec["output_layer"] = output_layer
+  if pad_outputs != "zero":
+    spec["pad_outputs"] = pad_outputs
   return spec
 
 
@@ -155,8 +163,12 @@ def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _find_vocab(path: str, vocab: str | None) -> str:
-  """`vocab`, else spiece.model in `path`, else (t5x checkpoints carry none) in its parent."""
+  """`vocab`, else spiece.model in `path`, else (t5x checkpoints carry none) in its parent, else
+  in the `tokenizer/` beside it (a diffusers pipeline's `text_encoder/`)."""
   candidates = [vocab] if vocab else [fileio.join(path, weights.VOCAB_FILE)]
+  if not vocab and not fileio.is_remote(path):
+    candidates.append(os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer",
+                                   weights.VOCAB_FILE))
   if not vocab and weights.is_t5x_dir(path):
     parent = path.rstrip("/").rsplit("/", 1)[0] if fileio.is_remote(path) else \
         os.path.dirname(os.path.abspath(path))
@@ -191,7 +203,7 @@ def _not_found_message(path: str) -> str:
 def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", *,
                       mesh: jax.sharding.Mesh | None = None, vocab: str | None = None,
                       tokenizer_backend: str = "sentencepiece",
-                      output_layer: int = -1) -> TextEncoder:
+                      output_layer: int = -1, pad_outputs: str = "zero") -> TextEncoder:
   """Loads a frozen T5 v1.1 encoder (see the module docstring for `path`).
 
   Args:
@@ -204,6 +216,7 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
     tokenizer_backend: "sentencepiece", or "seqio" with the tf extra.
     output_layer: the output is the residual stream after this many layers, through T5's final
       norm (-1: all, T5's own output; 0: each token's embedding alone, no context).
+    pad_outputs: "zero" zeroes padding positions; "keep" keeps T5's values there (IF's).
   """
   compute = _dtype(dtype)
   source = path
@@ -232,7 +245,7 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
   if tok.vocab_size > config.vocab_size:
     raise ValueError(f"the vocabulary has {tok.vocab_size} pieces but the embedding only "
                      f"{config.vocab_size} rows: {path} and its spiece.model do not belong together")
-  return TextEncoder(config, params, tok, compute, source, mesh, output_layer)
+  return TextEncoder(config, params, tok, compute, source, mesh, output_layer, pad_outputs)
 
 
 def output_layer_of(text_config: Any) -> int:
@@ -242,10 +255,13 @@ def output_layer_of(text_config: Any) -> int:
 
 
 def text_difference(a: Any, b: Any) -> tuple[str, Any, Any] | None:
-  """The first of (encoder, width, max_length, output_layer) in which two configs' `text`
-  sections differ, with both values; None when the U-Nets would read the same embeddings."""
-  for key in ("encoder", "width", "max_length", "output_layer"):
-    va, vb = ((output_layer_of(t) if key == "output_layer" else t[key]) for t in (a, b))
+  """The first of (encoder, width, max_length, output_layer, pad_outputs, null) in which two
+  configs' `text` sections differ, with both values; None when the U-Nets would read the same
+  embeddings."""
+  defaults = {"pad_outputs": "zero", "null": "zeros"}
+  for key in ("encoder", "width", "max_length", "output_layer", "pad_outputs", "null"):
+    va, vb = ((output_layer_of(t) if key == "output_layer" else t.get(key, defaults.get(key)))
+              for t in (a, b))
     if va != vb:
       return key, va, vb
   return None
@@ -254,7 +270,8 @@ def text_difference(a: Any, b: Any) -> tuple[str, Any, Any] | None:
 def load_configured(text_config: Any, dtype: Any = "float32", **kwargs) -> TextEncoder:
   """`load_text_encoder` for a config's `text` section (encoder, max_length, output_layer)."""
   return load_text_encoder(text_config.encoder, max_length=text_config.max_length, dtype=dtype,
-                           output_layer=output_layer_of(text_config), **kwargs)
+                           output_layer=output_layer_of(text_config),
+                           pad_outputs=text_config.get("pad_outputs", "zero"), **kwargs)
 
 
 def place(params: Any, config: t5.T5Config, dtype: Any, max_length: int,

@@ -229,7 +229,8 @@ def check_output_layer(output_layer: int, config: T5Config) -> None:
 class T5Encoder(nn.Module):
   """T5 v1.1 encoder: token ids [B, L] int32 and mask [B, L] bool -> [B, L, d_model].
 
-  The output is float32, and zero at masked (padding) positions. `dtype` is the compute dtype
+  The output is float32, and zero at masked (padding) positions unless `keep_padding`. `dtype`
+  is the compute dtype
   (float32 or bfloat16); `param_dtype` the dtype parameters are created in.
   """
   config: T5Config
@@ -239,6 +240,9 @@ class T5Encoder(nn.Module):
   # layers, T5's own output; 0: the token embeddings alone, with no context). See
   # `check_output_layer`.
   output_layer: int = -1
+  # True: padding positions keep what the layers computed there (Hugging Face's T5 output, which
+  # DeepFloyd IF's U-Nets read), instead of zeros.
+  keep_padding: bool = False
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -260,5 +264,7 @@ class T5Encoder(nn.Module):
     for i in range(c.num_layers if self.output_layer < 0 else self.output_layer):
       x = EncoderLayer(c, name=f"layers_{i}", **kw)(x, bias)
     x = RMSNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="encoder_norm")(x)
+    if self.keep_padding:
+      return x.astype(jnp.float32)
     return jnp.where(mask[..., None], x.astype(jnp.float32), 0.0)
 

@@ -317,3 +317,14 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _describe(shape: tuple[int, ...] | None) -> str:
   return "absent" if shape is None else f"shaped {shape}"
+
+
+def sampling_params(config: ml_collections.ConfigDict, workdir: str, step: int,
+                    sharding: jax.sharding.Sharding, use_ema: bool = True,
+                    lora_scale: float = 1.0) -> Any:
+  """The parameters a stage samples with, on `sharding`: its checkpoint's (EMA) parameters,
+  or for a LoRA workdir its base's EMA parameters with the adapters merged in once, weighted
+  by `lora_scale`."""
+  abstract = checkpoints.abstract_like(nn.unbox(models.param_shapes(config)), sharding)
+  return Plan.from_config(config).restore_network(
+      config, workdir, step, abstract, "ema_params" if use_ema else "params", lora_scale)

@@ -80,7 +80,6 @@ def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None,
   """
   apply_fn = apply_fn or lora.network(model, None)
   log_snr_fn = schedules.stage_log_snr_fn(config.diffusion)
-  aug_log_snr_fn = schedules.get_log_snr_fn(config.lowres.aug_schedule)
   diff = config.diffusion
 
   def loss_fn(params, batch, frozen, key):
@@ -91,14 +90,15 @@ def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None,
     if config.token_drop_rate > 0:  # a key of its own only then: other runs keep their stream
       drop_key, token_key = jax.random.split(drop_key)
       text_emb = guidance.drop_tokens(token_key, text_emb, config.token_drop_rate)
-    text_emb = guidance.drop_text(drop_key, text_emb, config.cond_drop_rate)
+    text_emb = guidance.drop_text(drop_key, text_emb, config.cond_drop_rate,
+                                  frozen.get("null_text"))
     extra = {}
     if config.stage == "sr":
       # Noise conditioning augmentation: a random aug level per example, given to the net.
       lowres = preprocess.to_model_range(batch["lowres"])
       levels = augmentation.random_aug_levels(aug_key, x.shape[0], config.lowres.aug_max)
-      extra["lowres"], extra["aug_log_snr"] = augmentation.noise_augment(
-          aug_noise_key, lowres, levels, aug_log_snr_fn)
+      extra["lowres"], extra["aug_log_snr"] = augmentation.augment_lowres(
+          config, aug_noise_key, lowres, levels)
 
     def net(z, log_snr):
       return apply_fn(params, frozen.get("base"), z, log_snr, text_emb, text_mask, **extra)
@@ -109,9 +109,14 @@ def make_loss_fn(config: Any, model: Any, text_apply: TextApply | None,
           p_std=diff.edm_p_std)
     elif diff.formulation == "vp":
       z, log_snr, eps = objectives.corrupt(diffusion_key, x, log_snr_fn)
+      output = net(z, log_snr)
       per_example = objectives.diffusion_loss(
-          net(z, log_snr), x, eps, log_snr, parameterization=diff.parameterization,
+          output[..., :x.shape[-1]], x, eps, log_snr, parameterization=diff.parameterization,
           weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
+      if diff.get("variance", "fixed") == "learned_range":  # IF's hybrid loss
+        # L_vlb sums the T timesteps' terms: one drawn timestep's term stands for T of them.
+        per_example += diff.vlb_weight * log_snr_fn.num_timesteps * objectives.learned_range_vlb(
+            output, z, x, log_snr, log_snr_fn)
     else:
       raise ValueError(f"config.diffusion.formulation: unknown {diff.formulation!r}; use vp or edm")
     weights = batch.get("loss_weight")

@@ -94,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data.set_state(data_state)
   else:
     state = create_state(config, layout, plan)
-  frozen = frozen_inputs(layout, plan, text_encoder, mesh)
+  frozen = frozen_inputs(layout, plan, text_encoder, mesh,
+                         null_text=empty_prompt_embedding(config, text_encoder))
   step_fn = compile_train_step(config, mesh, layout, plan, text_encoder, frozen)
   distributed.barrier("compiled_train_step")  # hosts compile at different speeds
   peak_flops, _ = mfu.peak_tflops_per_device()
@@ -196,11 +197,30 @@ def create_state(config: ml_collections.ConfigDict, layout: StateLayout,
 
 
 def frozen_inputs(layout: StateLayout, plan: plan_lib.Plan, text_encoder: Any,
-                  mesh: jax.sharding.Mesh, restore: bool = True) -> dict[str, Any]:
+                  mesh: jax.sharding.Mesh, restore: bool = True,
+                  null_text: np.ndarray | None = None) -> dict[str, Any]:
   """What the step reads but never updates, on the mesh: {"text": the frozen encoder's params
-  or None, "base": a LoRA run's frozen network or None}; abstract unless `restore`."""
-  return {"text": place_text_params(text_encoder, mesh, restore),
-          "base": plan.frozen_base(layout.abstract_network, restore)}
+  or None, "base": a LoRA run's frozen network or None, and with `null_text` (float32
+  [1, L, D], `empty_prompt_embedding`) "null_text", what condition dropout puts in place of a
+  caption}; abstract unless `restore`."""
+  frozen = {"text": place_text_params(text_encoder, mesh, restore),
+            "base": plan.frozen_base(layout.abstract_network, restore)}
+  if null_text is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    frozen["null_text"] = (jax.ShapeDtypeStruct(null_text.shape, jnp.float32,
+                                                sharding=replicated) if not restore
+                           else jax.device_put(np.asarray(null_text, np.float32), replicated))
+  return frozen
+
+
+def empty_prompt_embedding(config: ml_collections.ConfigDict, text_encoder: Any = None
+                           ) -> np.ndarray | None:
+  """The encoded empty caption [1, L, D] where `config.text.null` is "empty_prompt" (IF's
+  unconditional text; the stage's own encoder is loaded if `text_encoder` is None), else None."""
+  if config.text.get("null", "zeros") != "empty_prompt":
+    return None
+  encoder = text_encoder or text.load_configured(config.text)
+  return np.asarray(encoder.encode([""])[0][:1], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
