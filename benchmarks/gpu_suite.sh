@@ -4,7 +4,8 @@
 # per A100) and the paper's SR 256 Efficient U-Net at batch 32; then `inspect --memory`'s
 # estimate of the first row's step, to set beside its measured device_peak_gib; and each
 # sampler's own cost per step beside the network's (benchmarks/sampler_overhead.py); then the
-# sampling server under concurrent clients (benchmarks/serve_load.py). Prints each
+# sampling server under concurrent clients (benchmarks/serve_load.py); then DeepFloyd IF's
+# network beside diffusers' (benchmarks/if_vs_diffusers.py, with the diffusers extra). Prints each
 # table and its RESULT_JSON / MEMORY_JSON line; pass OUT=dir to also keep the output there.
 #   bash benchmarks/gpu_suite.sh
 #   TINY=1 bash benchmarks/gpu_suite.sh     # the same commands on tiny configs, on a CPU (a test)
@@ -51,4 +52,11 @@ SERVE_TRAIN=(--config.total_steps=2 --config.checkpoint_every=2 --config.sample_
 run imagen_jax.cli train "${SERVE_BASE[@]}" --workdir="$SERVE_DIR/base" "${SERVE_TRAIN[@]}"
 run imagen_jax.cli train "${SERVE_SR[@]}" --workdir="$SERVE_DIR/sr" "${SERVE_TRAIN[@]}"
 run benchmarks.serve_load --stages="$SERVE_DIR/base,$SERVE_DIR/sr" "${SERVE_LOAD[@]}"
+# DeepFloyd IF: an IF-style 64x64 stage beside diffusers (torch on the same GPU), guided sampling
+# and a training step; where the diffusers extra is installed.
+if "$PYTHON" -c "import diffusers, torch" 2>/dev/null; then
+  if [[ "${TINY:-0}" == 1 ]]; then IF_ARGS=(--size=tiny --rounds=1)
+  else IF_ARGS=(--torch_device=cuda --train_dtypes=float32,bfloat16); fi
+  run benchmarks.if_vs_diffusers "${IF_ARGS[@]}"
+fi
 exit $status

@@ -107,11 +107,13 @@ def worker(spec: dict) -> None:
   torch.set_num_threads(spec["threads"])
   torch.manual_seed(0)
   start = time.perf_counter()
+  device = spec.get("device", "cpu")
   model = diffusers.UNet2DConditionModel.from_pretrained(spec["model_dir"]).float().eval()
+  model = model.to(device)
   load_s = time.perf_counter() - start
   data = np.load(spec["inputs"])
-  tensor = lambda k: torch.from_numpy(np.ascontiguousarray(data[k]))
-  nchw = lambda k: torch.from_numpy(np.ascontiguousarray(data[k].transpose(0, 3, 1, 2)))
+  tensor = lambda k: torch.from_numpy(np.ascontiguousarray(data[k])).to(device)
+  nchw = lambda k: torch.from_numpy(np.ascontiguousarray(data[k].transpose(0, 3, 1, 2))).to(device)
   sample, timestep, text = nchw("sample"), tensor("timestep"), tensor("text")
   train_x, train_noise = nchw("train_x"), nchw("train_noise")
   train_t, train_text = tensor("train_t"), tensor("train_text")
@@ -121,7 +123,7 @@ def worker(spec: dict) -> None:
   def autocast(dtype: str):
     if dtype == "float32":
       return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=getattr(torch, dtype))
+    return torch.autocast(device, dtype=getattr(torch, dtype))
 
   def guided(dtype: str):
     with torch.inference_mode(), autocast(dtype):
@@ -154,7 +156,7 @@ def worker(spec: dict) -> None:
         outputs, errors = {}, {}
         for dtype in command[1:]:
           try:
-            outputs[dtype] = guided(dtype).numpy().transpose(0, 2, 3, 1)
+            outputs[dtype] = guided(dtype).cpu().numpy().transpose(0, 2, 3, 1)
           except Exception as e:  # pylint: disable=broad-except  (e.g. no bf16 kernel)
             errors[dtype] = f"{type(e).__name__}: {e}"
         np.savez(spec["outputs"], **outputs)
@@ -167,6 +169,8 @@ def worker(spec: dict) -> None:
             guided(command[1])
           else:
             losses.append(train_step(command[1]))
+          if device == "cuda":
+            torch.cuda.synchronize()
           seconds.append(time.perf_counter() - start)
         answer({"seconds": seconds, "losses": losses})
       else:
@@ -206,6 +210,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "B, images per guided evaluation 
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 0,
                                     "Training batch; 0: the size's (base: 4).")
 _GUIDANCE = flags.DEFINE_float("guidance", 7.0, "Classifier-free guidance weight (IF's: 7).")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                                  "Where diffusers runs (cuda: beside JAX on a GPU).")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch's threads; 0: every CPU (os.cpu_count()).")
 _CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_grad"],
                                "JAX's convolutions (models/conv.py).")
@@ -402,7 +408,7 @@ def main(argv: Sequence[str]) -> None:
     diffusers_format.write_unet(model_dir, params, diffusers_config)
     np.savez(inputs_path, **inputs)
     setup_s = time.perf_counter() - start
-    spec = {"model_dir": model_dir, "inputs": inputs_path,
+    spec = {"model_dir": model_dir, "inputs": inputs_path, "device": _TORCH_DEVICE.value,
             "outputs": os.path.join(tmp, "torch_outputs.npz"), "threads": threads,
             "guidance": _GUIDANCE.value, "lr": LR}
     peer = Torch(_TORCH_PYTHON.value, spec)

@@ -85,6 +85,7 @@ def if_settings(c: ml_collections.ConfigDict, unet: dict) -> ml_collections.Conf
       diffusers=unet,            # diffusers' UNet2DConditionModel config.json
       remat="none",              # per residual / attention block: "none", "full" or "dots"
       attention_impl="auto",
+      conv_impl="auto",          # models/conv.py: matmul weight gradient on x86 w/o AVX-512
   ))
   c.diffusion.formulation = "vp"
   c.diffusion.timesteps = 1000             # discrete time: diffusers' DDPMScheduler
