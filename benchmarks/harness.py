@@ -13,6 +13,7 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -91,3 +92,38 @@ def report(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | No
   payload = {"benchmark": name, "device": device_description(), "rows": list(rows),
              **(extra or {})}
   print("RESULT_JSON " + json.dumps(payload, default=str))
+
+
+class PeerWorker:
+  """Another framework's side of a side-by-side benchmark, in its own process (its own venv if
+  need be), driven over a pipe: it prints one JSON line once ready (after `ready_prefix`), then
+  one per command it reads on stdin (after `reply_prefix`); "quit" ends it."""
+
+  def __init__(self, argv: Sequence[str], env: dict[str, str], name: str,
+               ready_prefix: str = "", reply_prefix: str = "", close_timeout: float = 120):
+    self.name, self.reply_prefix, self.close_timeout = name, reply_prefix, close_timeout
+    self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env=env)
+    self.info = self._read(ready_prefix)
+
+  def _read(self, prefix: str) -> dict[str, Any]:
+    for line in self.proc.stdout:
+      if line.startswith(prefix) and line[len(prefix):].lstrip().startswith("{"):
+        reply = json.loads(line[len(prefix):])
+        if "error" in reply:
+          raise RuntimeError(f"{self.name} worker: {reply['error']}")
+        return reply
+    raise RuntimeError(f"the {self.name} worker exited (code {self.proc.wait()})")
+
+  def ask(self, command: str) -> dict[str, Any]:
+    """Sends one command line; its JSON reply."""
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._read(self.reply_prefix)
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write("quit\n")
+      self.proc.stdin.close()
+      self.proc.wait(timeout=self.close_timeout)
+

@@ -186,12 +186,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
 # --- The JAX side and the driver ----------------------------------------------------------------
 
 import statistics  # pylint: disable=g-import-not-at-top,wrong-import-position
-import subprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Any, Sequence  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "base", sorted(SIZES), "base: the 195M 64x64 stage; tiny: a "
                           "16x16 toy that runs in seconds.")
@@ -222,35 +223,12 @@ LR = 1e-4
 WARMUP_TRAIN_STEPS = 2  # both sides from the same weights: their losses are compared
 
 
-class Torch:
+def torch_worker(python: str, spec: dict[str, Any]) -> harness.PeerWorker:
   """The torch side: this file's `worker` in its own process, driven over a pipe."""
-
-  def __init__(self, python: str, spec: dict[str, Any]):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "JAX_PLATFORMS": "cpu"}
-    self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    self.info = self._read()
-
-  def _read(self) -> dict[str, Any]:
-    for line in self.proc.stdout:
-      if line.startswith(REPLY):
-        reply = json.loads(line[len(REPLY):])
-        if "error" in reply:
-          raise RuntimeError(f"torch worker: {reply['error']}")
-        return reply
-    raise RuntimeError(f"the torch worker exited (code {self.proc.wait()})")
-
-  def ask(self, command: str) -> dict[str, Any]:
-    self.proc.stdin.write(command + "\n")
-    self.proc.stdin.flush()
-    return self._read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.stdin.write("quit\n")
-      self.proc.stdin.close()
-      self.proc.wait(timeout=120)
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+         "JAX_PLATFORMS": "cpu"}
+  return harness.PeerWorker([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                            env, "torch", ready_prefix=REPLY, reply_prefix=REPLY)
 
 
 def random_params(shapes: Any, seed: int) -> Any:
@@ -380,7 +358,6 @@ def main(argv: Sequence[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from benchmarks import harness  # pylint: disable=g-import-not-at-top
   from imagen_jax.interop import diffusers_format  # pylint: disable=g-import-not-at-top
   from imagen_jax.models import if_unet  # pylint: disable=g-import-not-at-top
 
@@ -411,7 +388,7 @@ def main(argv: Sequence[str]) -> None:
     spec = {"model_dir": model_dir, "inputs": inputs_path, "device": _TORCH_DEVICE.value,
             "outputs": os.path.join(tmp, "torch_outputs.npz"), "threads": threads,
             "guidance": _GUIDANCE.value, "lr": LR}
-    peer = Torch(_TORCH_PYTHON.value, spec)
+    peer = torch_worker(_TORCH_PYTHON.value, spec)
     try:
       if peer.info["params"] != num_params:
         raise RuntimeError(f"diffusers built {peer.info['params']:,} parameters, imagen-jax "

@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 from typing import Any, Sequence
 
@@ -115,40 +114,18 @@ def our_config(batch_size: int, sample_steps: int, guidance: float, dtype: str =
       "sample.threshold": "dynamic"})
 
 
-class Peer:
+def peer_worker(python: str, spec: dict[str, Any]) -> Any:
   """imagen-pytorch in its own venv, driven over a pipe (see imagen_pytorch_worker.py)."""
-
-  def __init__(self, python: str, spec: dict[str, Any]):
-    if not os.path.exists(python):
-      raise FileNotFoundError(
-          f"no python at {python!r}: set up the imagen-pytorch venv (see this file's docstring) "
-          "or pass --peer_python")
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagen_pytorch_worker.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONWARNINGS": "ignore"}
-    self.proc = subprocess.Popen([python, worker, json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env)
-    self.info = self._read("READY ")
-
-  def _read(self, prefix: str = "") -> dict[str, Any]:
-    for line in self.proc.stdout:
-      if line.startswith(prefix) and line[len(prefix):].lstrip().startswith("{"):
-        reply = json.loads(line[len(prefix):])
-        if "error" in reply:
-          raise RuntimeError(f"imagen-pytorch worker: {reply['error']}")
-        return reply
-    raise RuntimeError(f"the imagen-pytorch worker exited (code {self.proc.wait()})")
-
-  def ask(self, command: str) -> dict[str, Any]:
-    self.proc.stdin.write(command + "\n")
-    self.proc.stdin.flush()
-    return self._read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.stdin.write("quit\n")
-      self.proc.stdin.close()
-      self.proc.wait(timeout=60)
+  from benchmarks import harness  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(python):
+    raise FileNotFoundError(
+        f"no python at {python!r}: set up the imagen-pytorch venv (see this file's docstring) "
+        "or pass --peer_python")
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagen_pytorch_worker.py")
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+         "PYTHONWARNINGS": "ignore"}
+  return harness.PeerWorker([python, worker, json.dumps(spec)], env, "imagen-pytorch",
+                            ready_prefix="READY ", close_timeout=60)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -166,7 +143,7 @@ def main(argv: Sequence[str]) -> None:
   config.sample.sampler, config.sample.spacing = _OUR_SAMPLER.value, _OUR_SPACING.value
   spec = {**SHAPE, "batch_size": batch, "sample_steps": _SAMPLE_STEPS.value,
           "guidance": _GUIDANCE.value}
-  peer = Peer(_PEER_PYTHON.value, spec)
+  peer = peer_worker(_PEER_PYTHON.value, spec)
   rows, extra = [], {"shape": SHAPE, "batch_size": batch, "rounds": rounds,
                      "ours": {"dtype": _DTYPE.value, "attn_every_block": _ATTN_EVERY_BLOCK.value,
                               "conv_impl": _CONV_IMPL.value, "sampler": _OUR_SAMPLER.value,

@@ -173,6 +173,24 @@ def parse_variants(arg: str | None, default: str) -> tuple[str, bool]:
   return (rest[0] if rest else default), finetune
 
 
+def tiny_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What every stage's `tiny` variant shares: the random shapes encoder and a short training run
+  sized for a CPU (the tests' stages; their scores mean little)."""
+  c.text.encoder = "builtin:shapes-tiny"
+  c.text.width = 64
+  c.text.max_length = 16
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 50
+  c.ema.decay = 0.995
+  c.batch_size = 16
+  c.total_steps = 200
+  c.log_every = 20
+  c.checkpoint_every = 100
+  c.sample_every = 0
+  c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
+  return c
+
+
 def finetuning(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `finetune` variant: a stage adapted to 3-20 images of a subject (`imagen-jax finetune`).
 

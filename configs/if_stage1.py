@@ -133,19 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           layers=(1, 1), in_channels=3, text_width=64, cross_attention_dim=64,
                           pool_heads=4, head_dim=32)
     if_settings(c, unet)
+    common.tiny_cpu(c)
     c.image_size = 32
-    c.text.encoder = "builtin:shapes-tiny"
-    c.text.width = 64
-    c.text.max_length = 16
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.ema.decay = 0.995
-    c.batch_size = 16
-    c.total_steps = 200
-    c.log_every = 20
-    c.checkpoint_every = 100
-    c.sample_every = 0
-    c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
   else:
     raise ValueError(f"unknown if_stage1 variant {variant!r}: use xl, l, m or tiny")
   # IF-I's pipeline: 100 DDPM steps, guidance 7, dynamic thresholding up to 1.5 (its scheduler's

@@ -49,20 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         image_size=32, channels=(32, 64), attention=(False, True), layers=(1, 1), in_channels=6,
         text_width=64, cross_attention_dim=64, pool_heads=4, head_dim=32, sr=True)
     if_stage1.if_settings(c, unet)
+    common.tiny_cpu(c)
     c.image_size = 32
     c.lowres.size = 16
-    c.text.encoder = "builtin:shapes-tiny"
-    c.text.width = 64
-    c.text.max_length = 16
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.ema.decay = 0.995
-    c.batch_size = 16
-    c.total_steps = 200
-    c.log_every = 20
-    c.checkpoint_every = 100
-    c.sample_every = 0
-    c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
   else:
     raise ValueError(f"unknown if_stage2 variant {variant!r}: use l, m or tiny")
   c.lowres.aug_timesteps = 1000

@@ -36,27 +36,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "paper":
     pass
   elif variant == "tiny":
+    common.tiny_cpu(c)
     c.image_size = 32
     c.lowres.size = 16
-    c.text.encoder = "builtin:shapes-tiny"
-    c.text.width = 64
-    c.text.max_length = 16
     c.model.channels = (16, 32, 64)
     c.model.num_res_blocks = (1, 1, 2)
     c.model.num_heads = 2
     c.model.emb_dim = c.model.pool_width = 64
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.ema.decay = 0.995
-    c.batch_size = 16
-    c.total_steps = 200
-    c.log_every = 20
-    c.checkpoint_every = 100
-    c.sample_every = 0
     c.sample.steps = 32
     c.sample.guidance = 3.0
     c.sample.threshold = "static"
-    c.sample.prompts = ("a red circle at the top left corner", "a blue square at the center")
   else:
     raise ValueError(f"unknown sr256 variant {variant!r}: use paper or tiny")
   return common.finetuning(c) if finetune else c

@@ -8,6 +8,7 @@ the same language. Values are clipped to [LOG_SNR_MIN, LOG_SNR_MAX] so both ends
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -81,17 +82,16 @@ class DiscreteSchedule:
     bar = discrete_alphas_cumprod(name, num_timesteps).astype(np.float64)
     self.name, self.num_timesteps = name, num_timesteps
     self.log_snrs = np.log(bar) - np.log1p(-bar)  # [T], decreasing in k
+    # Timesteps -1 (the clean image) .. T-1 and their log-SNRs, the interpolation's knots.
+    self._steps = np.arange(-1, num_timesteps, dtype=np.float32)
+    self._levels = np.concatenate([[LOG_SNR_MAX], self.log_snrs]).astype(np.float32)
 
   def __call__(self, t: jax.Array) -> jax.Array:
-    levels = np.concatenate([[LOG_SNR_MAX], self.log_snrs]).astype(np.float32)
-    return jnp.interp(t * self.num_timesteps - 1.0, np.arange(-1, self.num_timesteps,
-                                                              dtype=np.float32), levels)
+    return jnp.interp(t * self.num_timesteps - 1.0, self._steps, self._levels)
 
   def timestep(self, log_snr: jax.Array) -> jax.Array:
     """The fractional timestep [B] of noise levels log_snr [B] (k where they are exact)."""
-    levels = np.concatenate([[LOG_SNR_MAX], self.log_snrs])[::-1].astype(np.float32)
-    steps = np.arange(self.num_timesteps - 1, -2, -1, dtype=np.float32)
-    return jnp.interp(log_snr.astype(jnp.float32), levels, steps)
+    return jnp.interp(log_snr.astype(jnp.float32), self._levels[::-1], self._steps[::-1])
 
   def grid(self, num_steps: int, spacing: str, start: float) -> np.ndarray:
     """The log-SNRs [num_steps + 1] of diffusers' timesteps, computed exactly (float64)."""
@@ -101,6 +101,12 @@ class DiscreteSchedule:
     else:  # "time": t = start (1 - i / N), diffusers' "trailing" where N divides T
       steps = np.round(start * total * np.arange(num_steps, 0, -1) / num_steps) - 1
     return np.concatenate([self.log_snrs[steps.astype(int)], [LOG_SNR_MAX]])
+
+
+@functools.lru_cache(maxsize=None)
+def discrete_schedule(name: str, num_timesteps: int) -> DiscreteSchedule:
+  """The `DiscreteSchedule` of `name` at `num_timesteps` steps, built once per process."""
+  return DiscreteSchedule(name, num_timesteps)
 
 
 def get_log_snr_fn(name: str, shift: float = 0.0, timesteps: int = 0) -> LogSnrFn:
@@ -113,7 +119,7 @@ def get_log_snr_fn(name: str, shift: float = 0.0, timesteps: int = 0) -> LogSnrF
   if timesteps:  # a discrete-time model: `name`'s betas at `timesteps` steps
     if shift:
       raise ValueError("a shifted schedule is continuous: schedule_shift needs timesteps 0")
-    return DiscreteSchedule(name, timesteps)
+    return discrete_schedule(name, timesteps)
   base = SCHEDULES[name]
   if not shift:
     return base

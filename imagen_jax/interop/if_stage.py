@@ -182,13 +182,11 @@ def network_params(workdir: str, step: int | None = None, lora_scale: float = 1.
                    ) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, the network's parameters as host arrays) of a stage workdir at `step` (latest):
   its EMA parameters, a LoRA workdir's merged into its base's (`lora_scale`)."""
-  config, step = checkpoints.restore_config(workdir, step)
-  if config.model.name != "if_unet":
-    raise ConvertError(f"{workdir} holds a {config.model.name!r} network; only stages of IF's "
-                       "architecture (model.name 'if_unet') export to diffusers' format")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = plan_lib.sampling_params(config, fileio.resolve(workdir), step, device,
-                                    lora_scale=lora_scale)
+  name = checkpoints.restore_config(workdir, step)[0].model.name  # before any weight is read
+  if name != "if_unet":
+    raise ConvertError(f"{workdir} holds a {name!r} network; only stages of IF's architecture "
+                       "(model.name 'if_unet') export to diffusers' format")
+  config, params, _ = plan_lib.load_network(workdir, step, lora_scale=lora_scale)
   return config, jax.device_get(params)
 
 

@@ -534,13 +534,13 @@ class IFStage(nn.Module):
     """x [B, H, W, 3], log_snr [B], text_emb [B, L, D], text_mask [B, L], lowres [B, h, w, 3]
     and aug_log_snr [B] (SR) -> [B, H, W, out_channels] float32 (eps, then the variance)."""
     del train  # IF's U-Nets have no dropout
-    steps = schedules.DiscreteSchedule(self.schedule, self.timesteps).timestep(log_snr)
+    steps = schedules.discrete_schedule(self.schedule, self.timesteps).timestep(log_snr)
     sample, labels = x, None
     if lowres is not None:
       if lowres.shape[1:3] != x.shape[1:3]:
         lowres = augmentation.upsample_align_corners(lowres, x.shape[1])
       sample = jnp.concatenate([x, lowres.astype(x.dtype)], axis=-1)
-      labels = schedules.DiscreteSchedule(self.aug_schedule, self.aug_timesteps).timestep(
+      labels = schedules.discrete_schedule(self.aug_schedule, self.aug_timesteps).timestep(
           aug_log_snr)
     unet = IFUNet(self.config, self.dtype, self.remat, self.attention_impl, self.conv_impl,
                   name="unet")

@@ -24,8 +24,6 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import models
-from imagen_jax.core import checkpoints
-from imagen_jax.core import fileio
 from imagen_jax.diffusion import schedules
 from imagen_jax.train import plan as plan_lib
 
@@ -42,10 +40,7 @@ class StageNetwork:
   def from_workdir(cls, workdir: str, step: int | None = None, use_ema: bool = True,
                    lora_scale: float = 1.0) -> "StageNetwork":
     """The stage at `workdir`'s checkpoint `step` (latest if None)."""
-    workdir = fileio.resolve(workdir)
-    config, step = checkpoints.restore_config(workdir, step)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = plan_lib.sampling_params(config, workdir, step, device, use_ema, lora_scale)
+    config, params, step = plan_lib.load_network(workdir, step, use_ema, lora_scale)
     return cls(config, models.build_model(config), params, step)
 
   def log_snr(self, timestep: Any, augmentation: bool = False) -> jax.Array:

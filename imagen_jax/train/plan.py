@@ -328,3 +328,14 @@ def sampling_params(config: ml_collections.ConfigDict, workdir: str, step: int,
   abstract = checkpoints.abstract_like(nn.unbox(models.param_shapes(config)), sharding)
   return Plan.from_config(config).restore_network(
       config, workdir, step, abstract, "ema_params" if use_ema else "params", lora_scale)
+
+
+def load_network(workdir: str, step: int | None = None, use_ema: bool = True,
+                 lora_scale: float = 1.0) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, the parameters it samples with on the first device, step) of a stage workdir at
+  checkpoint `step` (the latest if None): `sampling_params` for one stage on its own."""
+  workdir = fileio.resolve(workdir)
+  config, step = checkpoints.restore_config(workdir, step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return config, sampling_params(config, workdir, step, device, use_ema, lora_scale), step
+
