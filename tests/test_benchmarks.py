@@ -54,3 +54,53 @@ def test_demo_ablation_parses_arms():
   for bad in ("no colon here", ": optimizer.lr=1", "x: optimizer.lr"):
     with pytest.raises(ValueError, match="arm"):
       demo_ablation.parse_arm(bad)
+
+
+def _pair_example():
+  from imagen_jax.data import shapes
+  for i in range(100):  # the first validation pair whose objects differ in color and shape
+    example = shapes.example("validation", i)
+    if len(example.placed) == 2:
+      first, second = (p.obj for p in example.placed)
+      if first.color != second.color and first.shape != second.shape:
+        return example
+  raise AssertionError("no pair example")
+
+
+def test_binding_diagnosis_reads_each_object_on_its_side():
+  import dataclasses
+  from imagen_jax.data import shapes
+  from imagen_jax.data import shapes_grammar as grammar
+  from studies import binding_diagnosis
+  example = _pair_example()
+  first, second = example.placed
+  outcomes = lambda placed: binding_diagnosis.drawn_outcomes(example.prompt,
+                                                             shapes.render(placed, 64))
+  assert outcomes(example.placed) == ["right", "right"]
+  # The two objects drawn in each other's place: each side shows the other's color.
+  swapped = (dataclasses.replace(first, obj=second.obj), dataclasses.replace(second, obj=first.obj))
+  assert outcomes(swapped) == ["wrong color", "wrong color"]
+  # The first object drawn with the second's shape; then with the third shape.
+  borrowed = dataclasses.replace(first, obj=grammar.Obj(first.obj.color, second.obj.shape))
+  assert outcomes((borrowed, second)) == ["other's shape", "right"]
+  third = next(s for s in grammar.SHAPES if s not in (first.obj.shape, second.obj.shape))
+  assert outcomes((dataclasses.replace(first, obj=grammar.Obj(first.obj.color, third)),
+                   second)) == ["third shape", "right"]
+  assert outcomes((first,)) == ["missing", "missing"]
+  # The object's coverage of a coarser grid keeps its area.
+  cover = binding_diagnosis.coverage(first, 32, 8)
+  assert cover.shape == (8, 8)
+  assert abs(cover.mean() - shapes.object_mask(first, 32).mean()) < 1e-6
+
+
+def test_binding_diagnosis_finds_each_objects_words():
+  from imagen_jax.text import builtin
+  from imagen_jax.text import tokenizer as tokenizer_lib
+  from studies import binding_diagnosis
+  tokenizer = tokenizer_lib.Tokenizer(builtin.shapes_vocabulary(), max_length=16)
+  caption = "a red circle to the left of a blue square"
+  ids = tokenizer([caption]).ids[0]
+  words = binding_diagnosis.object_words(tokenizer, caption)
+  for indices, (color, shape) in zip(words, (("red", "circle"), ("blue", "square"))):
+    expected = tokenizer([f"{color} {shape}"]).ids[0][:2]
+    assert list(ids[indices]) == list(expected)
