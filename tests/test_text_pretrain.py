@@ -1,6 +1,6 @@
-"""Span-corruption pretraining of the builtin encoder (`text.pretrain`, builtin:shapes-tiny-pretrained)."""
+"""Text pretraining of the builtin encoder (`text.pretrain`, builtin:shapes-tiny-pretrained)."""
 
-import functools
+import dataclasses
 import json
 import os
 
@@ -46,11 +46,11 @@ def test_span_corruption_hides_spans_that_the_targets_restore(length):
 @pytest.mark.slow
 def test_pretraining_learns_the_grammar_and_keeps_the_encoder_shapes(monkeypatch, tmp_path):
   monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path))
-  monkeypatch.setattr(pretrain, "PretrainConfig",
-                      functools.partial(pretrain.PretrainConfig, steps=150))
+  monkeypatch.setattr(builtin, "PRETRAINING", dataclasses.replace(builtin.PRETRAINING, steps=300))
   path = builtin.materialize("builtin:shapes-tiny-pretrained")
   assert path.endswith(f"shapes-tiny-pretrained-v{builtin.VERSION}")
   metrics = json.load(open(os.path.join(path, "pretraining.json")))
+  assert metrics["objective"] == "span+neighbors" and metrics["steps"] == 300
   assert metrics["last_loss"] < 0.7 * metrics["first_loss"]
   # Half the hidden words are colors and shapes the context cannot tell (every pair is in the
   # text); a quarter of the others is what chance would give.

@@ -6,7 +6,7 @@
 
 Modules: `t5` (the Flax encoder), `tokenizer`, `weights` (Hugging Face, t5x, Orbax),
 `encoder` (`load_text_encoder`, `TextEncoder`), `builtin` (builtin:shapes-tiny and its
-text-pretrained twin), `pretrain` (T5's span corruption for it), `cache` (the
+text-pretrained twin), `pretrain` (its text-only pretraining), `cache` (the
 embedding cache and its reader), `encode_job` (encode a caption source into a cache: the
 library behind `imagen-jax encode`).
 """

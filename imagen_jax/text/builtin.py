@@ -1,6 +1,6 @@
 """`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions, and
 `builtin:shapes-tiny-pretrained`: the same encoder trained on the grammar's text alone (T5's span
-corruption, `pretrain`; trained once, the first time it is used).
+corruption plus a neighbor objective, `pretrain`; trained once, the first time it is used).
 
 The demo and the tiny configs condition on them (text.width 64, max_length 16). The vocabulary
 is the grammar's 128 pieces (each grammar word one piece) plus SentencePiece's 256 byte pieces:
@@ -43,7 +43,8 @@ PREFIX = "builtin:"
 SEED = 20220523  # Imagen's arXiv date
 # v2: byte fallback (ids 128-383). The grammar's ids and the rows of every weight they reach
 # are v1's, so a cascade trained with v1 sees the same embeddings for every grammar caption.
-VERSION = 2
+# v3: the pretrained encoder's objective (`PRETRAINING`); shapes-tiny's bytes are v2's.
+VERSION = 3
 VOCAB_ASSET = "shapes_spiece.model"
 GRAMMAR_PIECES = 128  # pieces of the trained vocabulary; the byte pieces follow them
 
@@ -139,8 +140,10 @@ def write_hf_dir(path: str, config: t5.T5Config, tensors: dict[str, np.ndarray],
 MODELS = ("shapes-tiny", "shapes-tiny-pretrained")
 
 
-# The pretraining of `builtin:shapes-tiny-pretrained`.
-PRETRAINING = pretrain.PretrainConfig()
+# The pretraining of `builtin:shapes-tiny-pretrained`. Span corruption alone leaves a noun's output
+# vector without its adjective for pairs held out of the images, where the neighbor heads make
+# every noun carry its color (studies/text_probe.py measures both).
+PRETRAINING = pretrain.PretrainConfig(objective="span+neighbors")
 
 
 def pretrained_params(config: t5.T5Config, vocab: bytes,
@@ -154,7 +157,7 @@ def pretrained_params(config: t5.T5Config, vocab: bytes,
   logging.info("Pretraining a shapes encoder on %d captions (%s, seed %d)", len(captions),
                settings.objective, settings.seed)
   trained, metrics = pretrain.pretrain(config, start, captions, settings)
-  logging.info("Span corruption: loss %.3f -> %.3f, span-token accuracy on fresh corruptions %.3f",
+  logging.info("Pretraining: loss %.3f -> %.3f, span-token accuracy on fresh corruptions %.3f",
                metrics["first_loss"], metrics["last_loss"], metrics["fresh_corruption_accuracy"])
   return weights.params_to_hf(trained, config), metrics
 

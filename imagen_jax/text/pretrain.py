@@ -1,14 +1,17 @@
-"""Text-only pretraining of the builtin encoder: T5's span corruption on the shapes grammar.
+"""Text-only pretraining of the builtin encoder on the shapes grammar.
 
 Imagen's central finding is that a frozen encoder pretrained on text alone is what gives the
-cascade its prompt understanding. In miniature it does not hold reliably: whether pretraining
-helps the demo's held-out prompts or hurts them depends on the machine and the pretraining's
-seed, so the demo keeps the random encoder. `builtin:shapes-tiny-pretrained`
-(`builtin.shapes_tiny_config`, the random `builtin:shapes-tiny`'s initial weights) is trained with
-T5's objective (Raffel et al. 2020, sec. 3.1.4) on every caption the grammar can make, single
-objects at every cell and every ordered pair in both relations, so every color-shape pair is in
-the text, including the pairs held out from every image (`shapes_grammar.HELDOUT_PAIRS`): text
-alone, never an image.
+cascade its prompt understanding. `builtin:shapes-tiny-pretrained` (`builtin.shapes_tiny_config`,
+the random `builtin:shapes-tiny`'s initial weights) is trained on every caption the grammar can
+make, single objects at every cell and every ordered pair in both relations, so every color-shape
+pair is in the text, including the pairs held out from every image
+(`shapes_grammar.HELDOUT_PAIRS`): text alone, never an image. Its objective is `span+neighbors`
+(`builtin.PRETRAINING`): T5's span corruption (Raffel et al. 2020, sec. 3.1.4) alone lets the
+encoder predict a hidden word from the caption without writing an unseen pair's color into its
+noun's output vector, which is where the U-Net's attention reads an object; the neighbor heads
+make it. The demo reads the random encoder's token embeddings all the same: within its budget
+the base stage learns which object of a sentence goes where in some training draws and not in
+others, whichever text it reads (studies/binding_diagnosis.py).
 
 Span corruption: a fraction `NOISE_DENSITY` of a caption's tokens, in spans of mean length
 `MEAN_SPAN`, is replaced by one sentinel per span; a small decoder (thrown away afterwards)
@@ -187,7 +190,7 @@ def neighbor_targets(clean: np.ndarray, clean_mask: np.ndarray) -> tuple[jax.Arr
 
 def pretrain(config: t5.T5Config, encoder_params: Any, captions_ids: list[np.ndarray],
              settings: PretrainConfig = PretrainConfig()) -> tuple[Any, dict[str, float]]:
-  """Trains `encoder_params` (a `t5.T5Encoder` tree for `config`) with span corruption on the
+  """Trains `encoder_params` (a `t5.T5Encoder` tree for `config`) with `settings.objective` on the
   tokenized captions; returns the trained encoder params (same shapes) and metrics: the first
   and last 100 steps' loss and `fresh_corruption_accuracy`, the span-token accuracy on fresh
   corruptions of the same captions (every caption is trained on, so none is held out)."""
