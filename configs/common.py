@@ -229,13 +229,14 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
   if variant not in ("full", "quick"):
     raise ValueError(f"unknown demo {c.stage} variant {variant!r}: use full or quick")
   quick = variant == "quick"
-  # The random tiny T5 (`builtin:shapes-tiny`), not its copy pretrained on the grammar's text
-  # alone (`builtin:shapes-tiny-pretrained`, `text/pretrain.py`): what the pretrained copy does to
-  # held-out prompts swings with the machine and the pretraining seed, from a gain to a loss,
-  # since held-out pairs need shape words that mean the same whatever color they follow.
-  # Its token embeddings alone (`output_layer` 0), not its output: a random encoder's layers only
-  # mix each word with its neighbours (the same "circle" reads differently after "red" and after
-  # "blue"), which the U-Net must then undo.
+  # The random tiny T5 (`builtin:shapes-tiny`), not the final layer of its copy pretrained on the
+  # grammar's text alone (`builtin:shapes-tiny-pretrained`, `text/pretrain.py`): that one binds
+  # held-out pairs better where the base stage learns which object of the sentence goes where,
+  # but within the demo's budget the base fails to learn that order from it in more training
+  # draws, so on average neither reading wins, and pretraining would add minutes to the demo
+  # (docs/demo.md). Its token embeddings alone (`output_layer` 0), not its
+  # output: a random encoder's layers only mix each word with its neighbours (the same "circle"
+  # reads differently after "red" and after "blue"), which the U-Net must then undo.
   c.text.encoder = "builtin:shapes-tiny"
   c.text.output_layer = 0
   c.text.width = 64
