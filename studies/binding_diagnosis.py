@@ -21,7 +21,7 @@ Each arm is a base-stage workdir whose `samples/` hold the demo's evaluation pro
    then over heads (and the best head's); held-out prompts also apart by whether the sample
    got both objects right.
 
-3. Guided (with --guidance): the same two-object prompts resampled at each guidance weight
+3. Guided (with --resample_guidance): the same two-object prompts resampled at each guidance weight
    (the arm's sampler otherwise), all-correct and the outcomes of held-out objects.
 
 Prints the tables and a RESULT_JSON line.
@@ -52,7 +52,7 @@ from imagen_jax.text import encoder as encoder_lib
 _ARMS = flags.DEFINE_list("arms", None, "Base-stage workdirs with samples/ of the eval prompts.")
 _LOG_SNRS = flags.DEFINE_list("log_snrs", ["-3", "0", "3"], "Noise levels of the reading.")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 200, "Two-object prompts read per split.")
-_GUIDANCE = flags.DEFINE_list("guidance", [], "Guidance weights to resample the two-object "
+_GUIDANCE = flags.DEFINE_list("resample_guidance", [], "Guidance weights to resample the two-object "
                               "prompts with (empty: only the arm's own samples).")
 
 OUTCOMES = ("right", "other's shape", "third shape", "wrong color", "missing")
