@@ -137,7 +137,7 @@ def attention_probs(intermediates: Any, head_dim: int, text_mask: jax.Array
 
 def read_arm(net: network_lib.StageNetwork, text: encoder_lib.TextEncoder,
              examples: Sequence[shapes.Example], log_snrs: Sequence[float]
-             ) -> list[dict[str, dict[str, float]]]:
+             ) -> list[dict[str, dict[str, np.ndarray]]]:
   """Per example: {block: {"routing_i": [heads], "text_i": scalar}} for objects i = 0, 1."""
   size = net.config.image_size
   captions = [e.caption for e in examples]
@@ -174,7 +174,7 @@ def read_arm(net: network_lib.StageNetwork, text: encoder_lib.TextEncoder,
 
 # --- 3. Guidance ------------------------------------------------------------------------------
 
-def guidance_sweep(arm: str, samples: Sequence[tuple[str, int, grammar.Prompt, np.ndarray]],
+def guidance_sweep(arm: str, samples: Sequence[tuple[str, int, grammar.Prompt, Any]],
                    weights: Sequence[float]) -> dict[str, dict[str, Any]]:
   """{weight: {split: all-correct, "held-out object": outcome shares}} of the two-object
   prompts resampled (one sampling outdir per weight under ARM/binding_guidance/)."""
@@ -220,10 +220,12 @@ def pair_samples(arm: str) -> list[tuple[str, int, grammar.Prompt, np.ndarray]]:
 
 def diagnose(arm: str, log_snrs: Sequence[float], max_prompts: int,
              guidance: Sequence[float]) -> dict[str, Any]:
-  samples = pair_samples(arm)
+  # (split, index, prompt, each named object's outcome), judged once.
+  samples = [(split, i, prompt, drawn_outcomes(prompt, image))
+             for split, i, prompt, image in pair_samples(arm)]
   drawn = collections.defaultdict(collections.Counter)
-  for split, _, prompt, image in samples:
-    for role, outcome in zip(object_roles(split, prompt), drawn_outcomes(prompt, image)):
+  for split, _, prompt, outcomes in samples:
+    for role, outcome in zip(object_roles(split, prompt), outcomes):
       drawn[role][outcome] += 1
   net = network_lib.StageNetwork.from_workdir(arm)
   text = encoder_lib.load_configured(net.config.text)
@@ -237,8 +239,8 @@ def diagnose(arm: str, log_snrs: Sequence[float], max_prompts: int,
     for start in range(0, len(examples), 32):
       batch = examples[start:start + 32]
       results = read_arm(net, text, batch, log_snrs)
-      for (_, _, prompt, image), result in zip(chosen[start:start + 32], results):
-        correct = all(o == "right" for o in drawn_outcomes(prompt, image))
+      for (_, _, prompt, outcomes), result in zip(chosen[start:start + 32], results):
+        correct = all(o == "right" for o in outcomes)
         roles = object_roles(split, prompt)
         for block, values in result.items():
           for i, role in enumerate(roles):
