@@ -41,6 +41,8 @@ _STEPS = flags.DEFINE_string("steps", None, "The server's --steps (default: the 
 _OVERLOAD = flags.DEFINE_float("overload", 2.0, "Open-loop rate, in multiples of the largest "
                                "level's images/s (0: skip the phase).")
 _OVERLOAD_SECONDS = flags.DEFINE_float("overload_seconds", 60.0, "Length of the open-loop phase.")
+_WORKERS = flags.DEFINE_integer("workers", None, "The server's --workers (default: its own).")
+_PACKING = flags.DEFINE_string("packing", None, "The server's --packing (default: its own).")
 _START_TIMEOUT = flags.DEFINE_float("start_timeout", 1200.0,
                                     "Seconds to wait for the server to compile.")
 
@@ -70,12 +72,13 @@ def rss_bytes(pid: int) -> int:
 class Server:
   """`imagen-jax serve` in a subprocess on a free loopback port."""
 
-  def __init__(self, stages: str, batch_sizes: str, max_queue: int, steps: str | None):
+  def __init__(self, stages: str, batch_sizes: str, max_queue: int, steps: str | None,
+               extra: Sequence[str] = ()):
     import httpx  # pylint: disable=g-import-not-at-top
     self.port = free_port()
     argv = [sys.executable, "-m", "imagen_jax", "serve", f"--stages={stages}",
             f"--port={self.port}", f"--batch_sizes={batch_sizes}", f"--max_queue={max_queue}",
-            "--max_n=1"] + ([f"--steps={steps}"] if steps else [])
+            "--max_n=1"] + ([f"--steps={steps}"] if steps else []) + list(extra)
     self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)
     self.output: list[str] = []
@@ -211,9 +214,12 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
   if not _STAGES.value:
     raise app.UsageError("--stages is required (e.g. --stages=demo_run/base,demo_run/sr)")
-  server = Server(_STAGES.value, _BATCH_SIZES.value, _MAX_QUEUE.value, _STEPS.value)
+  server_flags = ([f"--workers={_WORKERS.value}"] if _WORKERS.value else []) + (
+      [f"--packing={_PACKING.value}"] if _PACKING.value else [])
+  server = Server(_STAGES.value, _BATCH_SIZES.value, _MAX_QUEUE.value, _STEPS.value, server_flags)
   rows, extra = [], {"stages": _STAGES.value, "batch_sizes": _BATCH_SIZES.value,
-                     "max_queue": _MAX_QUEUE.value, "steps": _STEPS.value}
+                     "max_queue": _MAX_QUEUE.value, "steps": _STEPS.value,
+                     "server_flags": server_flags}
   try:
     extra["ready_s"] = server.wait_ready(_START_TIMEOUT.value)
     first = 0

@@ -62,6 +62,20 @@ def test_array_weights_and_a_null_text_match_float_guidance_per_example():
     np.testing.assert_allclose(out[i], np.asarray(expected)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_a_batch_of_weights_all_one_skips_the_unconditional_pass():
+  # A network that returns NaN for the zeroed (unconditional) text: any pass over it would show.
+  def conditional_only(z, log_snr, text_emb, text_mask):
+    seen = jnp.abs(text_emb).sum(axis=(1, 2))[:, None, None, None]
+    return jnp.where(seen > 0, fake_model(z, log_snr, text_emb, text_mask), jnp.nan)
+  key = jax.random.PRNGKey(3)
+  z = jax.random.normal(key, (2, 4, 4, 3))
+  emb = jax.random.normal(jax.random.fold_in(key, 1), (2, 5, 6))
+  mask, log_snr = jnp.ones((2, 5), bool), jnp.zeros((2,))
+  run = jax.jit(lambda w: guidance.guided_model_fn(conditional_only, w)(z, log_snr, emb, mask))
+  np.testing.assert_array_equal(run(jnp.ones(2)), fake_model(z, log_snr, emb, mask))
+  assert np.isnan(np.asarray(run(jnp.asarray([1.0, 2.0])))).all()  # guided: both passes ran
+
+
 def test_row_settings_stack_reads_each_images_settings():
   base = stage_sampler.StageSettings(sampler="ddim", steps=4, guidance=3.0, threshold="static",
                                      percentile=99.5, eta=0.0, aug_level=0.0)

@@ -24,6 +24,7 @@ from imagen_jax.commands import shared_flags
 from imagen_jax.sample import cascade as cascade_lib
 from imagen_jax.sample import outdir as outdir_lib
 from imagen_jax.serve import api
+from imagen_jax.serve import batcher as batcher_lib
 from imagen_jax.serve import server
 
 shared_flags.use("stages", "ckpt_steps", "guidance", "steps", "sampler", "spacing",
@@ -53,6 +54,15 @@ _TIMEOUT = flags.DEFINE_float("timeout", api.Limits.timeout_s, "Seconds a job ma
 _BATCH_WAIT_MS = flags.DEFINE_float(
     "batch_wait_ms", 10.0, "When the worker is idle, a batch short of the largest size starts "
     "once no request has come for this long (at most 10 times this after the first).")
+_PACKING = flags.DEFINE_enum(
+    "packing", "measured", list(batcher_lib.PACKINGS), "How many queued images a batch takes: "
+    "measured: the compiled size that serves them fastest by its recent batch times (a full "
+    "smaller batch where a batch costs its rows' worth, as on a CPU); smallest: the smallest "
+    "compiled size that holds them, padded.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "Batches sampled side by side, each by its own thread with its own compiled "
+    "programs (default: 2 on a CPU of 2 or more cores, where one batch leaves cores idle; 1 on "
+    "GPUs and TPUs).")
 _PROMPT_CACHE = flags.DEFINE_integer("prompt_cache", 256, "Prompt embeddings kept (LRU).")
 _JOB_TTL = flags.DEFINE_float("job_ttl", 600.0, "Seconds a finished job (and its images) stays "
                               "readable at /v1/jobs/{id} and /v1/files/.")
@@ -83,4 +93,5 @@ def main(argv: Sequence[str]) -> None:
                max_queue=_MAX_QUEUE.value, limits=limits,
                api_key=_API_KEY.value or os.environ.get("IMAGEN_JAX_API_KEY") or None,
                batch_wait_s=_BATCH_WAIT_MS.value / 1000, prompt_cache=_PROMPT_CACHE.value,
-               job_ttl_s=_JOB_TTL.value, drain_timeout=_DRAIN_TIMEOUT.value)
+               job_ttl_s=_JOB_TTL.value, drain_timeout=_DRAIN_TIMEOUT.value,
+               packing=_PACKING.value, workers=_WORKERS.value or server.default_workers())

@@ -85,15 +85,18 @@ def guided_model_fn(model_fn: Callable[..., jax.Array], weight: float | jax.Arra
   """Wraps `model_fn(z, log_snr, text_emb, text_mask, **extra)` with classifier-free guidance.
 
   The conditional and unconditional halves run as one batched forward pass of size 2B. A
-  Python-float weight of 1 skips the unconditional half; an array weight [B] guides each example
-  by its own. `null` (emb [B, L, D], mask [B, L]) replaces the zeroed text of the unconditional
-  half (a negative prompt). `channels` as in `combine`. With an `interval`, guidance runs only where the noise level (of the
-  first example: samplers step the batch together) lies in it; a `lax.cond` runs the
-  conditional pass alone elsewhere, so the skipped passes are skipped work.
+  Python-float weight of 1 skips the unconditional half; an array weight [B] guides each
+  example by its own, and a batch whose weights are all 1 skips it at run time. `null` (emb
+  [B, L, D], mask [B, L]) replaces the zeroed text of the unconditional half (a negative
+  prompt). `channels` as in `combine`. With an `interval`, guidance runs only where the noise
+  level (of the first example: samplers step the batch together) lies in it. Where guidance is
+  not needed, a `lax.cond` runs the conditional pass alone, so the skipped passes are skipped
+  work.
   """
   interval = check_interval(interval)
   if isinstance(weight, (int, float)) and weight == 1.0:
     return model_fn
+  per_example = jnp.ndim(weight) == 1
 
   def guided(z, log_snr, text_emb, text_mask, **extra):
     null_emb, null_mask = null_text(text_emb, text_mask) if null is None else null
@@ -104,12 +107,15 @@ def guided_model_fn(model_fn: Callable[..., jax.Array], weight: float | jax.Arra
     cond, uncond = jnp.split(out, 2, axis=0)
     return combine(cond, uncond, weight, channels)
 
-  if not interval:
+  if not interval and not per_example:
     return guided
 
-  def guided_in_interval(z, log_snr, text_emb, text_mask, **extra):
-    return jax.lax.cond(in_interval(log_snr[0], interval),
+  def guided_where_needed(z, log_snr, text_emb, text_mask, **extra):
+    needed = jnp.asarray(in_interval(log_snr[0], interval))
+    if per_example:  # a batch whose weights are all 1 needs no unconditional half
+      needed &= jnp.any(jnp.asarray(weight) != 1.0)
+    return jax.lax.cond(needed,
                         lambda: guided(z, log_snr, text_emb, text_mask, **extra),
                         lambda: model_fn(z, log_snr, text_emb, text_mask, **extra))
 
-  return guided_in_interval
+  return guided_where_needed

@@ -217,6 +217,7 @@ class Cascade:
     images as soon as they are done.
     """
     batch_sharding = lambda ndim: partitioning.batch_sharding(self.mesh, ndim)
+    keys = jax.device_put(keys, batch_sharding(2))
     emb = jax.device_put(text_emb, batch_sharding(3))
     mask = jax.device_put(text_mask, batch_sharding(2))
     outputs, lowres = [], None
@@ -237,11 +238,10 @@ class Cascade:
         inputs["null_text"] = tuple(jax.device_put(a, batch_sharding(a.ndim))
                                     for a in self._empty_prompt(len(text_emb)))
       fn = self._stage_fn(k, stage_settings, progress is not None, **statics)
-      stage_keys = jax.device_put(noise_lib.fold_in(keys, k), batch_sharding(2))
       self._progress = progress
       try:
         with partitioning.mesh_context(self.mesh):
-          out = fn(stage.params, stage_keys, emb, mask, lowres=lowres, **inputs)
+          out = fn(stage.params, keys, emb, mask, lowres=lowres, **inputs)
         lowres = out
         outputs.append(np.asarray(preprocess.to_uint8(out)))  # waits for the last report
       finally:
@@ -293,9 +293,12 @@ class Cascade:
       on_step = None
       if reports_progress:
         on_step = lambda i: self._report(k, int(i) + 1, settings.steps)
-      self._compiled[cache_key] = jax.jit(functools.partial(
-          stage_sampler.sample_stage, stage.config, stage.model, settings=settings, on_step=on_step,
-          **statics))
+      sample = functools.partial(stage_sampler.sample_stage, stage.config, stage.model,
+                                 settings=settings, on_step=on_step, **statics)
+      # Stage k's keys are the images' keys folded with k, inside the program (one dispatch).
+      self._compiled[cache_key] = jax.jit(
+          lambda params, keys, *args, **kwargs: sample(params, noise_lib.fold_in(keys, k),
+                                                       *args, **kwargs))
     return self._compiled[cache_key]
 
   def _report(self, k: int, step: int, steps: int) -> None:

@@ -596,6 +596,7 @@ def create_app(batcher: batcher_lib.Batcher, limits: Limits = Limits(),
             "modes": ["inpaint", "img2img"] * (not batcher.cascade.upscales)
                      + ["upscale"] * (batcher.upscaler is not None),
             "batch_sizes": batcher.batch_sizes, "max_queue": batcher.max_queue,
+            "packing": batcher.packing, "workers": batcher.workers,
             "limits": dataclasses.asdict(limits), "samplers": list(samplers.SAMPLERS),
             "thresholds": list(thresholding.METHODS), "ready": batcher.ready}
 

@@ -5,14 +5,24 @@
     job = batcher.submit(Job(prompt="a red circle", n=2, seed=0, settings=...))
     batcher.cancel(job, "cancelled")             # its images still queued are dropped
 
-One thread owns the devices and runs every batch. A job (one request) is split into its images
-(rows). Rows whose settings compile to the same program (a `Program`: each stage's sampler,
-steps and other static settings, and the edit) are packed together, oldest first, into the
-smallest compiled batch size that holds them; the rest of the batch is padding whose output is
-thrown away. Each row's guidance weight, thresholding, negative prompt and PRNG key are arrays
-of the batch (`stage_sampler.RowSettings`), so rows with different values share one program and
-a row's pixels are those it gets alone: image i of a job is sampled from (seed, i), as image i
-of `imagen-jax sample --seed=seed` for that prompt.
+A job (one request) is split into its images (rows). Rows whose settings compile to the same
+program (a `Program`: each stage's sampler, steps and other static settings, and the edit) are
+packed together, oldest first, into a compiled batch size; the rest of the batch is padding
+whose output is thrown away. Which size (`packing`): "smallest", the smallest that holds them;
+"measured" (the default), the size that serves the queued rows fastest by its recent batch
+times (`size_for_rows`). On an accelerator a batch of 16 costs little more than one of 4, so
+that is the smallest that holds them; on a CPU, where a batch costs about its rows' worth, it is
+a full smaller batch, and the rows left over go with the next.
+
+A sampling worker (a thread) runs one batch at a time on all the devices. `workers` > 1 run
+batches side by side, the queued rows shared among the free ones: that pays on a CPU, where one
+batch of these networks keeps only part of the cores busy. Each worker has its own compiled
+programs (so each batch's progress reaches its own jobs); the parameters are shared.
+
+Each row's guidance weight, thresholding, negative prompt and PRNG key are arrays of the batch
+(`stage_sampler.RowSettings`), so rows with different values share one program and a row's
+pixels are those it gets alone: image i of a job is sampled from (seed, i), as image i of
+`imagen-jax sample --seed=seed` for that prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 _PAD_INDEX = 2**31
 # What JAX reports for each program it compiles (or loads from its compilation cache).
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+PACKINGS = ("measured", "smallest")
 
 
 class QueueFull(Exception):
@@ -97,6 +108,7 @@ class Job:
   created: float = dataclasses.field(default_factory=time.time)
   status: str = QUEUED
   error: dict[str, Any] | None = None     # {"status": HTTP code, "message": ..., "code": ...}
+  started: float | None = None            # when its first batch began
   finished: float | None = None
   program: Program | None = None
 
@@ -159,9 +171,20 @@ class PromptCache:
   def __init__(self, encoder: Any, capacity: int, metrics: metrics_lib.Metrics):
     self.encoder, self.capacity, self.metrics = encoder, capacity, metrics
     self._entries: collections.OrderedDict[str, tuple[np.ndarray, int]] = collections.OrderedDict()
+    self._lock = threading.Lock()  # workers look prompts up side by side
 
   def __call__(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """(emb float32 [L, D], mask bool [L]) of one prompt."""
+    with self._lock:
+      stored, tokens = self._entry(prompt)
+    if tokens < 0:
+      return stored, np.abs(stored).sum(-1) > 0
+    length = self.encoder.max_length
+    emb = np.zeros((length, stored.shape[-1]), np.float32)
+    emb[:tokens] = stored  # the encoder's embeddings are zero at masked positions
+    return emb, np.arange(length) < tokens
+
+  def _entry(self, prompt: str) -> tuple[np.ndarray, int]:
     entry = self._entries.get(prompt)
     self.metrics.prompt_cache.labels("hit" if entry else "miss").inc()
     if entry is None:
@@ -175,13 +198,39 @@ class PromptCache:
           self._entries.popitem(last=False)
     else:
       self._entries.move_to_end(prompt)
-    stored, tokens = entry
-    if tokens < 0:
-      return stored, np.abs(stored).sum(-1) > 0
-    length = self.encoder.max_length
-    emb = np.zeros((length, stored.shape[-1]), np.float32)
-    emb[:tokens] = stored  # the encoder's embeddings are zero at masked positions
-    return emb, np.arange(length) < tokens
+    return entry
+
+
+def size_for_rows(rows: int, batch_sizes: Sequence[int],
+                  seconds: Callable[[int], float | None]) -> int:
+  """The batch size for `rows` queued rows (of one program) that serves rows fastest.
+
+  `batch_sizes` ascending; `seconds(size)` is a batch's recent wall time at that size, or None
+  if not timed yet. The candidates: the smallest size that holds the rows (or the largest size,
+  full), and every smaller size, full. The smallest that holds them is taken while it has no
+  time; otherwise the candidate with the most rows per second among those timed (the larger
+  on a tie).
+  """
+  holding = next((b for b in batch_sizes if b >= rows), batch_sizes[-1])
+  best_time = seconds(holding)
+  if best_time is None:
+    return holding
+  best, best_rate = holding, min(rows, holding) / best_time
+  for size in sorted((b for b in batch_sizes if b < holding), reverse=True):
+    t = seconds(size)
+    if t is not None and size / t > best_rate:  # ties keep the larger batch: fewer of them
+      best, best_rate = size, size / t
+  return best
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+  """A sampling thread and its own views of the cascade (shared parameters, own programs)."""
+  cascade: cascade_lib.Cascade
+  upscaler: cascade_lib.Cascade | None
+  thread: threading.Thread | None = None
+  running: list[Job] = dataclasses.field(default_factory=list)
+  waiting: bool = False  # in `_next_batch`, free to take a batch
 
 
 @jax.jit
@@ -195,7 +244,9 @@ class Batcher:
   """The queue of rows and the thread that samples them (see the module docstring).
 
   `default_settings` are each stage's settings when a request gives none (they also pick the
-  program compiled at start); batch sizes are rounded up to multiples of the device count.
+  program compiled at start); batch sizes are rounded up to multiples of the device count;
+  `packing` (PACKINGS) picks a batch's size and `workers` is the number of sampling threads,
+  as the module docstring says.
   """
 
   def __init__(self, cascade: cascade_lib.Cascade, *, batch_sizes: Sequence[int] = (1, 4, 8),
@@ -203,9 +254,15 @@ class Batcher:
                default_settings: Sequence[stage_sampler.StageSettings] | None = None,
                batch_wait_s: float = 0.01, prompt_cache: int = 256, job_ttl_s: float = 600.0,
                max_jobs: int = 1000, max_result_bytes: int = 1 << 30,
-               metrics: metrics_lib.Metrics | None = None):
+               metrics: metrics_lib.Metrics | None = None, packing: str = "measured",
+               workers: int = 1):
     if not batch_sizes or min(batch_sizes) < 1:
       raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if workers < 1:
+      raise ValueError(f"workers must be >= 1, got {workers}")
+    if packing not in PACKINGS:
+      raise ValueError(f"unknown packing {packing!r}: use one of {list(PACKINGS)}")
+    self.packing = packing
     self.cascade = cascade
     # Upscaling runs the SR stages alone: a cascade of them, sharing their parameters.
     self.upscaler = cascade if cascade.upscales else (
@@ -224,13 +281,24 @@ class Batcher:
     self.worker_error: str | None = None
     self._cond = threading.Condition()
     self._pending: list[tuple[Job, int]] = []   # (job, image index), oldest first
-    self._running: list[Job] = []
     self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
     self._batch_seconds = collections.deque(maxlen=20)  # recent (seconds, batch size)
+    # Recent wall times of complete batches per (program, size), for "measured" packing; a
+    # batch that compiled something is not counted.
+    self._timings: dict[tuple[Program, int], collections.deque] = {}
+    self._compiles = 0
     self._stopping = False
     self._paused = False
     self._listening = False
-    self._thread = threading.Thread(target=self._loop, name="imagen-serve-sampler", daemon=True)
+    self._warmed = 0
+    self.workers = workers
+    self._workers = [_Worker(self.cascade, self.upscaler)]
+    for _ in range(workers - 1):  # views with their own compiled programs
+      view = lambda c: None if c is None else cascade_lib.Cascade(c.stages, c.text_encoder, c.mesh)
+      self._workers.append(_Worker(view(self.cascade), view(self.upscaler)))
+    for i, worker in enumerate(self._workers):
+      worker.thread = threading.Thread(target=self._loop, args=(worker,), daemon=True,
+                                       name=f"imagen-serve-sampler-{i}")
 
   # --- What the API layer calls ---------------------------------------------------------------
 
@@ -257,12 +325,15 @@ class Batcher:
   def start(self) -> None:
     jax.monitoring.register_event_duration_secs_listener(self._on_compile)
     self._listening = True
-    self._thread.start()
+    for worker in self._workers:
+      worker.thread.start()
 
   def _on_compile(self, event: str, seconds: float, **unused) -> None:
     """Counts the programs the worker compiles: every batch size at start; later, a request
     whose static settings (sampler, steps, edit) no compiled program had."""
-    if event == _COMPILE_EVENT and threading.current_thread() is self._thread:
+    if event == _COMPILE_EVENT and any(threading.current_thread() is worker.thread
+                                       for worker in self._workers):
+      self._compiles += 1
       when = "request" if self.ready else "start"
       self.metrics.compilations.labels(when).inc()
       self.metrics.compile_seconds.labels(when).inc(seconds)
@@ -324,7 +395,7 @@ class Batcher:
     now = time.time()
     with self._cond:
       late = {job for job, _ in self._pending if now > job.deadline}
-      late |= {job for job in self._running if now > job.deadline}
+      late |= {job for job in self._running_jobs() if now > job.deadline}
       for job in late:
         self.fail(job, 504, f"the job did not finish within its {job.timeout_s:g} s deadline",
                   "deadline_exceeded")
@@ -350,7 +421,7 @@ class Batcher:
     """Waits until no image is queued or running; False if `timeout` passed first."""
     deadline = None if timeout is None else time.time() + timeout
     with self._cond:
-      while self._pending or self._running:
+      while self._pending or self._running_jobs():
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
           return False
@@ -370,8 +441,9 @@ class Batcher:
     with self._cond:
       self._stopping = True
       self._cond.notify_all()
-    if self._thread.is_alive():
-      self._thread.join()
+    for worker in self._workers:
+      if worker.thread.is_alive():
+        worker.thread.join()
     if self._listening:
       jax.monitoring.unregister_event_duration_listener(self._on_compile)
       self._listening = False
@@ -403,39 +475,49 @@ class Batcher:
     self.metrics.queue_depth.set(len(self._pending))
     self._cond.notify_all()
 
-  def _loop(self) -> None:
+  def _running_jobs(self) -> list[Job]:
+    return [job for worker in self._workers for job in worker.running]
+
+  def _loop(self, worker: _Worker) -> None:
     try:
-      self._warm_up()
-      while (batch := self._next_batch()) is not None:
-        self._run(*batch)
+      self._warm_up(worker)
+      while (batch := self._next_batch(worker)) is not None:
+        self._run(worker, *batch)
     except Exception as e:  # pylint: disable=broad-except  (answer every job, then stop)
-      logging.exception("The sampling worker stopped")
+      logging.exception("A sampling worker stopped")
       with self._cond:
         self.worker_error = f"the sampling worker stopped: {type(e).__name__}: {e}"
-        for job in {job for job, _ in self._pending} | set(self._running):
+        for job in {job for job, _ in self._pending} | set(self._running_jobs()):
           self.fail(job, 500, self.worker_error, "worker_failed")
-        self._running = []
+        for each in self._workers:
+          each.running = []
         self._cond.notify_all()
 
-  def _warm_up(self) -> None:
-    """Compiles the default program at every batch size (a batch of padding each)."""
+  def _warm_up(self, worker: _Worker) -> None:
+    """Compiles the default program at every batch size (a batch of padding each); ready once
+    every worker has."""
     edit = edit_inputs.Edit("upscale") if self.cascade.upscales else None
     program = self.program(self.defaults_for(edit), edit)
     self.embed("")
     for size in self.batch_sizes:
       start = time.time()
-      self._run(program, [], size)
-      logging.info("Compiled batch size %d in %.1f s", size, time.time() - start)
+      self._run(worker, program, [], size)
+      logging.info("%s compiled batch size %d in %.1f s", worker.thread.name, size,
+                   time.time() - start)
     with self._cond:
-      self.ready = True
-      self.metrics.ready.set(1 if self.accepting else 0)
-    logging.info("Ready: batch sizes %s compiled", self.batch_sizes)
+      self._warmed += 1
+      if self._warmed == len(self._workers):
+        self.ready = True
+        self.metrics.ready.set(1 if self.accepting else 0)
+        logging.info("Ready: batch sizes %s compiled (%d workers)", self.batch_sizes,
+                     len(self._workers))
 
-  def _next_batch(self) -> tuple[Program, list[tuple[Job, int]], int] | None:
+  def _next_batch(self, worker: _Worker) -> tuple[Program, list[tuple[Job, int]], int] | None:
     """The oldest row's program, its rows (oldest first, at most the largest batch), and the
     batch size; None once stopping with nothing queued."""
     largest = self.batch_sizes[-1]
     with self._cond:
+      worker.waiting = True
       while True:
         self.expire()
         if self._pending and not self._paused:
@@ -452,26 +534,42 @@ class Batcher:
         if self._stopping:
           return None
         self._cond.wait(0.5)
-      rows = [row for row in self._pending if row[0].program == program][:largest]
+      rows = [row for row in self._pending if row[0].program == program]
+      # Rows are shared with the other free workers, whose batches run beside this one.
+      free = sum(w.waiting for w in self._workers)
+      size = self._size_for(program, -(-len(rows) // free))
+      rows = rows[:size]
+      worker.waiting = False
       taken = set(map(id, rows))
       self._pending = [r for r in self._pending if id(r) not in taken]
       self.metrics.queue_depth.set(len(self._pending))
       jobs = list(dict.fromkeys(job for job, _ in rows))
-      self._running = jobs
+      worker.running = jobs
+      self._cond.notify_all()  # the other free workers take what is left
       now = time.time()
       for job in jobs:
         if job.status == QUEUED:
           with job.lock:
-            job.status = RUNNING
+            job.status, job.started = RUNNING, now
             job._emit("started", {"id": job.id})  # pylint: disable=protected-access
           self.metrics.queue_wait.observe(now - job.created)
-    size = next(b for b in self.batch_sizes if b >= len(rows))
     return program, rows, size
 
-  def _run(self, program: Program, rows: list[tuple[Job, int]], size: int) -> None:
-    """Samples `rows` in a batch of `size` (padded), and hands each job its images."""
-    target = self.upscaler if program.upscale else self.cascade
-    start = time.time()
+  def _size_for(self, program: Program, rows: int) -> int:
+    if self.packing == "smallest":
+      return next((b for b in self.batch_sizes if b >= rows), self.batch_sizes[-1])
+
+    def seconds(size: int) -> float | None:
+      times = self._timings.get((program, size))
+      return float(np.median(times)) if times else None
+    return size_for_rows(rows, self.batch_sizes, seconds)
+
+  def _run(self, worker: _Worker, program: Program, rows: list[tuple[Job, int]],
+           size: int) -> None:
+    """Samples `rows` in a batch of `size` (padded) on `worker`, and hands each job its
+    images."""
+    target = worker.upscaler if program.upscale else worker.cascade
+    start, compiles = time.time(), self._compiles
     pads = size - len(rows)
     prompt = [self.embed(job.prompt) for job, _ in rows] + [self.embed("")] * pads
     emb = np.stack([e for e, _ in prompt])
@@ -540,7 +638,9 @@ class Batcher:
         if complete and job.finish(SUCCEEDED):
           finished.append(job)
     with self._cond:
-      self._running = []
+      worker.running = []
+      if rows and outputs is not None and self._compiles == compiles:
+        self._timings.setdefault((program, size), collections.deque(maxlen=5)).append(seconds)
       if rows:
         self._batch_seconds.append((seconds, size))
         self.metrics.record_batch(size, len(rows), seconds)

@@ -10,6 +10,7 @@ then the server exits normally. A second Ctrl-C stops at once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import threading
 from typing import Any, Sequence
@@ -80,19 +81,28 @@ class DrainingServer(uvicorn.Server):
     self.handle_exit(signal.SIGTERM, None)
 
 
+def default_workers() -> int:
+  """Sampling workers by default: 2 on a CPU backend with 2 or more cores (one batch of a
+  cascade keeps only part of them busy), 1 on GPUs and TPUs (a device runs one batch at a
+  time)."""
+  return 2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
 def build(cascade: cascade_lib.Cascade, settings: Sequence[stage_sampler.StageSettings], *,
           host: str = "127.0.0.1", port: int = 8000, batch_sizes: Sequence[int] = (1, 4, 8),
           max_queue: int = 64, limits: api.Limits = api.Limits(), api_key: str | None = None,
           batch_wait_s: float = 0.01, prompt_cache: int = 256, job_ttl_s: float = 600.0,
           drain_timeout: float | None = None, log_level: str = "info",
-          access_log: bool = True) -> DrainingServer:
+          access_log: bool = True, packing: str = "measured",
+          workers: int = 1) -> DrainingServer:
   """The server of `cascade`, its worker started (compiling); `.run()` serves until SIGTERM."""
   if limits.max_n > max_queue:
     raise outdir_lib.SampleError(f"--max_n ({limits.max_n}) is more than --max_queue "
                                  f"({max_queue}): such a request could never be queued")
   batcher = batcher_lib.Batcher(cascade, batch_sizes=batch_sizes, max_queue=max_queue,
                                 default_settings=settings, batch_wait_s=batch_wait_s,
-                                prompt_cache=prompt_cache, job_ttl_s=job_ttl_s)
+                                prompt_cache=prompt_cache, job_ttl_s=job_ttl_s,
+                                packing=packing, workers=workers)
   app = api.create_app(batcher, limits, api_key)
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                           timeout_graceful_shutdown=None)
