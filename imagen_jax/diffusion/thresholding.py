@@ -57,7 +57,7 @@ def per_example_threshold(x0: jax.Array, method: jax.Array, percentile: jax.Arra
   s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
   method = jnp.reshape(method, (-1,) + (1,) * (x0.ndim - 1))
   dynamic = jnp.clip(x0, -s, s) / s
-  return jnp.where(method == METHODS.index("dynamic"), dynamic,
+  return jnp.where(jnp.reshape(is_dynamic, method.shape), dynamic,
                    jnp.where(method == METHODS.index("static"), static_threshold(x0), x0))
 
 

@@ -291,14 +291,17 @@ class Batcher:
     self._paused = False
     self._listening = False
     self._warmed = 0
-    self.workers = workers
-    self._workers = [_Worker(self.cascade, self.upscaler)]
-    for _ in range(workers - 1):  # views with their own compiled programs
-      view = lambda c: None if c is None else cascade_lib.Cascade(c.stages, c.text_encoder, c.mesh)
-      self._workers.append(_Worker(view(self.cascade), view(self.upscaler)))
+    # Workers after the first sample through views with their own compiled programs.
+    view = lambda c: None if c is None else cascade_lib.Cascade(c.stages, c.text_encoder, c.mesh)
+    self._workers = [_Worker(self.cascade, self.upscaler)] + [
+        _Worker(view(self.cascade), view(self.upscaler)) for _ in range(workers - 1)]
     for i, worker in enumerate(self._workers):
       worker.thread = threading.Thread(target=self._loop, args=(worker,), daemon=True,
                                        name=f"imagen-serve-sampler-{i}")
+
+  @property
+  def workers(self) -> int:
+    return len(self._workers)
 
   # --- What the API layer calls ---------------------------------------------------------------
 
@@ -510,7 +513,7 @@ class Batcher:
         self.ready = True
         self.metrics.ready.set(1 if self.accepting else 0)
         logging.info("Ready: batch sizes %s compiled (%d workers)", self.batch_sizes,
-                     len(self._workers))
+                     self.workers)
 
   def _next_batch(self, worker: _Worker) -> tuple[Program, list[tuple[Job, int]], int] | None:
     """The oldest row's program, its rows (oldest first, at most the largest batch), and the
@@ -556,11 +559,8 @@ class Batcher:
     return program, rows, size
 
   def _size_for(self, program: Program, rows: int) -> int:
-    if self.packing == "smallest":
-      return next((b for b in self.batch_sizes if b >= rows), self.batch_sizes[-1])
-
-    def seconds(size: int) -> float | None:
-      times = self._timings.get((program, size))
+    def seconds(size: int) -> float | None:  # "smallest": never timed
+      times = self._timings.get((program, size)) if self.packing == "measured" else None
       return float(np.median(times)) if times else None
     return size_for_rows(rows, self.batch_sizes, seconds)
 
