@@ -229,16 +229,11 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
   if variant not in ("full", "quick"):
     raise ValueError(f"unknown demo {c.stage} variant {variant!r}: use full or quick")
   quick = variant == "quick"
-  # The random tiny T5 (`builtin:shapes-tiny`), not the final layer of its copy pretrained on the
-  # grammar's text alone (`builtin:shapes-tiny-pretrained`, `text/pretrain.py`): that one binds
-  # held-out pairs better where the base stage learns which object of the sentence goes where,
-  # but within the demo's budget the base fails to learn that order from it in more training
-  # draws, so on average neither reading wins, and pretraining would add minutes to the demo
-  # (docs/demo.md). Its token embeddings alone (`output_layer` 0), not its
-  # output: a random encoder's layers only mix each word with its neighbours (the same "circle"
-  # reads differently after "red" and after "blue"), which the U-Net must then undo.
-  c.text.encoder = "builtin:shapes-tiny"
-  c.text.output_layer = 0
+  # As Imagen conditions on T5: the final layer of a frozen encoder pretrained on text alone
+  # (`builtin:shapes-tiny-pretrained`, `text/pretrain.py`), whose nouns carry their own colors
+  # for color-shape pairs no image shows, so the U-Net's attention reads each object whole.
+  c.text.encoder = "builtin:shapes-tiny-pretrained"
+  c.text.output_layer = -1
   c.text.width = 64
   c.text.max_length = 16
   c.diffusion.parameterization = "x0"

@@ -6,9 +6,9 @@ configs/demo_sr.py; both are ordinary stage configs, so the same run by hand is
     imagen-jax train --config=configs/demo_base.py --workdir=demo_run/base \
         --config.data.data_dir=demo_run/data
 
-The text encoder is a random tiny T5 v1.1 with a vocabulary of the shapes grammar
-("builtin:shapes-tiny"; configs/common.py says why not its text-pretrained copy): enough for a
-synthetic grammar, not for real captions (real use loads real T5 weights, see the README).
+The text encoder is a tiny T5 v1.1 pretrained on the shapes grammar's text alone
+("builtin:shapes-tiny-pretrained", read at its final layer): enough for a synthetic grammar, not
+for real captions (real use loads real T5 weights, see the README).
 """
 
 import ml_collections
@@ -32,10 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       emb_dim=256,
       pool_width=128,
       text_dim=0,
-      text_pooling=True,        # the attention-pooled text vector joins the conditioning
+      # No pooled text vector: pooled from a contextual encoder it names each object with its
+      # color, so the net can draw both objects of a pair right but in either place, and then
+      # rarely learns which object of the sentence goes where. Through the attention alone the
+      # words reach each place, and the order is learned.
+      text_pooling=False,
       # Token positions (sinusoids, then learned) join the tokens the attention blocks read, so
-      # a two-object prompt's order decides which object goes where instead of a coin flip; the
-      # pooled vector stays a bag of words.
+      # a two-object prompt's order decides which object goes where instead of a coin flip.
       text_positions=True,
       dropout=0.0,
       remat="none",             # per block: "none", "full" or "dots" (models/layers.py)

@@ -1,8 +1,8 @@
 """Ablations of the demo's base stage: one training run per arm, judged alone at 32x32.
 
     python -m studies.demo_ablation --workdir=ablation [--data_dir=demo_run/data] \
-        --arm="random: text.encoder='builtin:shapes-tiny'" \
-        --arm="pretrained: text.encoder='builtin:shapes-tiny-pretrained'" [--quick]
+        --arm="demo:" \
+        --arm="pooled: model.text_pooling=True" [--quick]
 
 Each arm is a name and config overrides separated by spaces (`key=value`, the value a Python
 literal or else a string) applied to `configs/demo_base.py` (its seeds and budget). The arm trains

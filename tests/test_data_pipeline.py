@@ -107,15 +107,17 @@ def test_records_are_read_a_block_per_call_and_match_reading_one_at_a_time():
   source = CountingSource(50)
   order = grain.MapDataset.range(50).seed(3).shuffle().repeat()
   blocks = pipeline_lib.ReadInBlocks(order, source, block=8)
-  positions = list(range(4, 36))
+  # Four blocks, as many as the cache keeps: a thread the OS delays cannot find its block
+  # evicted (a fifth block could, and would rightly be read again).
+  positions = list(range(10, 38))
   with concurrent.futures.ThreadPoolExecutor(4) as pool:  # grain's reader threads, racing
     got = list(pool.map(blocks.__getitem__, positions[::-1]))[::-1]
   assert got == [(int(order[p]), f"record-{order[p]}") for p in positions]
-  # Positions 4..35 lie in the blocks starting at 0, 8, 16, 24 and 32: one read each.
-  assert sorted(call[0] for call in source.calls) == sorted(int(order[b]) for b in range(0, 40, 8))
+  # Positions 10..37 lie in the blocks starting at 8, 16, 24 and 32: one read each.
+  assert sorted(call[0] for call in source.calls) == sorted(int(order[b]) for b in range(8, 40, 8))
   assert all(len(call) == 8 for call in source.calls)
   copy = pickle.loads(pickle.dumps(blocks))  # grain's worker processes get a copy
-  assert copy[35] == got[-1]
+  assert copy[37] == got[-1]
 
 
 @pytest.mark.parametrize("stage,image,low", [("sr256", 32, 16), ("sr1024", 32, 8)])

@@ -172,16 +172,17 @@ def test_side_by_side_training_splits_the_cores_and_stops_the_base_at_its_share(
   assert "[base] a line\n" in err and "[sr] a line\n" in err
 
 
-def test_both_demo_variants_share_the_random_builtin_encoder_written_once(monkeypatch):
+def test_both_demo_variants_share_the_pretrained_builtin_encoder_written_once(monkeypatch):
   from imagen_jax.text import builtin
-  # Both stages of a cascade must share one encoder (sample/cascade.py checks it); the
-  # pretrained copy is a lottery on held-out prompts (configs/common.py), so neither uses it.
+  # Both stages of a cascade must share one encoder and reading (sample/cascade.py checks it):
+  # the text-pretrained encoder's final layer, as Imagen reads T5.
   for quick in (False, True):
-    assert {c.text.encoder for c in demo.stage_configs("unused", quick=quick).values()} == {
-        "builtin:shapes-tiny"}
+    configs = demo.stage_configs("unused", quick=quick).values()
+    assert {(c.text.encoder, c.text.output_layer) for c in configs} == {
+        ("builtin:shapes-tiny-pretrained", -1)}
   written = []
   monkeypatch.setattr(builtin, "materialize", lambda name: written.append(name) or "/x/" + name)
   configs = demo.stage_configs("unused", quick=False)
   configs["other"] = ml_collections.ConfigDict({"text": {"encoder": "/weights/t5-small"}})
   demo.prepare_text_encoders(configs)
-  assert written == ["builtin:shapes-tiny"]  # once, and only builtin names
+  assert written == ["builtin:shapes-tiny-pretrained"]  # once, and only builtin names

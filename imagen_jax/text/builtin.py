@@ -1,6 +1,6 @@
 """`builtin:shapes-tiny`: a tiny random T5 v1.1 with a vocabulary of the shapes captions, and
 `builtin:shapes-tiny-pretrained`: the same encoder trained on the grammar's text alone (T5's span
-corruption plus a neighbor objective, `pretrain`; trained once, the first time it is used).
+corruption plus a neighbor objective, `pretrain`), shipped as package data like a released T5.
 
 The demo and the tiny configs condition on them (text.width 64, max_length 16). The vocabulary
 is the grammar's 128 pieces (each grammar word one piece) plus SentencePiece's 256 byte pieces:
@@ -14,7 +14,11 @@ Reproducible bytes on every machine: the weights come from NumPy's legacy `Rando
 stream NumPy keeps fixed across versions and platforms (NEP 19), and the safetensors header is
 written with sorted keys. SentencePiece training is deterministic on one machine but its bytes
 are not promised across versions, so the trained model ships as package data
-(`assets/shapes_spiece.model`); `train_shapes_vocabulary()` is how it was made.
+(`assets/shapes_spiece.model`); `train_shapes_vocabulary()` is how it was made. Pretraining's
+floats are not promised across CPUs either (XLA compiles other kernels for each), and it costs
+minutes, so the pretrained encoder ships too (`assets/shapes_tiny_pretrained.safetensors`, its
+pretraining settings and metrics in the file's metadata); `remake_pretrained_asset()` is how it
+was made, and `write_encoder` pretrains other seeds and objectives for studies.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import uuid
 
 from absl import logging
 import numpy as np
+import safetensors
 from safetensors import numpy as st_numpy
 import sentencepiece as spm
 
@@ -44,8 +49,10 @@ SEED = 20220523  # Imagen's arXiv date
 # v2: byte fallback (ids 128-383). The grammar's ids and the rows of every weight they reach
 # are v1's, so a cascade trained with v1 sees the same embeddings for every grammar caption.
 # v3: the pretrained encoder's objective (`PRETRAINING`); shapes-tiny's bytes are v2's.
-VERSION = 3
+# v4: the pretrained encoder is the shipped asset, not pretrained on each machine.
+VERSION = 4
 VOCAB_ASSET = "shapes_spiece.model"
+PRETRAINED_ASSET = "shapes_tiny_pretrained.safetensors"
 GRAMMAR_PIECES = 128  # pieces of the trained vocabulary; the byte pieces follow them
 
 
@@ -176,7 +183,10 @@ def materialize(name: str) -> str:
   tmp = tempfile.mkdtemp(prefix=f".{short}-{uuid.uuid4().hex[:8]}-",
                          dir=os.path.dirname(target))
   try:
-    write_encoder(tmp, None if short == "shapes-tiny" else PRETRAINING)
+    if short == "shapes-tiny":
+      write_encoder(tmp)
+    else:
+      write_shipped_pretrained(tmp)
     try:
       os.rename(tmp, target)  # atomic; fails if another process got there first
     except OSError:
@@ -201,6 +211,34 @@ def write_encoder(path: str, settings: pretrain.PretrainConfig | None = None,
   with open(os.path.join(path, "pretraining.json"), "w", encoding="utf-8") as f:
     json.dump({**metrics, **dataclasses.asdict(settings), "init_seed": init_seed}, f, indent=2,
               sort_keys=True)
+
+
+def write_shipped_pretrained(path: str, asset: str | None = None) -> None:
+  """Writes `builtin:shapes-tiny-pretrained`'s directory at `path` from the shipped asset (or
+  the file `asset`, as `remake_pretrained_asset` writes it), with its pretraining.json."""
+  shipped = importlib.resources.files("imagen_jax.text").joinpath("assets", PRETRAINED_ASSET)
+  with importlib.resources.as_file(shipped) as file, safetensors.safe_open(asset or file,
+                                                                            "np") as f:
+    tensors = {name: f.get_tensor(name) for name in f.keys()}
+    record = json.loads(f.metadata()["pretraining"])
+  vocab = shapes_vocabulary()
+  config = shapes_tiny_config(spm.SentencePieceProcessor(model_proto=vocab).get_piece_size())
+  write_hf_dir(path, config, tensors, vocab)
+  with open(os.path.join(path, "pretraining.json"), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+
+
+def remake_pretrained_asset(out: str, settings: pretrain.PretrainConfig = PRETRAINING) -> None:
+  """Pretrains the shipped encoder again (minutes on a CPU) and writes it to `out` as the asset
+  is stored: HF-layout tensors with sorted keys, the pretraining record as metadata."""
+  with tempfile.TemporaryDirectory() as tmp:
+    write_encoder(tmp, settings)
+    with open(os.path.join(tmp, "pretraining.json"), encoding="utf-8") as f:
+      record = f.read()
+    tensors = st_numpy.load_file(os.path.join(tmp, "model.safetensors"))
+  with open(out, "wb") as f:
+    f.write(st_numpy.save({k: tensors[k] for k in sorted(tensors)},
+                          metadata={"format": "pt", "pretraining": record}))
 
 
 def resolve(path: str) -> str:

@@ -9,8 +9,8 @@ pair is in the text, including the pairs held out from every image
 (`builtin.PRETRAINING`): T5's span corruption (Raffel et al. 2020, sec. 3.1.4) alone lets the
 encoder predict a hidden word from the caption without writing an unseen pair's color into its
 noun's output vector, which is where the U-Net's attention reads an object; the neighbor heads
-make it. The demo reads the random encoder's token embeddings all the same (configs/common.py
-says why).
+make it. The pretrained encoder ships with the package (`builtin.remake_pretrained_asset` is
+how it was made).
 
 Span corruption: a fraction `NOISE_DENSITY` of a caption's tokens, in spans of mean length
 `MEAN_SPAN`, is replaced by one sentinel per span; a small decoder (thrown away afterwards)

@@ -4,9 +4,9 @@
     scores = demo.run("demo_run", quick=True)  # a few minutes; the scores then mean little
 
 1. builds the `shapes` dataset (64x64) in WORKDIR/data;
-2. writes the text encoder, once per machine: a random tiny T5 v1.1 with the grammar's
-   vocabulary (`builtin:shapes-tiny`; its copy pretrained on the grammar's text,
-   `builtin:shapes-tiny-pretrained`, is an option: configs/common.py says why not the default);
+2. writes the text encoder, once per machine: a tiny T5 v1.1 with the grammar's vocabulary,
+   pretrained on the grammar's text alone (`builtin:shapes-tiny-pretrained`, shipped with the
+   package), whose final layer both stages read;
 3. trains the base stage, configs/demo_base.py (text -> 32x32), in WORKDIR/base, and the SR
    stage, configs/demo_sr.py (32 -> 64), in WORKDIR/sr: on a CPU with 2+ cores side by side at
    first (`train_stages` says why), each an `imagen-jax train` process on half the cores, then
@@ -92,8 +92,8 @@ def build_data(workdir: str, quick: bool) -> str:
 
 
 def prepare_text_encoders(configs: dict[str, ml_collections.ConfigDict]) -> None:
-  """Writes the stages' builtin encoders once per machine (a pretrained one trains on the
-  grammar's text first), so the time shows as its own step."""
+  """Writes the stages' builtin encoders once per machine (from the package's files), so the
+  time shows as its own step."""
   for name in sorted({c.text.encoder for c in configs.values()}):
     logging.info("demo: text encoder %s in %s", name, builtin.resolve(name))
 
