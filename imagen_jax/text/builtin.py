@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.resources
+import importlib.resources.abc
 import io
 import json
 import os
@@ -94,8 +95,12 @@ def with_byte_fallback(model_proto: bytes) -> bytes:
   return proto.SerializeToString()
 
 
+def _asset(name: str) -> importlib.resources.abc.Traversable:
+  return importlib.resources.files("imagen_jax.text").joinpath("assets", name)
+
+
 def shapes_vocabulary() -> bytes:
-  return importlib.resources.files("imagen_jax.text").joinpath("assets", VOCAB_ASSET).read_bytes()
+  return _asset(VOCAB_ASSET).read_bytes()
 
 
 def random_params(config: t5.T5Config, seed: int = SEED,
@@ -216,11 +221,10 @@ def write_encoder(path: str, settings: pretrain.PretrainConfig | None = None,
 def write_shipped_pretrained(path: str, asset: str | None = None) -> None:
   """Writes `builtin:shapes-tiny-pretrained`'s directory at `path` from the shipped asset (or
   the file `asset`, as `remake_pretrained_asset` writes it), with its pretraining.json."""
-  shipped = importlib.resources.files("imagen_jax.text").joinpath("assets", PRETRAINED_ASSET)
-  with importlib.resources.as_file(shipped) as file, safetensors.safe_open(asset or file,
-                                                                            "np") as f:
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
-    record = json.loads(f.metadata()["pretraining"])
+  with importlib.resources.as_file(_asset(PRETRAINED_ASSET)) as shipped:
+    with safetensors.safe_open(asset or shipped, "np") as f:
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+      record = json.loads(f.metadata()["pretraining"])
   vocab = shapes_vocabulary()
   config = shapes_tiny_config(spm.SentencePieceProcessor(model_proto=vocab).get_piece_size())
   write_hf_dir(path, config, tensors, vocab)
