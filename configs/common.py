@@ -29,6 +29,9 @@ def stage_config() -> ml_collections.ConfigDict:
   # Which layer's output the U-Nets read: -1 T5's own (the paper's); k >= 0 the residual stream
   # after k layers through the final norm ("CLIP skip"); 0: each token's embedding, no context.
   c.text.output_layer = -1
+  # True: each token's output is followed by its own embedding through the final norm (the
+  # layer-0 reading, no context), so `width` is twice d_model.
+  c.text.append_token_embeddings = False
   # The unconditional text of guidance and condition dropout: "zeros" (the paper's) or
   # "empty_prompt" (the encoded empty caption: DeepFloyd IF's).
   c.text.null = "zeros"
@@ -234,7 +237,11 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
   # for color-shape pairs no image shows, so the U-Net's attention reads each object whole.
   c.text.encoder = "builtin:shapes-tiny-pretrained"
   c.text.output_layer = -1
-  c.text.width = 64
+  # Each noun's own embedding beside its contextual vector: for a color-shape pair no image
+  # showed, the contextual vector is unfamiliar and the U-Net draws the other object's shape;
+  # the embedding names the shape as every training image with that noun did.
+  c.text.append_token_embeddings = True
+  c.text.width = 128
   c.text.max_length = 16
   c.diffusion.parameterization = "x0"
   c.diffusion.loss_weighting = "plain"

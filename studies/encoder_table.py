@@ -1,7 +1,8 @@
 """Which text reading gives the demo's base stage its prompt understanding, over seeds.
 
     python -m studies.encoder_table --workdir=encoder_table --data_dir=demo_run/data \
-        [--readings=tokens,final,pretrained] [--encoder_seeds=0,1,2] [--train_seeds=0,1] \
+        [--readings=tokens,final,pretrained,pretrained+embeddings] [--encoder_seeds=0,1,2] \
+        [--train_seeds=0,1] \
         [--objective=span+neighbors] [--num_prompts=500] [--workers=2]
 
 Readings of a frozen shapes encoder (`text/builtin.py`) by the demo's base stage
@@ -9,7 +10,9 @@ Readings of a frozen shapes encoder (`text/builtin.py`) by the demo's base stage
 - `tokens`: a random encoder's token embeddings (`text.output_layer=0`);
 - `final`: the same random encoder's final layer (T5's output, as Imagen reads T5);
 - `pretrained`: the final layer of the encoder pretrained on the grammar's text alone with
-  `--objective` (held-out color-shape pairs are in the text, never in an image).
+  `--objective` (held-out color-shape pairs are in the text, never in an image);
+- `pretrained+embeddings` (the demo's): that final layer with each token's own embedding
+  appended (`text.append_token_embeddings`).
 For `tokens` and `final` the encoder seed is the random weights' seed; for `pretrained` it is
 the pretraining's seed (one set of starting weights, the builtin's). Each (reading, encoder
 seed, training seed) arm is an ordinary `studies.demo_ablation` arm, trained and judged alone
@@ -46,6 +49,7 @@ _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 500, "Prompts per split.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Arms training at once, each on its own cores.")
 _OVERRIDES = flags.DEFINE_string("overrides", "", "More overrides for every arm (key=value ...).")
 
+READINGS = ("tokens", "final", "pretrained", "pretrained+embeddings")
 KINDS = ("validation", "heldout", "validation singles", "validation pairs", "heldout singles",
          "heldout pairs")
 
@@ -66,9 +70,14 @@ def encoder_dir(reading: str, seed: int) -> str:
 
 
 def arm_spec(reading: str, encoder_seed: int, train_seed: int) -> str:
+  if reading not in READINGS:
+    raise app.UsageError(f"--readings: unknown reading {reading!r}; use {', '.join(READINGS)}")
   layer = 0 if reading == "tokens" else -1
-  return (f"{reading}-e{encoder_seed}-t{train_seed}: text.encoder={encoder_dir(reading, encoder_seed)}"
-          f" text.output_layer={layer} seed={train_seed} {_OVERRIDES.value}")
+  append = reading == "pretrained+embeddings"
+  encoder = encoder_dir("pretrained" if append else reading, encoder_seed)
+  return (f"{reading}-e{encoder_seed}-t{train_seed}: text.encoder={encoder}"
+          f" text.output_layer={layer} text.append_token_embeddings={append}"
+          f" text.width={128 if append else 64} seed={train_seed} {_OVERRIDES.value}")
 
 
 def run_worker(specs: list[str], cores: Sequence[int]) -> subprocess.Popen:

@@ -89,9 +89,45 @@ def test_training_refuses_a_cache_of_another_layer(tmp_path, encoders):
       num_examples=0, part_size=8, width=64, max_length=16, dtype="float32",
       encoder={k: v for k, v in encoders[-1].spec.items() if k not in ("path", "dtype")},
       source={"kind": "test"}))
-  config = config_lib.load_config("configs/demo_base.py",
-                                  {"data.embed_cache": root, "text.output_layer": -1})
+  config = config_lib.load_config("configs/demo_base.py", {
+      "data.embed_cache": root, "text.output_layer": -1, "text.width": 64,
+      "text.append_token_embeddings": False})
   assert train.open_embedding_cache(config) is not None
   config.text.output_layer = 0
   with pytest.raises(config_lib.ConfigError, match=r"after layer -1 .* text.output_layer=0"):
     train.open_embedding_cache(config)
+
+
+def test_appended_token_embeddings_follow_the_final_layer(encoders, tmp_path, monkeypatch):
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path))
+  both = encoder_lib.load_text_encoder("builtin:shapes-tiny", max_length=16,
+                                       append_token_embeddings=True)
+  emb, mask = both.encode(CAPTIONS)
+  assert both.width == 128 and emb.shape == (3, 16, 128)
+  np.testing.assert_array_equal(mask, encoders[-1].encode(CAPTIONS)[1])
+  np.testing.assert_allclose(emb[..., :64], encoders[-1].encode(CAPTIONS)[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(emb[..., 64:], encoders[0].encode(CAPTIONS)[0], rtol=1e-6, atol=1e-6)
+  # The appended half has no context ("circle" after "red" and after "blue"); the first has.
+  np.testing.assert_array_equal(emb[0, 2, 64:], emb[1, 2, 64:])
+  assert np.abs(emb[0, 2, :64] - emb[1, 2, :64]).max() > 1e-2
+  assert both.spec["append_token_embeddings"] is True
+  assert "append_token_embeddings" not in encoders[-1].spec  # earlier caches' specs still match
+  assert not encoder_lib.same_encoder(both.spec, encoders[-1].spec)
+
+
+def test_the_demo_reads_both_and_stages_must_agree(tmp_path, encoders):
+  base, sr = (config_lib.load_config(f"configs/demo_{name}.py") for name in ("base", "sr"))
+  assert base.text.append_token_embeddings and base.text.width == 128
+  assert encoder_lib.load_configured(base.text).width == base.text.width
+  sr.text.append_token_embeddings = False
+  with pytest.raises(cascade_lib.ChainError, match=r"text.append_token_embeddings=False"):
+    cascade_lib.check_chain([base, sr], ["base", "sr"])
+  # A cache encoded without the embeddings is refused by a config that reads them.
+  root = str(tmp_path / "cache")
+  cache_lib.create_or_check(root, cache_lib.Metadata(
+      num_examples=0, part_size=8, width=128, max_length=16, dtype="float32",
+      encoder={k: v for k, v in encoders[-1].spec.items() if k not in ("path", "dtype")},
+      source={"kind": "test"}))
+  base.data.embed_cache = root
+  with pytest.raises(config_lib.ConfigError, match=r"text.append_token_embeddings=True"):
+    train.open_embedding_cache(base)

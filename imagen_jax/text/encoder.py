@@ -50,7 +50,8 @@ class TextEncoder:
 
   def __init__(self, config: t5.T5Config, params: Any, tokenizer: tokenizer_lib.Tokenizer,
                dtype: Any = "float32", path: str = "", mesh: jax.sharding.Mesh | None = None,
-               output_layer: int = -1, pad_outputs: str = "zero"):
+               output_layer: int = -1, pad_outputs: str = "zero",
+               append_token_embeddings: bool = False):
     if pad_outputs not in PAD_OUTPUTS:
       raise ValueError(f"text.pad_outputs must be one of {PAD_OUTPUTS}, got {pad_outputs!r}")
     self.config = config
@@ -59,20 +60,22 @@ class TextEncoder:
     # The parameters stay whole (layers past `output_layer` unused): one tree, one sharding.
     self.module = t5.T5Encoder(config, dtype=self.dtype, param_dtype=self.dtype,
                                output_layer=output_layer,
-                               keep_padding=pad_outputs == "keep")
+                               keep_padding=pad_outputs == "keep",
+                               append_token_embeddings=append_token_embeddings)
     self.params = params
     self.tokenizer = tokenizer
     self.max_length = tokenizer.max_length
-    self.width = config.d_model
+    self.width = config.d_model * (2 if append_token_embeddings else 1)
     self.path = path
     self.mesh = mesh
-    self.spec = describe(config, tokenizer, path, self.dtype, output_layer, pad_outputs)
+    self.spec = describe(config, tokenizer, path, self.dtype, output_layer, pad_outputs,
+                         append_token_embeddings)
     self._batch_multiple = 1
     if mesh is not None:
       self._batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
 
   def apply(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Pure encoder: ids int32 [B, L], mask bool [B, L] -> float32 [B, L, d_model].
+    """Pure encoder: ids int32 [B, L], mask bool [B, L] -> float32 [B, L, width].
 
     Zero at masked positions (unless `pad_outputs` "keep"). Jit-able; under a mesh context (`jax.set_mesh`) activations get
     the logical sharding constraints of `core/partitioning.py`.
@@ -88,7 +91,7 @@ class TextEncoder:
 
   def encode(self, captions: Sequence[Any], keys: Sequence[Any] | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings float32 [B, max_length, d_model], mask bool [B, max_length]).
+    """(embeddings float32 [B, max_length, width], mask bool [B, max_length]).
 
     Embeddings are zero at masked positions. The batch is padded to a power of two (and to a
     multiple of the mesh's batch shards) so that a few compiled shapes serve every size.
@@ -97,7 +100,7 @@ class TextEncoder:
     return np.asarray(self.encode_ids(ids, mask)), mask
 
   def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Encodes already tokenized captions: float32 [B, L, d_model] on the host."""
+    """Encodes already tokenized captions: float32 [B, L, width] on the host."""
     n = ids.shape[0]
     if n == 0:
       return np.zeros((0, ids.shape[1], self.width), np.float32)
@@ -139,11 +142,13 @@ def boxed_param_shapes(config: t5.T5Config, dtype: Any = jnp.float32, max_length
 
 
 def describe(config: t5.T5Config, tokenizer: tokenizer_lib.Tokenizer, path: str,
-             dtype: Any, output_layer: int = -1, pad_outputs: str = "zero") -> dict[str, Any]:
+             dtype: Any, output_layer: int = -1, pad_outputs: str = "zero",
+             append_token_embeddings: bool = False) -> dict[str, Any]:
   """What identifies an encoder: cascade stages must agree on all but `path` and `dtype`.
 
-  `output_layer` and `pad_outputs` are named only when they are not the defaults (-1, "zero"),
-  so the specs stored with earlier embedding caches still match."""
+  `output_layer`, `pad_outputs` and `append_token_embeddings` are named only when they are not
+  the defaults (-1, "zero", False), so the specs stored with earlier embedding caches still
+  match."""
   spec = {"path": path, "size": t5.size_name(config), "config": config.to_dict(),
           "vocab_size": tokenizer.vocab_size, "vocab_sha256": tokenizer.sha256,
           "d_model": config.d_model, "max_length": tokenizer.max_length,
@@ -152,6 +157,8 @@ def describe(config: t5.T5Config, tokenizer: tokenizer_lib.Tokenizer, path: str,
     spec["output_layer"] = output_layer
   if pad_outputs != "zero":
     spec["pad_outputs"] = pad_outputs
+  if append_token_embeddings:
+    spec["append_token_embeddings"] = True
   return spec
 
 
@@ -203,7 +210,8 @@ def _not_found_message(path: str) -> str:
 def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", *,
                       mesh: jax.sharding.Mesh | None = None, vocab: str | None = None,
                       tokenizer_backend: str = "sentencepiece",
-                      output_layer: int = -1, pad_outputs: str = "zero") -> TextEncoder:
+                      output_layer: int = -1, pad_outputs: str = "zero",
+                      append_token_embeddings: bool = False) -> TextEncoder:
   """Loads a frozen T5 v1.1 encoder (see the module docstring for `path`).
 
   Args:
@@ -217,6 +225,8 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
     output_layer: the output is the residual stream after this many layers, through T5's final
       norm (-1: all, T5's own output; 0: each token's embedding alone, no context).
     pad_outputs: "zero" zeroes padding positions; "keep" keeps T5's values there (IF's).
+    append_token_embeddings: each token's output is followed by its own embedding through the
+      final norm (no context), so the width is 2 * d_model.
   """
   compute = _dtype(dtype)
   source = path
@@ -245,7 +255,8 @@ def load_text_encoder(path: str, max_length: int = 128, dtype: Any = "float32", 
   if tok.vocab_size > config.vocab_size:
     raise ValueError(f"the vocabulary has {tok.vocab_size} pieces but the embedding only "
                      f"{config.vocab_size} rows: {path} and its spiece.model do not belong together")
-  return TextEncoder(config, params, tok, compute, source, mesh, output_layer, pad_outputs)
+  return TextEncoder(config, params, tok, compute, source, mesh, output_layer, pad_outputs,
+                     append_token_embeddings)
 
 
 def output_layer_of(text_config: Any) -> int:
@@ -254,12 +265,19 @@ def output_layer_of(text_config: Any) -> int:
   return int(text_config.get("output_layer", -1))
 
 
+def reading_of(text_config: Any) -> tuple[int, bool]:
+  """(output_layer, append_token_embeddings) of a config's `text` section or an encoder spec:
+  which of the encoder's outputs the U-Nets read."""
+  return output_layer_of(text_config), bool(text_config.get("append_token_embeddings", False))
+
+
 def text_difference(a: Any, b: Any) -> tuple[str, Any, Any] | None:
-  """The first of (encoder, width, max_length, output_layer, pad_outputs, null) in which two
-  configs' `text` sections differ, with both values; None when the U-Nets would read the same
-  embeddings."""
-  defaults = {"pad_outputs": "zero", "null": "zeros"}
-  for key in ("encoder", "width", "max_length", "output_layer", "pad_outputs", "null"):
+  """The first of (encoder, width, max_length, output_layer, append_token_embeddings,
+  pad_outputs, null) in which two configs' `text` sections differ, with both values; None when
+  the U-Nets would read the same embeddings."""
+  defaults = {"pad_outputs": "zero", "null": "zeros", "append_token_embeddings": False}
+  for key in ("encoder", "width", "max_length", "output_layer", "append_token_embeddings",
+              "pad_outputs", "null"):
     va, vb = ((output_layer_of(t) if key == "output_layer" else t.get(key, defaults.get(key)))
               for t in (a, b))
     if va != vb:
@@ -268,9 +286,11 @@ def text_difference(a: Any, b: Any) -> tuple[str, Any, Any] | None:
 
 
 def load_configured(text_config: Any, dtype: Any = "float32", **kwargs) -> TextEncoder:
-  """`load_text_encoder` for a config's `text` section (encoder, max_length, output_layer)."""
+  """`load_text_encoder` for a config's `text` section (encoder, max_length, output_layer,
+  append_token_embeddings, pad_outputs)."""
+  output_layer, append = reading_of(text_config)
   return load_text_encoder(text_config.encoder, max_length=text_config.max_length, dtype=dtype,
-                           output_layer=output_layer_of(text_config),
+                           output_layer=output_layer, append_token_embeddings=append,
                            pad_outputs=text_config.get("pad_outputs", "zero"), **kwargs)
 
 

@@ -227,7 +227,8 @@ def check_output_layer(output_layer: int, config: T5Config) -> None:
 
 
 class T5Encoder(nn.Module):
-  """T5 v1.1 encoder: token ids [B, L] int32 and mask [B, L] bool -> [B, L, d_model].
+  """T5 v1.1 encoder: token ids [B, L] int32 and mask [B, L] bool -> [B, L, d_model] (or
+  [B, L, 2 * d_model] with `append_token_embeddings`).
 
   The output is float32, and zero at masked (padding) positions unless `keep_padding`. `dtype`
   is the compute dtype
@@ -243,6 +244,9 @@ class T5Encoder(nn.Module):
   # True: padding positions keep what the layers computed there (Hugging Face's T5 output, which
   # DeepFloyd IF's U-Nets read), instead of zeros.
   keep_padding: bool = False
+  # True: each token's output is followed by its own embedding through the final norm (the
+  # `output_layer=0` reading, no context): [B, L, 2 * d_model].
+  append_token_embeddings: bool = False
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -253,6 +257,7 @@ class T5Encoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=precision)
     x = Embed(c.vocab_size, c.d_model, self.dtype, self.param_dtype, name="token_embedder")(ids)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    embeddings = x
 
     # One bias table [H, buckets] shared by all layers (only layer 0 has it in Hugging Face).
     position_bias = RelativePositionBias(c, self.param_dtype, name="relpos_bias")(ids.shape[1])
@@ -263,7 +268,10 @@ class T5Encoder(nn.Module):
 
     for i in range(c.num_layers if self.output_layer < 0 else self.output_layer):
       x = EncoderLayer(c, name=f"layers_{i}", **kw)(x, bias)
-    x = RMSNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="encoder_norm")(x)
+    final_norm = RMSNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="encoder_norm")
+    x = final_norm(x)
+    if self.append_token_embeddings:
+      x = jnp.concatenate([x, final_norm(embeddings)], axis=-1)
     if self.keep_padding:
       return x.astype(jnp.float32)
     return jnp.where(mask[..., None], x.astype(jnp.float32), 0.0)

@@ -321,7 +321,7 @@ def load_text_encoder_if_needed(config: ml_collections.ConfigDict):
   if encoder.width != config.text.width:
     raise config_lib.ConfigError(
         f"config.text.width={config.text.width} but the encoder {config.text.encoder!r} "
-        f"has d_model {encoder.width}")
+        f"outputs width {encoder.width}")
   return encoder
 
 
@@ -334,13 +334,18 @@ def open_embedding_cache(config: ml_collections.ConfigDict):
         f"the embedding cache {config.data.embed_cache!r} holds width {embeddings.width}, "
         f"max_length {embeddings.max_length}; the config says text.width={config.text.width}, "
         f"text.max_length={config.text.max_length}")
-  cached_layer, wanted = (encoder_lib.output_layer_of(embeddings.encoder_spec),
-                          encoder_lib.output_layer_of(config.text))
-  if cached_layer != wanted:
+  (cached_layer, cached_append), (layer, append) = (
+      encoder_lib.reading_of(embeddings.encoder_spec), encoder_lib.reading_of(config.text))
+  if cached_layer != layer:
     raise config_lib.ConfigError(
         f"the embedding cache {config.data.embed_cache!r} holds the encoder's output after layer "
-        f"{cached_layer} (-1: all) but the config says text.output_layer={wanted}: encode the "
+        f"{cached_layer} (-1: all) but the config says text.output_layer={layer}: encode the "
         "captions again with that text.output_layer")
+  if cached_append != append:
+    raise config_lib.ConfigError(
+        f"the embedding cache {config.data.embed_cache!r} was encoded with "
+        f"append_token_embeddings={cached_append} but the config says "
+        f"text.append_token_embeddings={append}: encode the captions again with that setting")
   return embeddings.__getitem__
 
 
