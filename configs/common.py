@@ -237,11 +237,8 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
   # for color-shape pairs no image shows, so the U-Net's attention reads each object whole.
   c.text.encoder = "builtin:shapes-tiny-pretrained"
   c.text.output_layer = -1
-  # Each noun's own embedding beside its contextual vector: for a color-shape pair no image
-  # showed, the contextual vector is unfamiliar and the U-Net draws the other object's shape;
-  # the embedding names the shape as every training image with that noun did.
-  c.text.append_token_embeddings = True
-  c.text.width = 128
+  c.text.append_token_embeddings = False
+  c.text.width = 64
   c.text.max_length = 16
   c.diffusion.parameterization = "x0"
   c.diffusion.loss_weighting = "plain"

@@ -11,8 +11,8 @@ Readings of a frozen shapes encoder (`text/builtin.py`) by the demo's base stage
 - `final`: the same random encoder's final layer (T5's output, as Imagen reads T5);
 - `pretrained`: the final layer of the encoder pretrained on the grammar's text alone with
   `--objective` (held-out color-shape pairs are in the text, never in an image);
-- `pretrained+embeddings` (the demo's): that final layer with each token's own embedding
-  appended (`text.append_token_embeddings`).
+- `pretrained+embeddings`: that final layer with each token's own embedding appended
+  (`text.append_token_embeddings`).
 For `tokens` and `final` the encoder seed is the random weights' seed; for `pretrained` it is
 the pretraining's seed (one set of starting weights, the builtin's). Each (reading, encoder
 seed, training seed) arm is an ordinary `studies.demo_ablation` arm, trained and judged alone

@@ -89,9 +89,8 @@ def test_training_refuses_a_cache_of_another_layer(tmp_path, encoders):
       num_examples=0, part_size=8, width=64, max_length=16, dtype="float32",
       encoder={k: v for k, v in encoders[-1].spec.items() if k not in ("path", "dtype")},
       source={"kind": "test"}))
-  config = config_lib.load_config("configs/demo_base.py", {
-      "data.embed_cache": root, "text.output_layer": -1, "text.width": 64,
-      "text.append_token_embeddings": False})
+  config = config_lib.load_config("configs/demo_base.py",
+                                  {"data.embed_cache": root, "text.output_layer": -1})
   assert train.open_embedding_cache(config) is not None
   config.text.output_layer = 0
   with pytest.raises(config_lib.ConfigError, match=r"after layer -1 .* text.output_layer=0"):
@@ -115,9 +114,10 @@ def test_appended_token_embeddings_follow_the_final_layer(encoders, tmp_path, mo
   assert not encoder_lib.same_encoder(both.spec, encoders[-1].spec)
 
 
-def test_the_demo_reads_both_and_stages_must_agree(tmp_path, encoders):
-  base, sr = (config_lib.load_config(f"configs/demo_{name}.py") for name in ("base", "sr"))
-  assert base.text.append_token_embeddings and base.text.width == 128
+def test_stages_must_agree_on_the_appended_embeddings(tmp_path, encoders):
+  both = {"text.append_token_embeddings": True, "text.width": 128}
+  base, sr = (config_lib.load_config(f"configs/demo_{name}.py", both) for name in ("base", "sr"))
+  cascade_lib.check_chain([base, sr], ["base", "sr"])
   assert encoder_lib.load_configured(base.text).width == base.text.width
   sr.text.append_token_embeddings = False
   with pytest.raises(cascade_lib.ChainError, match=r"text.append_token_embeddings=False"):
