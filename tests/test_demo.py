@@ -93,6 +93,16 @@ def test_the_main_command_runs_as_typed_in_a_fresh_directory(tmp_path):
   assert again["scores"] == scores["scores"]
   assert again["seconds"]["train_base"] < scores["seconds"]["train_base"] / 3
 
+  # Another prompt count samples into samples_N with the same stages; the first samples stay.
+  third = run_as_typed(command + " --num_prompts=3", tmp_path, timeout=900)
+  assert third.returncode == 0, third.stderr[-4000:]
+  assert third.stderr.count("reusing it") == 2
+  more = outdir_lib.read_records(str(workdir / "samples_3"))
+  assert [r["prompt"] for r in more if r["split"] == "heldout"] == [
+      r["prompt"] for r in records if r["split"] == "heldout"][:3]
+  assert len(more) == 6 and outdir_lib.read_records(str(workdir / "samples")) == records
+  assert json.loads((workdir / "scores.json").read_text())["scores"]["heldout"]["n"] == 3
+
   # The sampler benchmark (issue 18) runs on the trained demo: one row per (sampler, budget)
   # plus the reference, the reference's PSNR with itself at the clamp, the others at most that.
   bench = subprocess.run(

@@ -20,7 +20,9 @@ from imagen_jax.commands import shared_flags
 shared_flags.use("workdir")
 _QUICK = flags.DEFINE_bool("quick", False, "A short run for tests: few steps, few prompts.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None,
-                                    "Prompts sampled per split (default 100; --quick 8).")
+                                    "Prompts sampled per split (default 100; --quick 8); "
+                                    "another count samples into WORKDIR/samples_N, reusing the "
+                                    "trained stages.")
 
 
 def main(argv: Sequence[str]) -> None:

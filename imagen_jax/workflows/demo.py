@@ -315,7 +315,8 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
   """The whole demo; returns the scores per split (also in WORKDIR/scores.json)."""
   workdir = fileio.resolve(workdir)
   os.makedirs(workdir, exist_ok=True)
-  num_prompts = num_prompts or (8 if quick else 100)
+  default_prompts = 8 if quick else 100
+  num_prompts = num_prompts or default_prompts
   timings = {}
   clock = time.perf_counter()
 
@@ -335,7 +336,10 @@ def run(workdir: str, quick: bool = False, num_prompts: int | None = None) -> di
   lap("text_encoder")
   train_stages(workdir, quick, devices, lap)
   stage_dirs = [os.path.join(workdir, name) for name in configs]
-  outdir = os.path.join(workdir, "samples")
+  # Another prompt count samples into a directory of its own: the trained stages are reused,
+  # the default run's samples are kept.
+  outdir = os.path.join(workdir, "samples" if num_prompts == default_prompts
+                        else f"samples_{num_prompts}")
   sample_eval_prompts(stage_dirs, eval_prompts(data_dir, num_prompts), outdir)
   lap("sample")
   scores, records, images, verdicts = score(outdir)
