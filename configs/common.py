@@ -237,7 +237,6 @@ def cpu_demo_stage(c: ml_collections.ConfigDict, variant: str, *, total_steps: i
   # for color-shape pairs no image shows, so the U-Net's attention reads each object whole.
   c.text.encoder = "builtin:shapes-tiny-pretrained"
   c.text.output_layer = -1
-  c.text.append_token_embeddings = False
   c.text.width = 64
   c.text.max_length = 16
   c.diffusion.parameterization = "x0"

@@ -334,18 +334,14 @@ def open_embedding_cache(config: ml_collections.ConfigDict):
         f"the embedding cache {config.data.embed_cache!r} holds width {embeddings.width}, "
         f"max_length {embeddings.max_length}; the config says text.width={config.text.width}, "
         f"text.max_length={config.text.max_length}")
-  (cached_layer, cached_append), (layer, append) = (
-      encoder_lib.reading_of(embeddings.encoder_spec), encoder_lib.reading_of(config.text))
-  if cached_layer != layer:
+  cached, wanted = (encoder_lib.reading_of(embeddings.encoder_spec),
+                    encoder_lib.reading_of(config.text))
+  if cached != wanted:
     raise config_lib.ConfigError(
         f"the embedding cache {config.data.embed_cache!r} holds the encoder's output after layer "
-        f"{cached_layer} (-1: all) but the config says text.output_layer={layer}: encode the "
-        "captions again with that text.output_layer")
-  if cached_append != append:
-    raise config_lib.ConfigError(
-        f"the embedding cache {config.data.embed_cache!r} was encoded with "
-        f"append_token_embeddings={cached_append} but the config says "
-        f"text.append_token_embeddings={append}: encode the captions again with that setting")
+        f"{cached[0]} (-1: all), token embeddings appended: {cached[1]}; the config says "
+        f"text.output_layer={wanted[0]}, text.append_token_embeddings={wanted[1]}: encode the "
+        "captions again with those settings")
   return embeddings.__getitem__
 
 
